@@ -1,0 +1,1 @@
+"""The MLOps platform's services: one package per service plus ``shared``."""

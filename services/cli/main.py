@@ -1,0 +1,32 @@
+"""``mlops``: the operator's command line.
+
+mlops stack up|down|status|logs    run the platform locally (what `make up` calls)
+mlops simulate ...                 publish realistic traffic, as product services would
+mlops train ...                    ask for (or run) a training
+mlops models list|show|promote|rollback|lineage|reproduce
+"""
+
+from __future__ import annotations
+
+import typer
+
+from services.cli import models, simulate, stack, train
+
+app = typer.Typer(
+    name="mlops",
+    help="Operate the MLOps platform: run it locally, simulate traffic, train and manage models.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+app.add_typer(stack.app, name="stack")
+app.add_typer(models.app, name="models")
+app.command(name="simulate")(simulate.simulate)
+app.command(name="train")(train.train)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

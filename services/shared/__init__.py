@@ -1,0 +1,1 @@
+"""Code every service uses, written once: settings, errors, Kafka, codecs, gRPC, logging."""

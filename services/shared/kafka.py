@@ -1,0 +1,111 @@
+"""Kafka clients, built one way for every service.
+
+Producers wait for all in-sync replicas (``acks=all``); consumers never auto-commit, so a
+service commits an offset only after what it produced from that record is acknowledged
+(at-least-once end to end; consumers deduplicate by event id).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import KafkaError, TopicAlreadyExistsError
+
+from services.shared.broker_compat import activate as activate_broker_workarounds
+from services.shared.errors import Unavailable
+from services.shared.logging import get_logger
+from services.shared.settings import KafkaSettings
+from services.shared.topics import Topics
+
+log = get_logger("kafka")
+
+
+def create_producer(
+    settings: KafkaSettings,
+    *,
+    client_id: str,
+    linger_ms: int = 5,
+    max_batch_size: int = 256 * 1024,
+) -> AIOKafkaProducer:
+    activate_broker_workarounds(settings)
+    return AIOKafkaProducer(
+        bootstrap_servers=settings.bootstrap,
+        client_id=client_id,
+        acks="all",
+        enable_idempotence=settings.enable_idempotence,
+        linger_ms=linger_ms,
+        max_batch_size=max_batch_size,
+        request_timeout_ms=settings.request_timeout_ms,
+    )
+
+
+def create_consumer(
+    settings: KafkaSettings,
+    *topics: str,
+    group_id: str | None,
+    client_id: str,
+    auto_offset_reset: str = "earliest",
+    max_poll_records: int = 500,
+) -> AIOKafkaConsumer:
+    activate_broker_workarounds(settings)
+    return AIOKafkaConsumer(
+        *topics,
+        bootstrap_servers=settings.bootstrap,
+        group_id=group_id,
+        client_id=client_id,
+        enable_auto_commit=False,
+        auto_offset_reset=auto_offset_reset,
+        isolation_level="read_committed" if settings.enable_idempotence else "read_uncommitted",
+        max_poll_records=max_poll_records,
+        session_timeout_ms=settings.session_timeout_ms,
+        heartbeat_interval_ms=max(1000, settings.session_timeout_ms // 5),
+        request_timeout_ms=settings.request_timeout_ms,
+    )
+
+
+async def ensure_topics(
+    settings: KafkaSettings, names: Iterable[str] | None = None, *, timeout_s: float = 30.0
+) -> list[str]:
+    """Create the contract's topics (or ``names``) if missing; returns the ones created.
+
+    Retries until the broker answers or ``timeout_s`` passes, so a service started before
+    its broker waits for it instead of crashing in a restart loop.
+    """
+    wanted = list(names) if names is not None else Topics.from_settings(settings).all()
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while True:
+        admin = AIOKafkaAdminClient(
+            bootstrap_servers=settings.bootstrap, request_timeout_ms=settings.request_timeout_ms
+        )
+        try:
+            await admin.start()
+            existing = set(await admin.list_topics())
+            missing = [t for t in wanted if t not in existing]
+            created: list[str] = []
+            for topic in missing:
+                try:
+                    await admin.create_topics(
+                        [
+                            NewTopic(
+                                topic,
+                                num_partitions=settings.partitions,
+                                replication_factor=settings.replication_factor,
+                            )
+                        ]
+                    )
+                    created.append(topic)
+                except TopicAlreadyExistsError:
+                    pass  # another service created it between list and create
+            if created:
+                log.info("topics_created", topics=",".join(created))
+            return created
+        except KafkaError as exc:
+            if asyncio.get_running_loop().time() > deadline:
+                raise Unavailable(f"Kafka at {settings.bootstrap} unreachable: {exc}") from exc
+            log.warning("kafka_unreachable", bootstrap=settings.bootstrap, error=str(exc))
+            await asyncio.sleep(1.0)
+        finally:
+            await admin.close()

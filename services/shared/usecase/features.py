@@ -1,0 +1,144 @@
+"""The fraud model's features: what the streams compute, and the request-time transformation.
+
+Streaming features (computed by the features service, stored in Feast) are declared here by
+name and type; feature_repo/ builds its Feast views from these lists, so the names exist once.
+
+``model_inputs`` is the request-time transformation: it turns a batch of transactions plus
+their online features into the model's input matrix. Training calls it on the point-in-time
+training set, serving on each batch of live requests: the same function, so no skew. It
+works on columns (numpy arrays) and so serves one row or a million alike.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+# Streaming features per user (Feast view "user_activity", entity user_id).
+USER_FEATURES: dict[str, str] = {
+    "user_txn_count_1h": "int64",
+    "user_txn_count_24h": "int64",
+    "user_amount_sum_24h": "float64",
+    "user_amount_mean_7d": "float64",
+    "user_distinct_merchants_24h": "int64",
+    "user_last_txn_epoch": "float64",  # event time (epoch seconds) of the latest transaction
+    "user_home_country": "string",  # the most frequent country over 7 days
+}
+# Streaming features per merchant (Feast view "merchant_activity", entity merchant_id).
+MERCHANT_FEATURES: dict[str, str] = {
+    "merchant_txn_count_24h": "int64",
+    "merchant_fraud_rate_7d": "float64",  # labelled frauds / labels over 7 days
+    "merchant_labels_7d": "int64",
+}
+USER_VIEW = "user_activity"
+MERCHANT_VIEW = "merchant_activity"
+
+# What an entity the store has never seen (or cannot reach) looks like.
+FEATURE_DEFAULTS: dict[str, Any] = {
+    "user_txn_count_1h": 0,
+    "user_txn_count_24h": 0,
+    "user_amount_sum_24h": 0.0,
+    "user_amount_mean_7d": 0.0,
+    "user_distinct_merchants_24h": 0,
+    "user_last_txn_epoch": 0.0,
+    "user_home_country": "",
+    "merchant_txn_count_24h": 0,
+    "merchant_fraud_rate_7d": 0.0,
+    "merchant_labels_7d": 0,
+}
+
+CHANNELS = ("web", "pos", "app")
+# The model's inputs, in column order.
+MODEL_INPUTS: tuple[str, ...] = (
+    "log_amount",
+    "amount_to_user_mean",
+    "log_seconds_since_prev",
+    "is_first_seen_user",
+    "country_mismatch",
+    "log_user_txn_count_1h",
+    "log_user_txn_count_24h",
+    "log_user_amount_sum_24h",
+    "user_distinct_merchants_24h",
+    "log_merchant_txn_count_24h",
+    "merchant_fraud_rate_7d",
+    "channel_web",
+    "channel_pos",
+    "channel_app",
+    "hour_sin",
+    "hour_cos",
+)
+_SECONDS_CAP = 30 * 24 * 3600.0
+
+
+@dataclass(frozen=True)
+class TransactionColumns:
+    """The request-time part of a batch of transactions, as columns."""
+
+    amount: np.ndarray  # float64
+    channel: Sequence[str]
+    country: Sequence[str]
+    event_time_epoch: np.ndarray  # float64, seconds
+
+
+def _column(online: Mapping[str, Any], name: str, n: int) -> np.ndarray:
+    """An online feature column with missing values (None/NaN: never seen) set to default."""
+    default = FEATURE_DEFAULTS[name]
+    values = online.get(name)
+    if values is None:
+        return np.full(n, default, dtype=np.float64)
+    array = np.asarray([default if v is None else v for v in values], dtype=np.float64)
+    return np.where(np.isnan(array), float(default), array)
+
+
+def _strings(online: Mapping[str, Any], name: str, n: int) -> list[str]:
+    values = online.get(name)
+    if values is None:
+        return [""] * n
+    return ["" if v is None or (isinstance(v, float) and math.isnan(v)) else str(v) for v in values]
+
+
+def model_inputs(txns: TransactionColumns, online: Mapping[str, Any]) -> np.ndarray:
+    """The model input matrix (float32, rows x len(MODEL_INPUTS)) for a batch.
+
+    ``online`` maps each streaming feature name to one value per transaction, as of just
+    before the transaction (None or NaN where the entity has no features yet).
+    """
+    n = len(txns.amount)
+    amount = np.asarray(txns.amount, dtype=np.float64)
+    when = np.asarray(txns.event_time_epoch, dtype=np.float64)
+
+    user_mean = _column(online, "user_amount_mean_7d", n)
+    last_seen = _column(online, "user_last_txn_epoch", n)
+    first_seen = last_seen <= 0
+    since = np.where(first_seen, _SECONDS_CAP, np.clip(when - last_seen, 0.0, _SECONDS_CAP))
+    ratio = np.where(user_mean > 0, amount / np.maximum(user_mean, 1e-9), 1.0)
+    home = _strings(online, "user_home_country", n)
+    mismatch = np.asarray(
+        [1.0 if h and h != c else 0.0 for h, c in zip(home, txns.country, strict=True)]
+    )
+    hour = (when % 86400.0) / 3600.0
+    channel = list(txns.channel)
+
+    columns = {
+        "log_amount": np.log1p(amount),
+        "amount_to_user_mean": np.clip(ratio, 0.0, 100.0),
+        "log_seconds_since_prev": np.log1p(since),
+        "is_first_seen_user": first_seen.astype(np.float64),
+        "country_mismatch": mismatch,
+        "log_user_txn_count_1h": np.log1p(_column(online, "user_txn_count_1h", n)),
+        "log_user_txn_count_24h": np.log1p(_column(online, "user_txn_count_24h", n)),
+        "log_user_amount_sum_24h": np.log1p(_column(online, "user_amount_sum_24h", n)),
+        "user_distinct_merchants_24h": _column(online, "user_distinct_merchants_24h", n),
+        "log_merchant_txn_count_24h": np.log1p(_column(online, "merchant_txn_count_24h", n)),
+        "merchant_fraud_rate_7d": _column(online, "merchant_fraud_rate_7d", n),
+        "channel_web": np.asarray([c == "web" for c in channel], dtype=np.float64),
+        "channel_pos": np.asarray([c == "pos" for c in channel], dtype=np.float64),
+        "channel_app": np.asarray([c == "app" for c in channel], dtype=np.float64),
+        "hour_sin": np.sin(2 * np.pi * hour / 24.0),
+        "hour_cos": np.cos(2 * np.pi * hour / 24.0),
+    }
+    return np.stack([columns[name] for name in MODEL_INPUTS], axis=1).astype(np.float32)

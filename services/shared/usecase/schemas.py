@@ -1,0 +1,213 @@
+"""The card-payment event contract (DESIGN.md) as executable rules.
+
+One set of rules for every entry point: ingestion validates Kafka events with it, serving
+validates Predict calls with it. A violation raises ``InvalidArgument`` naming the field, with
+a machine-readable code (the dead-letter reason) and a sentence for a person.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+import pycountry
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from services.shared.errors import InvalidArgument
+from services.shared.proto.mlops.v1 import events_pb2
+
+MAX_RECORD_BYTES = 16 * 1024
+MAX_ID_CHARS = 64
+MAX_AMOUNT = 1_000_000.0
+MAX_FUTURE = timedelta(minutes=5)
+CHANNELS = ("web", "pos", "app")
+CURRENCIES = frozenset(c.alpha_3 for c in pycountry.currencies)
+COUNTRIES = frozenset(c.alpha_2 for c in pycountry.countries)
+
+TRANSACTION_FIELDS = tuple(f.name for f in events_pb2.Transaction.DESCRIPTOR.fields)
+LABEL_FIELDS = tuple(f.name for f in events_pb2.Label.DESCRIPTOR.fields)
+
+_RFC3339 = re.compile(r"^\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}:\d{2}(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})$")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+@dataclass(frozen=True)
+class ValidTransaction:
+    """A transaction that satisfies the contract, with its time parsed."""
+
+    transaction_id: str
+    user_id: str
+    merchant_id: str
+    amount: float
+    currency: str
+    channel: str
+    country: str
+    event_time: datetime
+
+    def to_proto(self) -> events_pb2.ValidatedTransaction:
+        return events_pb2.ValidatedTransaction(
+            transaction_id=self.transaction_id,
+            user_id=self.user_id,
+            merchant_id=self.merchant_id,
+            amount=self.amount,
+            currency=self.currency,
+            channel=self.channel,
+            country=self.country,
+            event_time=to_timestamp(self.event_time),
+        )
+
+
+@dataclass(frozen=True)
+class ValidLabel:
+    transaction_id: str
+    is_fraud: bool
+    event_time: datetime
+
+    def to_proto(self) -> events_pb2.ValidatedLabel:
+        return events_pb2.ValidatedLabel(
+            transaction_id=self.transaction_id,
+            is_fraud=self.is_fraud,
+            event_time=to_timestamp(self.event_time),
+        )
+
+
+def to_timestamp(moment: datetime) -> Timestamp:
+    ts = Timestamp()
+    ts.FromDatetime(moment)
+    return ts
+
+
+def _require(data: Mapping[str, Any], name: str) -> Any:
+    if name not in data or data[name] is None:
+        raise InvalidArgument(name, "is required", code="missing_field")
+    return data[name]
+
+
+def _identifier(data: Mapping[str, Any], name: str) -> str:
+    value = _require(data, name)
+    if not isinstance(value, str):
+        raise InvalidArgument(
+            name, f"must be a string, got {type(value).__name__}", code="invalid_type"
+        )
+    if not value:
+        raise InvalidArgument(name, "is required", code="missing_field")
+    if len(value) > MAX_ID_CHARS:
+        raise InvalidArgument(
+            name, f"must be at most {MAX_ID_CHARS} characters, got {len(value)}", code="too_long"
+        )
+    if _CONTROL.search(value):
+        raise InvalidArgument(name, "must not contain control characters", code="invalid_value")
+    return value
+
+
+def _amount(data: Mapping[str, Any]) -> float:
+    value = _require(data, "amount")
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise InvalidArgument(
+            "amount", f"must be a number, got {type(value).__name__}", code="invalid_type"
+        )
+    amount = float(value)
+    if not math.isfinite(amount):
+        raise InvalidArgument("amount", "must be finite", code="invalid_value")
+    if amount <= 0:
+        raise InvalidArgument(
+            "amount", f"must be greater than 0, got {amount:g}", code="out_of_range"
+        )
+    if amount > MAX_AMOUNT:
+        raise InvalidArgument(
+            "amount", f"must be at most {MAX_AMOUNT:,.0f}, got {amount:g}", code="out_of_range"
+        )
+    return amount
+
+
+def _code(data: Mapping[str, Any], name: str, valid: frozenset[str], what: str) -> str:
+    value = _require(data, name)
+    if not isinstance(value, str):
+        raise InvalidArgument(
+            name, f"must be a string, got {type(value).__name__}", code="invalid_type"
+        )
+    if value not in valid:
+        raise InvalidArgument(name, f"{value[:16]!r} is not {what}", code="invalid_value")
+    return value
+
+
+def _channel(data: Mapping[str, Any]) -> str:
+    value = _require(data, "channel")
+    if value not in CHANNELS:
+        raise InvalidArgument(
+            "channel",
+            f"must be one of {', '.join(CHANNELS)}, got {str(value)[:16]!r}",
+            code="invalid_value",
+        )
+    return str(value)
+
+
+def _event_time(data: Mapping[str, Any], now: datetime) -> datetime:
+    value = _require(data, "event_time")
+    if not isinstance(value, str):
+        raise InvalidArgument(
+            "event_time",
+            f"must be an RFC 3339 string, got {type(value).__name__}",
+            code="invalid_type",
+        )
+    if not value:
+        raise InvalidArgument("event_time", "is required", code="missing_field")
+    if not _RFC3339.match(value):
+        raise InvalidArgument(
+            "event_time", f"{value[:40]!r} is not RFC 3339 with an offset", code="invalid_time"
+        )
+    try:
+        moment = datetime.fromisoformat(value.upper().replace("Z", "+00:00"))
+    except ValueError as exc:
+        raise InvalidArgument(
+            "event_time", f"{value[:40]!r} is not a valid time: {exc}", code="invalid_time"
+        ) from exc
+    if moment - now > MAX_FUTURE:
+        raise InvalidArgument(
+            "event_time", f"{value} is more than 5 minutes in the future", code="event_in_future"
+        )
+    return moment
+
+
+def _no_unknown_fields(data: Mapping[str, Any], known: tuple[str, ...]) -> None:
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise InvalidArgument(unknown[0], "is not a field of this event", code="unknown_field")
+
+
+def validate_transaction(data: Mapping[str, Any], *, now: datetime) -> ValidTransaction:
+    """The transaction in ``data`` if it keeps the contract; else ``InvalidArgument``."""
+    _no_unknown_fields(data, TRANSACTION_FIELDS)
+    return ValidTransaction(
+        transaction_id=_identifier(data, "transaction_id"),
+        user_id=_identifier(data, "user_id"),
+        merchant_id=_identifier(data, "merchant_id"),
+        amount=_amount(data),
+        currency=_code(data, "currency", CURRENCIES, "an ISO 4217 currency code (upper case)"),
+        channel=_channel(data),
+        country=_code(data, "country", COUNTRIES, "an ISO 3166-1 alpha-2 country code"),
+        event_time=_event_time(data, now),
+    )
+
+
+def validate_label(data: Mapping[str, Any], *, now: datetime) -> ValidLabel:
+    _no_unknown_fields(data, LABEL_FIELDS)
+    is_fraud = _require(data, "is_fraud")
+    if not isinstance(is_fraud, bool):
+        raise InvalidArgument(
+            "is_fraud", f"must be a boolean, got {type(is_fraud).__name__}", code="invalid_type"
+        )
+    return ValidLabel(
+        transaction_id=_identifier(data, "transaction_id"),
+        is_fraud=is_fraud,
+        event_time=_event_time(data, now),
+    )
+
+
+def transaction_fields(message: events_pb2.Transaction) -> dict[str, Any]:
+    """A protobuf Transaction as the dict the rules read (fast path for serving)."""
+    return {name: getattr(message, name) for name in TRANSACTION_FIELDS}
