@@ -149,6 +149,15 @@ class RegistryClientSettings(BaseSettings):
     token: SecretStr = Field(SecretStr(""), description="Bearer token for mutating registry calls.")
     model_name: str = Field("fraud_detector", description="The model the platform manages.")
 
+    def bearer_token(self) -> str:
+        """The configured token, else the token file's content, else empty."""
+        if self.token.get_secret_value():
+            return self.token.get_secret_value()
+        try:
+            return self.token_file.read_text().strip()
+        except OSError:
+            return ""
+
 
 class ObservabilitySettings(BaseSettings):
     """Logging."""

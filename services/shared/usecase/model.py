@@ -6,8 +6,6 @@ input ``features`` (FP32, [batch, len(MODEL_INPUTS)]) -> output ``fraud_probabil
 (FP32, [batch, 1]).
 """
 
-from __future__ import annotations
-
 from collections.abc import Sequence
 
 import torch
