@@ -146,7 +146,14 @@ class RegistryClientSettings(BaseSettings):
     model_config = _config("MLOPS_REGISTRY_CLIENT_")
 
     address: str = Field("127.0.0.1:50052", description="Registry gRPC address.")
-    token: SecretStr = Field(SecretStr(""), description="Bearer token for mutating registry calls.")
+    token: SecretStr = Field(
+        SecretStr(""),
+        description="Bearer token for mutating registry calls (overrides token_file).",
+    )
+    token_file: Path = Field(
+        PROJECT_ROOT / "var" / "secrets" / "registry.token",
+        description="File holding the bearer token; the local stack generates it on first start.",
+    )
     model_name: str = Field("fraud_detector", description="The model the platform manages.")
 
     def bearer_token(self) -> str:

@@ -42,7 +42,8 @@ class TritonPythonModel:
         actual = hashlib.sha256(payload).hexdigest()
         if actual != expected:
             raise pb_utils.TritonModelException(
-                f"{model_path} sha256 {actual} does not match the recorded {expected}; refusing to load"
+                f"{model_path} sha256 {actual} does not match the recorded {expected}; "
+                "refusing to load"
             )
         self.model = torch.jit.load(str(model_path), map_location=self.device).eval()
 
