@@ -300,26 +300,39 @@ class Lineage(google.protobuf.message.Message):
 global___Lineage = Lineage
 
 @typing.final
+class ServedVersion(google.protobuf.message.Message):
+    """A version Triton serves and how traffic reaches it."""
+
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+
+    VERSION_FIELD_NUMBER: builtins.int
+    ALIAS_FIELD_NUMBER: builtins.int
+    TRAFFIC_PERCENT_FIELD_NUMBER: builtins.int
+    THRESHOLD_FIELD_NUMBER: builtins.int
+    version: builtins.int
+    alias: builtins.str
+    """production | canary | shadow"""
+    traffic_percent: builtins.int
+    """production: the rest; canary: its share; shadow: mirrored share"""
+    threshold: builtins.float
+    """decision threshold on fraud_probability"""
+    def __init__(
+        self,
+        *,
+        version: builtins.int = ...,
+        alias: builtins.str = ...,
+        traffic_percent: builtins.int = ...,
+        threshold: builtins.float = ...,
+    ) -> None: ...
+    def ClearField(self, field_name: typing.Literal["alias", b"alias", "threshold", b"threshold", "traffic_percent", b"traffic_percent", "version", b"version"]) -> None: ...
+
+global___ServedVersion = ServedVersion
+
+@typing.final
 class ModelEvent(google.protobuf.message.Message):
     """One lifecycle transition (topic models.lifecycle, keyed by model_name)."""
 
     DESCRIPTOR: google.protobuf.descriptor.Descriptor
-
-    @typing.final
-    class AliasesEntry(google.protobuf.message.Message):
-        DESCRIPTOR: google.protobuf.descriptor.Descriptor
-
-        KEY_FIELD_NUMBER: builtins.int
-        VALUE_FIELD_NUMBER: builtins.int
-        key: builtins.str
-        value: builtins.int
-        def __init__(
-            self,
-            *,
-            key: builtins.str = ...,
-            value: builtins.int = ...,
-        ) -> None: ...
-        def ClearField(self, field_name: typing.Literal["key", b"key", "value", b"value"]) -> None: ...
 
     EVENT_ID_FIELD_NUMBER: builtins.int
     TYPE_FIELD_NUMBER: builtins.int
@@ -332,7 +345,7 @@ class ModelEvent(google.protobuf.message.Message):
     ACTOR_FIELD_NUMBER: builtins.int
     GATE_FIELD_NUMBER: builtins.int
     OCCURRED_AT_FIELD_NUMBER: builtins.int
-    ALIASES_FIELD_NUMBER: builtins.int
+    SERVED_FIELD_NUMBER: builtins.int
     event_id: builtins.str
     type: global___ModelEventType.ValueType
     model_name: builtins.str
@@ -347,8 +360,8 @@ class ModelEvent(google.protobuf.message.Message):
     @property
     def occurred_at(self) -> google.protobuf.timestamp_pb2.Timestamp: ...
     @property
-    def aliases(self) -> google.protobuf.internal.containers.ScalarMap[builtins.str, builtins.int]:
-        """The complete routing table after this event: alias -> version (0: unset)."""
+    def served(self) -> google.protobuf.internal.containers.RepeatedCompositeFieldContainer[global___ServedVersion]:
+        """The complete routing table after this event (what serving routes by)."""
 
     def __init__(
         self,
@@ -364,9 +377,9 @@ class ModelEvent(google.protobuf.message.Message):
         actor: builtins.str = ...,
         gate: global___GateResult | None = ...,
         occurred_at: google.protobuf.timestamp_pb2.Timestamp | None = ...,
-        aliases: collections.abc.Mapping[builtins.str, builtins.int] | None = ...,
+        served: collections.abc.Iterable[global___ServedVersion] | None = ...,
     ) -> None: ...
     def HasField(self, field_name: typing.Literal["gate", b"gate", "occurred_at", b"occurred_at"]) -> builtins.bool: ...
-    def ClearField(self, field_name: typing.Literal["actor", b"actor", "alias", b"alias", "aliases", b"aliases", "event_id", b"event_id", "gate", b"gate", "model_name", b"model_name", "occurred_at", b"occurred_at", "previous_version", b"previous_version", "reason", b"reason", "traffic_percent", b"traffic_percent", "type", b"type", "version", b"version"]) -> None: ...
+    def ClearField(self, field_name: typing.Literal["actor", b"actor", "alias", b"alias", "event_id", b"event_id", "gate", b"gate", "model_name", b"model_name", "occurred_at", b"occurred_at", "previous_version", b"previous_version", "reason", b"reason", "served", b"served", "traffic_percent", b"traffic_percent", "type", b"type", "version", b"version"]) -> None: ...
 
 global___ModelEvent = ModelEvent
