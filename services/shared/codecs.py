@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 
 from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import DecodeError, Message
+from google.protobuf.unknown_fields import UnknownFieldSet
 
 from services.shared.errors import InvalidArgument
 
@@ -43,40 +44,91 @@ def decode_external(
 ) -> dict[str, Any]:
     """A product service's event as a plain dict, whatever its encoding.
 
-    Raises ``InvalidArgument`` (code ``malformed_json``, ``malformed_protobuf``,
-    ``not_an_object`` or ``unsupported_content_type``) when it cannot even be read.
+    Raises ``InvalidArgument`` when it cannot even be read, with code ``empty_record`` (no
+    value), ``unsupported_content_type``, ``malformed_json`` (not UTF-8, not JSON, NaN or
+    Infinity, nested too deeply), ``duplicate_field`` (a key given twice), ``not_an_object``,
+    ``malformed_protobuf`` or ``unknown_field`` (a protobuf field number the schema lacks).
     """
     if not value:
         raise InvalidArgument("", "the record has no value", code="empty_record")
     content_type = (header(headers, CONTENT_TYPE) or JSON).split(";")[0].strip().lower()
     if content_type == PROTOBUF:
-        message = schema()
-        try:
-            message.ParseFromString(value)
-        except DecodeError as exc:
-            raise InvalidArgument(
-                "",
-                f"not a valid {schema.DESCRIPTOR.full_name} protobuf: {exc}",
-                code="malformed_protobuf",
-            ) from exc
-        return MessageToDict(
-            message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
-        )
+        return _decode_protobuf_fields(value, schema)
     if content_type not in (JSON, "text/json"):
         raise InvalidArgument(
             "",
-            f"content-type {content_type!r} is neither {JSON} nor {PROTOBUF}",
+            f"content-type {content_type[:64]!r} is neither {JSON} nor {PROTOBUF}",
             code="unsupported_content_type",
         )
     try:
-        # NaN/Infinity are not JSON; Python would accept them silently
-        data = json.loads(value.decode("utf-8"), parse_constant=_reject_constant)
+        # NaN/Infinity are not JSON; Python would accept them silently. A repeated key is
+        # ambiguous (which value did the sender mean?), so it is refused too.
+        data = json.loads(
+            value.decode("utf-8"),
+            parse_constant=_reject_constant,
+            object_pairs_hook=_object_without_repeated_keys,
+        )
+    except _RepeatedKey as exc:
+        raise InvalidArgument(exc.key, "appears more than once", code="duplicate_field") from None
     except (UnicodeDecodeError, ValueError) as exc:
         raise InvalidArgument("", f"not valid UTF-8 JSON: {exc}", code="malformed_json") from exc
+    except RecursionError:  # "[[[[...": deeper than the parser can go
+        raise InvalidArgument("", "JSON nested too deeply", code="malformed_json") from None
     if not isinstance(data, dict):
         raise InvalidArgument(
             "", f"expected a JSON object, got {type(data).__name__}", code="not_an_object"
         )
+    return data
+
+
+class _RepeatedKey(Exception):
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key[:64].encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _object_without_repeated_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    data = dict(pairs)
+    if len(data) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise _RepeatedKey(key)
+            seen.add(key)
+    return data
+
+
+def _decode_protobuf_fields(value: bytes, schema: type[M]) -> dict[str, Any]:
+    """A flat protobuf event as a dict of its fields, values as protobuf holds them.
+
+    Field values are read directly (not through MessageToDict, which would turn a NaN amount
+    into the string "NaN" and so report the wrong rule). Unknown field numbers are refused as
+    JSON's unknown keys are: the sender and the platform disagree on the schema.
+    """
+    message = schema()
+    try:
+        message.ParseFromString(value)
+    except DecodeError as exc:
+        raise InvalidArgument(
+            "",
+            f"not a valid {schema.DESCRIPTOR.full_name} protobuf: {exc}",
+            code="malformed_protobuf",
+        ) from exc
+    unknown = [field.field_number for field in UnknownFieldSet(message)]
+    if unknown:
+        raise InvalidArgument(
+            f"#{unknown[0]}",
+            f"field number {unknown[0]} is not a field of {schema.DESCRIPTOR.full_name}",
+            code="unknown_field",
+        )
+    data: dict[str, Any] = {}
+    for field in schema.DESCRIPTOR.fields:
+        if field.message_type is not None:
+            data[field.name] = MessageToDict(
+                getattr(message, field.name), preserving_proto_field_name=True
+            )
+        else:
+            data[field.name] = getattr(message, field.name)
     return data
 
 

@@ -3,6 +3,22 @@
 One set of rules for every entry point: ingestion validates Kafka events with it, serving
 validates Predict calls with it. A violation raises ``InvalidArgument`` naming the field, with
 a machine-readable code (the dead-letter reason) and a sentence for a person.
+
+Reason codes (``InvalidArgument.code``), checked in this order, first failure wins:
+
+- ``unknown_field``    a field the event does not have (the first one, alphabetically)
+- ``missing_field``    a required field is absent, null or an empty string
+- ``invalid_type``     a field has the wrong JSON type (e.g. amount as a string)
+- ``too_long``         an id longer than 64 characters
+- ``invalid_value``    control characters or invalid Unicode in an id; a non-finite amount; a
+                       currency/country not in ISO 4217/3166-1 (upper case); an unknown channel
+- ``out_of_range``     amount <= 0 or > 1,000,000
+- ``invalid_time``     event_time is not RFC 3339 with an offset, or not a real moment
+- ``event_in_future``  event_time is more than 5 minutes after the validator's clock
+
+Fields are checked in their declared order (transaction_id, user_id, merchant_id, amount,
+currency, channel, country, event_time; label: transaction_id, is_fraud, event_time). Codes for
+records that cannot be read at all are in ``services.shared.codecs``.
 """
 
 from __future__ import annotations
@@ -101,7 +117,18 @@ def _identifier(data: Mapping[str, Any], name: str) -> str:
         )
     if _CONTROL.search(value):
         raise InvalidArgument(name, "must not contain control characters", code="invalid_value")
+    if not _encodable(value):
+        # JSON escapes can smuggle lone surrogates in; no UTF-8 output (protobuf) can hold them
+        raise InvalidArgument(name, "must be valid Unicode text", code="invalid_value")
     return value
+
+
+def _encodable(value: str) -> bool:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _amount(data: Mapping[str, Any]) -> float:
@@ -110,7 +137,12 @@ def _amount(data: Mapping[str, Any]) -> float:
         raise InvalidArgument(
             "amount", f"must be a number, got {type(value).__name__}", code="invalid_type"
         )
-    amount = float(value)
+    try:
+        amount = float(value)
+    except OverflowError:  # an integer with hundreds of digits
+        raise InvalidArgument(
+            "amount", f"must be at most {MAX_AMOUNT:,.0f}", code="out_of_range"
+        ) from None
     if not math.isfinite(amount):
         raise InvalidArgument("amount", "must be finite", code="invalid_value")
     if amount <= 0:
@@ -137,6 +169,10 @@ def _code(data: Mapping[str, Any], name: str, valid: frozenset[str], what: str) 
 
 def _channel(data: Mapping[str, Any]) -> str:
     value = _require(data, "channel")
+    if not isinstance(value, str):
+        raise InvalidArgument(
+            "channel", f"must be a string, got {type(value).__name__}", code="invalid_type"
+        )
     if value not in CHANNELS:
         raise InvalidArgument(
             "channel",
@@ -174,9 +210,11 @@ def _event_time(data: Mapping[str, Any], now: datetime) -> datetime:
 
 
 def _no_unknown_fields(data: Mapping[str, Any], known: tuple[str, ...]) -> None:
-    unknown = sorted(set(data) - set(known))
+    unknown = sorted(str(name) for name in set(data) - set(known))
     if unknown:
-        raise InvalidArgument(unknown[0], "is not a field of this event", code="unknown_field")
+        # the name is the sender's text: keep it short and printable in the dead letter
+        name = unknown[0][:MAX_ID_CHARS].encode("utf-8", "backslashreplace").decode("utf-8")
+        raise InvalidArgument(name, "is not a field of this event", code="unknown_field")
 
 
 def validate_transaction(data: Mapping[str, Any], *, now: datetime) -> ValidTransaction:
@@ -194,16 +232,21 @@ def validate_transaction(data: Mapping[str, Any], *, now: datetime) -> ValidTran
     )
 
 
-def validate_label(data: Mapping[str, Any], *, now: datetime) -> ValidLabel:
-    _no_unknown_fields(data, LABEL_FIELDS)
-    is_fraud = _require(data, "is_fraud")
-    if not isinstance(is_fraud, bool):
+def _flag(data: Mapping[str, Any], name: str) -> bool:
+    value = _require(data, name)
+    if not isinstance(value, bool):
         raise InvalidArgument(
-            "is_fraud", f"must be a boolean, got {type(is_fraud).__name__}", code="invalid_type"
+            name, f"must be a boolean, got {type(value).__name__}", code="invalid_type"
         )
+    return value
+
+
+def validate_label(data: Mapping[str, Any], *, now: datetime) -> ValidLabel:
+    """The label in ``data`` if it keeps the contract; else ``InvalidArgument``."""
+    _no_unknown_fields(data, LABEL_FIELDS)
     return ValidLabel(
         transaction_id=_identifier(data, "transaction_id"),
-        is_fraud=is_fraud,
+        is_fraud=_flag(data, "is_fraud"),
         event_time=_event_time(data, now),
     )
 

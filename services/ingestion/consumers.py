@@ -1,0 +1,456 @@
+"""The ingestion service's two Kafka consumers: thin transports around the domain classes.
+
+``ValidationLoop`` (group ``ingestion``): product topics -> ``Ingestor`` -> validated streams
+and DLQ. Per batch: poll, route, produce every output, wait for every acknowledgement, then
+commit exactly the offsets of that batch. A crash anywhere before the commit means the batch
+is read again (at-least-once); the duplicate check makes that harmless.
+
+``ArchiveLoop`` (group ``ingestion-archive``): validated streams -> ``ArchiveBatcher`` ->
+Parquet files (``OfflineArchive``). It seeks past what is already on disk when it is given
+a partition, and writes the files of a partition it is losing before letting it go.
+
+Kafka or Redis failing never makes either loop skip anything: the step is retried with
+exponential back-off until it succeeds or the service is asked to stop (then nothing is
+committed for the unfinished batch).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener
+from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
+from aiokafka.structs import ConsumerRecord, TopicPartition
+from google.protobuf.message import DecodeError
+from redis.exceptions import RedisError
+
+from services.ingestion import metrics
+from services.ingestion.archive import (
+    ArchiveBatcher,
+    ArchiveFile,
+    ArchiveRow,
+    OfflineArchive,
+    label_row,
+    transaction_row,
+)
+from services.ingestion.routing import (
+    ClaimStore,
+    Ingestor,
+    Output,
+    SourceRecord,
+    Verdict,
+    verdict,
+)
+from services.shared.datasets import LABELS, TRANSACTIONS
+from services.shared.logging import get_logger
+from services.shared.runtime import SERVICE_READY
+from services.shared.topics import Topics
+
+log = get_logger("ingestion")
+T = TypeVar("T")
+RETRYABLE = (KafkaError, RedisError, OSError, asyncio.TimeoutError)
+
+
+class Stopping(Exception):
+    """The service was asked to stop while an operation was still being retried."""
+
+
+class Backoff:
+    """Retries an operation until it succeeds or ``stop`` is set (then raises ``Stopping``)."""
+
+    def __init__(self, stop: asyncio.Event, *, initial_s: float, max_s: float) -> None:
+        self.stop = stop
+        self.initial_s = initial_s
+        self.max_s = max_s
+
+    async def wait(self, delay: float) -> None:
+        try:
+            await asyncio.wait_for(self.stop.wait(), timeout=delay)
+        except TimeoutError:
+            return
+        raise Stopping
+
+    async def run(self, operation: Callable[[], Awaitable[T]], what: str) -> T:
+        delay = self.initial_s
+        while True:
+            try:
+                return await operation()
+            except RETRYABLE as exc:
+                metrics.RETRIES.labels(what).inc()
+                log.warning(
+                    "retrying",
+                    operation=what,
+                    error=f"{type(exc).__name__}: {exc}",
+                    backoff_s=delay,
+                )
+                await self.wait(delay)
+                delay = min(delay * 2, self.max_s)
+
+
+async def produce_all(
+    producer: AIOKafkaProducer, outputs: Sequence[Output], backoff: Backoff
+) -> None:
+    """Produce every output and wait until each is acknowledged; failed ones are sent again."""
+    pending = list(outputs)
+    delay = backoff.initial_s
+    while pending:
+        failed: list[Output] = []
+        sent: list[tuple[Output, asyncio.Future[Any]]] = []
+        error: BaseException | None = None
+        for output in pending:
+            try:
+                future = await producer.send(
+                    output.topic, output.value, key=output.key, headers=output.headers
+                )
+            except KafkaError as exc:
+                failed.append(output)
+                error = exc
+                continue
+            sent.append((output, future))
+        results = await asyncio.gather(*(f for _, f in sent), return_exceptions=True)
+        for (output, _), result in zip(sent, results, strict=True):
+            if isinstance(result, BaseException):
+                failed.append(output)
+                error = result
+            else:
+                metrics.EVENTS_OUT.labels(output.topic).inc()
+        if failed:
+            metrics.RETRIES.labels("produce").inc()
+            log.warning(
+                "produce_failed",
+                records=len(failed),
+                error=f"{type(error).__name__}: {error}",
+                backoff_s=delay,
+            )
+            await backoff.wait(delay)
+            delay = min(delay * 2, backoff.max_s)
+        pending = failed
+
+
+async def commit(
+    consumer: AIOKafkaConsumer, offsets: dict[TopicPartition, int], group: str
+) -> bool:
+    """Commit ``offsets``; False if the group took the partitions away meanwhile (the new
+    owner reads those records again, which is the at-least-once contract)."""
+    if not offsets:
+        return True
+    try:
+        await consumer.commit(offsets)
+    except (CommitFailedError, IllegalStateError) as exc:
+        log.warning("commit_refused", group=group, error=f"{type(exc).__name__}: {exc}")
+        return False
+    return True
+
+
+class ConsumerLag:
+    """Refreshes the lag gauges (high watermark from fetches minus position) now and then."""
+
+    def __init__(self, consumer: AIOKafkaConsumer, group: str, interval_s: float) -> None:
+        self.consumer = consumer
+        self.group = group
+        self.interval_s = interval_s
+        self._next = 0.0
+
+    async def refresh(self) -> None:
+        now = time.monotonic()
+        if now < self._next:
+            return
+        self._next = now + self.interval_s
+        for tp in self.consumer.assignment():
+            highwater = self.consumer.highwater(tp)
+            if highwater is None:
+                continue
+            position = await self.consumer.position(tp)
+            metrics.CONSUMER_LAG.labels(self.group, tp.topic, str(tp.partition)).set(
+                max(highwater - position, 0)
+            )
+
+
+def _source_record(record: ConsumerRecord[bytes, bytes]) -> SourceRecord:
+    return SourceRecord(
+        topic=record.topic,
+        partition=record.partition,
+        offset=record.offset,
+        key=record.key,
+        value=record.value,
+        headers=tuple(record.headers or ()),
+        timestamp_ms=record.timestamp,
+    )
+
+
+class ValidationLoop:
+    """Product topics -> validated streams and DLQ, at-least-once."""
+
+    def __init__(
+        self,
+        consumer: AIOKafkaConsumer,
+        producer: AIOKafkaProducer,
+        ingestor: Ingestor,
+        backoff: Backoff,
+        *,
+        group: str,
+        batch_max_records: int,
+        poll_timeout_ms: int,
+        lag_interval_s: float,
+    ) -> None:
+        self.consumer = consumer
+        self.producer = producer
+        self.ingestor = ingestor
+        self.backoff = backoff
+        self.group = group
+        self.batch_max_records = batch_max_records
+        self.poll_timeout_ms = poll_timeout_ms
+        self.lag = ConsumerLag(consumer, group, lag_interval_s)
+        self.totals: dict[str, int] = {"in": 0, "forwarded": 0, "rejected": 0, "duplicates": 0}
+
+    async def run(self, stop: asyncio.Event) -> None:
+        ready = False
+        while not stop.is_set():
+            batch = await self.backoff.run(
+                lambda: self.consumer.getmany(
+                    timeout_ms=self.poll_timeout_ms, max_records=self.batch_max_records
+                ),
+                "poll",
+            )
+            if not ready and self.consumer.assignment():
+                ready = True
+                SERVICE_READY.labels("ingestion").set(1)
+                log.info(
+                    "validator_consuming",
+                    group=self.group,
+                    partitions=",".join(
+                        f"{tp.topic}:{tp.partition}" for tp in self.consumer.assignment()
+                    ),
+                )
+            if batch:
+                await self.handle(batch)
+            await self.lag.refresh()
+
+    async def handle(self, batch: dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]) -> None:
+        polled = time.monotonic()
+        records = [_source_record(r) for rs in batch.values() for r in rs]
+        for tp, rs in batch.items():
+            metrics.EVENTS_IN.labels(tp.topic).inc(len(rs))
+        outcome = await self.backoff.run(lambda: self.ingestor.process(records), "dedup")
+        await produce_all(self.producer, outcome.outputs, self.backoff)
+        offsets = {tp: rs[-1].offset + 1 for tp, rs in batch.items() if rs}
+        await self.backoff.run(lambda: commit(self.consumer, offsets, self.group), "commit")
+
+        acked = datetime.now(UTC)
+        metrics.PROCESSING_SECONDS.observe(time.monotonic() - polled)
+        for accepted in outcome.forwarded:
+            metrics.EVENT_LAG_SECONDS.labels(accepted.kind.value).observe(
+                max((acked - accepted.event_time).total_seconds(), 0.0)
+            )
+        for accepted in outcome.redelivered:
+            metrics.REDELIVERIES.labels(accepted.kind.value).inc()
+        for rejected in outcome.rejected:
+            metrics.REJECTED.labels(rejected.reason_code).inc()
+            log.info(
+                "event_rejected",
+                topic=rejected.record.topic,
+                partition=rejected.record.partition,
+                offset=rejected.record.offset,
+                reason_code=rejected.reason_code,
+                field=rejected.field,
+                reason=rejected.reason[:200],
+            )
+        for duplicate in outcome.duplicates:
+            metrics.DUPLICATES.labels(duplicate.kind.value).inc()
+            log.info(
+                "duplicate_dropped",
+                kind=duplicate.kind.value,
+                event_id=duplicate.event_id,
+                topic=duplicate.record.topic,
+                partition=duplicate.record.partition,
+                offset=duplicate.record.offset,
+            )
+        if outcome.redelivered:
+            log.info("redelivered_forwarded", records=len(outcome.redelivered))
+        self.totals["in"] += len(records)
+        self.totals["forwarded"] += len(outcome.forwarded)
+        self.totals["rejected"] += len(outcome.rejected)
+        self.totals["duplicates"] += len(outcome.duplicates)
+
+
+class ArchiveLoop(ConsumerRebalanceListener):
+    """Validated streams -> Parquet files in the offline store, exactly once."""
+
+    def __init__(
+        self,
+        consumer: AIOKafkaConsumer,
+        topics: Topics,
+        archive: OfflineArchive,
+        batcher: ArchiveBatcher,
+        claims: ClaimStore,
+        backoff: Backoff,
+        *,
+        group: str,
+        namespace: str,
+        poll_timeout_ms: int,
+        lag_interval_s: float,
+    ) -> None:
+        self.consumer = consumer
+        self.archive = archive
+        self.batcher = batcher
+        self.claims = claims
+        self.backoff = backoff
+        self.group = group
+        self.namespace = namespace
+        self.poll_timeout_ms = poll_timeout_ms
+        self.datasets = {topics.validated: TRANSACTIONS, topics.validated_labels: LABELS}
+        self._row_of: dict[str, Callable[[bytes], ArchiveRow]] = {
+            topics.validated: transaction_row,
+            topics.validated_labels: label_row,
+        }
+        self.lag = ConsumerLag(consumer, group, lag_interval_s)
+        self._lock = asyncio.Lock()  # rebalance callbacks run beside the poll loop
+        self._next_offset: dict[TopicPartition, int] = {}  # after the last record read
+        self._committed: dict[TopicPartition, int] = {}
+        self.totals: dict[str, int] = {"rows": 0, "files": 0, "skipped": 0}
+
+    @property
+    def topics(self) -> list[str]:
+        return list(self.datasets)
+
+    # -- rebalance -----------------------------------------------------------------------
+
+    async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
+        async with self._lock:
+            due = [
+                f
+                for tp in revoked
+                if (f := self.batcher.take(self.datasets[tp.topic], tp.partition)) is not None
+            ]
+            await self._write(due)
+            await self._commit_progress(set(revoked))
+            for tp in revoked:
+                self._next_offset.pop(tp, None)
+                self._committed.pop(tp, None)
+        if revoked:
+            log.info("archive_partitions_revoked", partitions=_names(revoked), files=len(due))
+
+    async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
+        async with self._lock:
+            for topic, dataset in self.datasets.items():
+                mine = {tp.partition for tp in assigned if tp.topic == topic}
+                if not mine:
+                    continue
+                resume = await asyncio.to_thread(self.archive.resume_offsets, dataset)
+                removed = await asyncio.to_thread(self.archive.remove_temporaries, dataset, mine)
+                for partition in sorted(mine):
+                    tp = TopicPartition(topic, partition)
+                    if partition in resume:
+                        self.consumer.seek(tp, resume[partition])
+                    log.info(
+                        "archive_partition_assigned",
+                        topic=topic,
+                        partition=partition,
+                        resume_offset=resume.get(partition, "committed"),
+                        temporaries_removed=removed,
+                    )
+        SERVICE_READY.labels("ingestion").set(1)
+
+    # -- loop ------------------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            batch = await self.backoff.run(
+                lambda: self.consumer.getmany(timeout_ms=self.poll_timeout_ms, max_records=5000),
+                "archive_poll",
+            )
+            async with self._lock:
+                await self.handle(batch)
+            await self.lag.refresh()
+        # a clean stop writes what is buffered (after a crash it is read again instead)
+        async with self._lock:
+            files = self.batcher.take_all()
+            await self._write(files)
+            await self._commit_progress(None)
+        log.info("archive_stopped", files_written_at_stop=len(files), **self.totals)
+
+    async def handle(self, batch: dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]) -> None:
+        entries: list[tuple[TopicPartition, int, ArchiveRow]] = []
+        for tp, records in batch.items():
+            if tp not in self.consumer.assignment():
+                continue  # revoked while this batch was in flight: the new owner reads it
+            to_row = self._row_of[tp.topic]
+            for record in records:
+                self._next_offset[tp] = record.offset + 1
+                try:
+                    entries.append((tp, record.offset, to_row(record.value or b"")))
+                except DecodeError:
+                    # not ours to judge: the validator wrote it; count it, keep going
+                    metrics.ARCHIVE_SKIPPED.labels(self.datasets[tp.topic], "unreadable").inc()
+                    log.error(
+                        "archive_record_unreadable",
+                        topic=tp.topic,
+                        partition=tp.partition,
+                        offset=record.offset,
+                    )
+        keys = [
+            (
+                f"{self.namespace}:archive:{tp.topic}:{row.event_id}",
+                f"{tp.topic}/{tp.partition}/{offset}",
+            )
+            for tp, offset, row in entries
+        ]
+        stored = await self.backoff.run(lambda: self.claims.claim(keys), "archive_dedup")
+        now = time.monotonic()
+        due: list[ArchiveFile] = []
+        for (tp, offset, row), (_, position), before in zip(entries, keys, stored, strict=True):
+            if verdict(before, position) is Verdict.DUPLICATE:
+                metrics.ARCHIVE_SKIPPED.labels(row.dataset, "duplicate").inc()
+                self.totals["skipped"] += 1
+                continue
+            due.extend(self.batcher.add(tp.partition, offset, row, now=now))
+        due.extend(self.batcher.due(now=now))
+        await self._write(due)
+        await self._commit_progress(None)
+
+    async def _write(self, files: list[ArchiveFile]) -> None:
+        for archive_file in files:
+            path = await self.backoff.run(
+                lambda f=archive_file: asyncio.to_thread(self.archive.write, f),  # type: ignore[misc]
+                "archive_write",
+            )
+            metrics.ARCHIVE_FILES.labels(archive_file.dataset).inc()
+            metrics.ARCHIVE_ROWS.labels(archive_file.dataset).inc(len(archive_file.rows))
+            self.totals["files"] += 1
+            self.totals["rows"] += len(archive_file.rows)
+            log.info(
+                "archive_file_written",
+                dataset=archive_file.dataset,
+                partition=archive_file.partition,
+                first_offset=archive_file.first_offset,
+                last_offset=archive_file.last_offset,
+                rows=len(archive_file.rows),
+                path=str(path.relative_to(self.archive.offline_dir)),
+            )
+
+    async def _commit_progress(self, only: set[TopicPartition] | None) -> None:
+        """Commit, per partition, the first offset not yet on disk (for lag and for a start
+        without files; correctness rests on the files, not on these commits)."""
+        offsets: dict[TopicPartition, int] = {}
+        for tp, next_offset in self._next_offset.items():
+            if only is not None and tp not in only:
+                continue
+            buffered = self.batcher.first_buffered_offset(self.datasets[tp.topic], tp.partition)
+            offset = buffered if buffered is not None else next_offset
+            if self._committed.get(tp) != offset:
+                offsets[tp] = offset
+        if not offsets:
+            return
+        accepted = await self.backoff.run(
+            lambda: commit(self.consumer, offsets, self.group), "archive_commit"
+        )
+        if accepted:
+            self._committed.update(offsets)
+
+
+def _names(partitions: Sequence[TopicPartition]) -> str:
+    return ",".join(f"{tp.topic}:{tp.partition}" for tp in partitions)

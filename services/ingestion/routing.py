@@ -1,0 +1,289 @@
+"""What ingestion does with each record, as pure logic: decode, validate, deduplicate, route.
+
+``EventRouter.route`` turns one record read from ``events.transactions`` or ``events.labels``
+into either an ``Accepted`` event (its validated protobuf, ready for ``events.validated`` or
+``events.validated.labels``) or a ``Rejected`` one (a ``DeadLetter`` for ``events.dlq`` with the
+original key, bytes and headers untouched, and why). Nothing raises: whatever a record holds,
+it ends up on one of the two paths, so a poison record never stops the consumer.
+
+``Ingestor.process`` does that for a batch and asks a ``ClaimStore`` (Redis in the service)
+which accepted events were seen before:
+
+- first time an id is seen: the store records the record's source position; forwarded;
+- the very same record again (same topic/partition/offset: a re-delivery after a crash,
+  whose output may never have gone out): forwarded again (downstream is idempotent by id);
+- another record with an id already claimed: a duplicate; counted and logged, neither
+  forwarded nor dead-lettered (it is not invalid, only redundant).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Protocol
+
+from services.shared.codecs import decode_external, protobuf_headers
+from services.shared.errors import InvalidArgument
+from services.shared.proto.mlops.v1 import events_pb2
+from services.shared.topics import Topics
+from services.shared.usecase.schemas import (
+    MAX_RECORD_BYTES,
+    to_timestamp,
+    validate_label,
+    validate_transaction,
+)
+
+Headers = tuple[tuple[str, bytes], ...]
+REASON_HEADER = "reason-code"
+
+
+class EventKind(StrEnum):
+    TRANSACTION = "transaction"
+    LABEL = "label"
+
+
+@dataclass(frozen=True)
+class SourceRecord:
+    """A record as read from a product topic."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    headers: Headers = ()
+    timestamp_ms: int | None = None
+
+    @property
+    def position(self) -> str:
+        """Where the record was read: what makes a re-delivery recognisable."""
+        return f"{self.topic}/{self.partition}/{self.offset}"
+
+    def source(self) -> events_pb2.SourcePosition:
+        return events_pb2.SourcePosition(
+            topic=self.topic, partition=self.partition, offset=self.offset
+        )
+
+
+@dataclass(frozen=True)
+class Output:
+    """A record to produce."""
+
+    topic: str
+    key: bytes | None
+    value: bytes
+    headers: list[tuple[str, bytes]]
+
+
+@dataclass(frozen=True)
+class Accepted:
+    """A valid event, waiting for the duplicate check."""
+
+    record: SourceRecord
+    kind: EventKind
+    event_id: str
+    event_time: datetime
+    output: Output
+
+
+@dataclass(frozen=True)
+class Rejected:
+    """An invalid record and its dead letter."""
+
+    record: SourceRecord
+    reason_code: str
+    field: str
+    reason: str
+    output: Output
+
+
+class Verdict(StrEnum):
+    FIRST = "first"  # never seen: forward
+    REDELIVERY = "redelivery"  # this very record again: forward again
+    DUPLICATE = "duplicate"  # another record with a claimed id: drop, count
+
+
+def verdict(stored_position: str | None, position: str) -> Verdict:
+    """The duplicate check's answer given what the claim store held before this claim."""
+    if stored_position is None:
+        return Verdict.FIRST
+    return Verdict.REDELIVERY if stored_position == position else Verdict.DUPLICATE
+
+
+class ClaimStore(Protocol):
+    """Claims ids atomically: records ``position`` for each key not yet claimed."""
+
+    async def claim(self, claims: Sequence[tuple[str, str]]) -> list[str | None]:
+        """For each (key, position), in order: the position stored before (None if the key
+        was free, in which case ``position`` is now stored)."""
+        ...
+
+
+def _text(value: str) -> str:
+    """A string any protobuf can carry (sender text may hold lone surrogates)."""
+    return value.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+class EventRouter:
+    """Decodes, validates and routes one record of a product topic."""
+
+    def __init__(self, topics: Topics, *, max_record_bytes: int = MAX_RECORD_BYTES) -> None:
+        self.topics = topics
+        self.max_record_bytes = max_record_bytes
+        self._kinds = {topics.transactions: EventKind.TRANSACTION, topics.labels: EventKind.LABEL}
+
+    @property
+    def source_topics(self) -> list[str]:
+        return list(self._kinds)
+
+    def route(self, record: SourceRecord, *, now: datetime) -> Accepted | Rejected:
+        kind = self._kinds.get(record.topic)
+        if kind is None:
+            return self.reject(
+                record, "unknown_topic", "", f"{record.topic} is not a product topic", now=now
+            )
+        if record.value is not None and len(record.value) > self.max_record_bytes:
+            return self.reject(
+                record,
+                "record_too_large",
+                "",
+                f"{len(record.value)} bytes is over the limit of {self.max_record_bytes}",
+                now=now,
+            )
+        try:
+            if kind is EventKind.TRANSACTION:
+                return self._transaction(record, now)
+            return self._label(record, now)
+        except InvalidArgument as exc:
+            return self.reject(record, exc.code, exc.field, str(exc), now=now)
+
+    def _transaction(self, record: SourceRecord, now: datetime) -> Accepted:
+        data = decode_external(record.value, record.headers, events_pb2.Transaction)
+        valid = validate_transaction(data, now=now)
+        message = valid.to_proto()
+        message.ingested_at.CopyFrom(to_timestamp(now))
+        message.source.CopyFrom(record.source())
+        return Accepted(
+            record=record,
+            kind=EventKind.TRANSACTION,
+            event_id=valid.transaction_id,
+            event_time=valid.event_time,
+            output=Output(
+                self.topics.validated,
+                valid.user_id.encode(),
+                message.SerializeToString(),
+                protobuf_headers(message),
+            ),
+        )
+
+    def _label(self, record: SourceRecord, now: datetime) -> Accepted:
+        data = decode_external(record.value, record.headers, events_pb2.Label)
+        valid = validate_label(data, now=now)
+        message = valid.to_proto()
+        message.ingested_at.CopyFrom(to_timestamp(now))
+        message.source.CopyFrom(record.source())
+        return Accepted(
+            record=record,
+            kind=EventKind.LABEL,
+            event_id=valid.transaction_id,
+            event_time=valid.event_time,
+            output=Output(
+                self.topics.validated_labels,
+                valid.transaction_id.encode(),
+                message.SerializeToString(),
+                protobuf_headers(message),
+            ),
+        )
+
+    def reject(
+        self, record: SourceRecord, reason_code: str, field: str, reason: str, *, now: datetime
+    ) -> Rejected:
+        letter = events_pb2.DeadLetter(
+            original_key=record.key or b"",
+            original_value=record.value or b"",
+            original_headers=[
+                events_pb2.RecordHeader(key=_text(k), value=v or b"") for k, v in record.headers
+            ],
+            source=record.source(),
+            reason_code=reason_code,
+            reason=_text(reason),
+            field=_text(field),
+            rejected_at=to_timestamp(now),
+        )
+        if record.timestamp_ms is not None and record.timestamp_ms >= 0:
+            letter.source_timestamp.FromMilliseconds(record.timestamp_ms)
+        headers = [*protobuf_headers(letter), (REASON_HEADER, reason_code.encode())]
+        return Rejected(
+            record=record,
+            reason_code=reason_code,
+            field=letter.field,
+            reason=letter.reason,
+            output=Output(self.topics.dlq, record.key, letter.SerializeToString(), headers),
+        )
+
+
+@dataclass
+class BatchOutcome:
+    """What a batch became: the records to produce (in input order) and the accounting."""
+
+    outputs: list[Output] = field(default_factory=list)
+    forwarded: list[Accepted] = field(default_factory=list)
+    redelivered: list[Accepted] = field(default_factory=list)  # subset of forwarded
+    duplicates: list[Accepted] = field(default_factory=list)
+    rejected: list[Rejected] = field(default_factory=list)
+
+
+class Ingestor:
+    """The ingestion domain: a batch of product records in, the records to produce out."""
+
+    def __init__(self, router: EventRouter, claims: ClaimStore, *, namespace: str) -> None:
+        self.router = router
+        self.claims = claims
+        self.namespace = namespace
+
+    def claim_key(self, accepted: Accepted) -> str:
+        """Ids are unique per source topic (a label shares its transaction's id)."""
+        return f"{self.namespace}:{accepted.record.topic}:{accepted.event_id}"
+
+    async def process(
+        self, records: Sequence[SourceRecord], *, now: datetime | None = None
+    ) -> BatchOutcome:
+        moment = now or datetime.now(UTC)
+        routed = [self.router.route(record, now=moment) for record in records]
+        accepted = [r for r in routed if isinstance(r, Accepted)]
+        stored = await self.claims.claim([(self.claim_key(a), a.record.position) for a in accepted])
+        verdicts = {
+            id(a): verdict(before, a.record.position)
+            for a, before in zip(accepted, stored, strict=True)
+        }
+        outcome = BatchOutcome()
+        for item in routed:
+            if isinstance(item, Rejected):
+                outcome.rejected.append(item)
+                outcome.outputs.append(item.output)
+                continue
+            answer = verdicts[id(item)]
+            if answer is Verdict.DUPLICATE:
+                outcome.duplicates.append(item)
+                continue
+            if answer is Verdict.REDELIVERY:
+                outcome.redelivered.append(item)
+            outcome.forwarded.append(item)
+            outcome.outputs.append(item.output)
+        return outcome
+
+
+class InMemoryClaims:
+    """A ``ClaimStore`` in a dict: for tests and tools; the service uses ``RedisClaims``."""
+
+    def __init__(self) -> None:
+        self.positions: dict[str, str] = {}
+
+    async def claim(self, claims: Sequence[tuple[str, str]]) -> list[str | None]:
+        before: list[str | None] = []
+        for key, position in claims:
+            before.append(self.positions.get(key))
+            self.positions.setdefault(key, position)
+        return before
