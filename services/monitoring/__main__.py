@@ -1,0 +1,5 @@
+"""``python -m services.monitoring``."""
+
+from services.monitoring.main import main
+
+raise SystemExit(main())

@@ -1,0 +1,108 @@
+"""What the prediction log says about the models in service, as Prometheus metrics.
+
+``PredictionLogMetrics`` is the monitoring service's domain object for predictions.log: it
+reads ``PredictionRecord``s (already decoded; the Kafka transport is
+prediction_reader.py) and keeps, per model version, how many predictions were served on which
+route with which decision, the distribution of fraud probabilities, the answers given with
+default features (degraded), how long records took to reach monitoring, and how far the
+consumer is behind the log. Pure logic over a ``CollectorRegistry`` of its own, so tests
+read the exact values.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from datetime import datetime
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from services.shared.errors import InvalidArgument
+from services.shared.proto.mlops.v1 import monitoring_pb2
+
+_ROUTES = {
+    monitoring_pb2.ROUTE_UNSPECIFIED: "unspecified",
+    monitoring_pb2.ROUTE_PRODUCTION: "production",
+    monitoring_pb2.ROUTE_CANARY: "canary",
+    monitoring_pb2.ROUTE_SHADOW: "shadow",
+}
+PROBABILITY_BUCKETS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
+DELAY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 3600)
+
+
+class PredictionLogMetrics:
+    """Prometheus metrics of the predictions the platform served."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        version = ["model_name", "model_version"]
+        self.predictions = Counter(
+            "mlops_monitoring_predictions_total",
+            "Predictions in predictions.log, by model version, route and decision",
+            [*version, "route", "decision"],
+            registry=registry,
+        )
+        self.fraud_probability = Histogram(
+            "mlops_monitoring_fraud_probability",
+            "Fraud probabilities served, by model version",
+            version,
+            buckets=PROBABILITY_BUCKETS,
+            registry=registry,
+        )
+        self.degraded = Counter(
+            "mlops_monitoring_degraded_predictions_total",
+            "Predictions answered with default features (the online store was unreachable)",
+            version,
+            registry=registry,
+        )
+        self.log_delay = Histogram(
+            "mlops_monitoring_prediction_log_delay_seconds",
+            "From a prediction's predicted_at to monitoring reading it from predictions.log",
+            buckets=DELAY_BUCKETS,
+            registry=registry,
+        )
+        self.rejected = Counter(
+            "mlops_monitoring_records_rejected_total",
+            "predictions.log records that could not be read, by reason",
+            ["reason_code"],
+            registry=registry,
+        )
+        self.consumer_lag = Gauge(
+            "mlops_monitoring_consumer_lag_records",
+            "High watermark minus position, per consumed partition of predictions.log",
+            ["group", "topic", "partition"],
+            registry=registry,
+        )
+
+    def observe(self, record: monitoring_pb2.PredictionRecord, *, read_at: datetime) -> None:
+        """Count one served prediction. Raises ``InvalidArgument`` (nothing counted) for a
+        record that breaks the contract."""
+        probability = record.fraud_probability
+        if not (math.isfinite(probability) and 0.0 <= probability <= 1.0):
+            raise InvalidArgument(
+                "fraud_probability", f"{probability!r} is not in [0, 1]", code="invalid_field"
+            )
+        if not record.model_name:
+            raise InvalidArgument("model_name", "is empty", code="invalid_field")
+        version = (record.model_name, str(record.model_version))
+        decision = "decline" if record.flagged else "approve"
+        route = _ROUTES.get(record.route, "unspecified")
+        self.predictions.labels(*version, route, decision).inc()
+        self.fraud_probability.labels(*version).observe(probability)
+        if record.degraded:
+            self.degraded.labels(*version).inc()
+        if record.HasField("predicted_at"):
+            delay = (
+                read_at - record.predicted_at.ToDatetime(tzinfo=read_at.tzinfo)
+            ).total_seconds()
+            self.log_delay.observe(max(delay, 0.0))
+
+    def reject(self, reason_code: str) -> None:
+        """Count a record that could not be read (it stays in the log for inspection)."""
+        self.rejected.labels(reason_code).inc()
+
+    def report_lag(self, group: str, topic: str, lag_by_partition: Mapping[int, int]) -> None:
+        """Replace the lag gauges with the partitions currently consumed (a rebalance may have
+        moved some away: their old figures would be stale)."""
+        self.consumer_lag.clear()
+        for partition, lag in lag_by_partition.items():
+            self.consumer_lag.labels(group, topic, str(partition)).set(max(lag, 0))
