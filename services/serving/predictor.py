@@ -1,0 +1,431 @@
+"""The serving service's domain: one transaction in, a fraud score and a decision out.
+
+Per request: validate (the contract's rules, INVALID_ARGUMENT naming the field), route (the
+production version, a sticky canary share, a shadow mirror), then join a micro-batch. Per
+batch: one online-feature read for every row's user and merchant, the shared request-time
+transformation (``model_inputs``, the function training used), one Triton call per version in
+the batch, and one prediction record per answer for predictions.log. Shadow copies are scored
+after the answers have gone, and never change them.
+
+Deadlines: every request carries its caller's deadline less a small margin; the feature read
+and the Triton calls get the batch's remaining time, and a request whose own time runs out is
+answered UNAVAILABLE before its caller's deadline, whatever its batch is still waiting for.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import numpy as np
+
+from services.serving import metrics
+from services.serving.batching import MicroBatcher
+from services.serving.online_features import OnlineFeatureReader
+from services.serving.prediction_log import PredictionEntry, PredictionLog
+from services.serving.routing import CanaryRouter, RouteDecision, ServedModel
+from services.serving.scoring import TritonScorer
+from services.shared.errors import DeadlineExceeded, InvalidArgument, PlatformError, Unavailable
+from services.shared.logging import get_logger
+from services.shared.proto.mlops.v1 import events_pb2, monitoring_pb2
+from services.shared.usecase.features import MODEL_INPUTS, TransactionColumns, model_inputs
+from services.shared.usecase.schemas import transaction_fields, validate_transaction
+
+log = get_logger("serving.predictor")
+
+_ROUTE_NAMES: dict[int, str] = {
+    monitoring_pb2.ROUTE_PRODUCTION: "production",
+    monitoring_pb2.ROUTE_CANARY: "canary",
+    monitoring_pb2.ROUTE_SHADOW: "shadow",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Prediction:
+    """The answer to one request."""
+
+    transaction_id: str
+    request_id: str
+    fraud_probability: float
+    declined: bool
+    model_name: str
+    model_version: int
+    degraded: bool
+    route: int
+
+
+@dataclass(slots=True)
+class _Request:
+    """A validated, routed request waiting for its batch."""
+
+    request_id: str
+    transaction: events_pb2.Transaction
+    amount: float
+    event_epoch: float
+    route: RouteDecision
+    deadline: float  # event-loop time by which it must be answered
+    received: float  # perf_counter at arrival (latency)
+
+
+@dataclass(slots=True)
+class _Scored:
+    """One version's scores for some rows of a batch."""
+
+    model: ServedModel
+    rows: list[int]
+    scores: np.ndarray | None
+    error: PlatformError | None
+
+
+class Predictor:
+    """Scores transactions: features from Feast, the model on Triton, routed per user."""
+
+    def __init__(
+        self,
+        *,
+        model_name: str,
+        router: CanaryRouter,
+        features: OnlineFeatureReader,
+        scorer: TritonScorer,
+        prediction_log: PredictionLog,
+        batch_max_size: int = 256,
+        batch_max_delay_s: float = 0.001,
+        default_timeout_s: float = 1.0,
+        deadline_margin_s: float = 0.003,
+        degrade_without_features: bool = True,
+        shadow_max_inflight: int = 8,
+    ) -> None:
+        self.model_name = model_name
+        self.router = router
+        self._features = features
+        self._scorer = scorer
+        self._log = prediction_log
+        self._batch_max_size = batch_max_size
+        self._default_timeout_s = default_timeout_s
+        self._margin_s = deadline_margin_s
+        self._degrade = degrade_without_features
+        self._shadow_max_inflight = shadow_max_inflight
+        self._shadow_tasks: set[asyncio.Task[None]] = set()
+        self._join_keys = features.layout.join_keys
+        unknown = [
+            k for k in self._join_keys if k not in events_pb2.Transaction.DESCRIPTOR.fields_by_name
+        ]
+        if unknown:
+            raise ValueError(f"feature views join on {unknown}, which transactions do not carry")
+        self._batcher: MicroBatcher[_Request, Prediction] = MicroBatcher(
+            self._score_batch,
+            max_size=batch_max_size,
+            max_delay_s=batch_max_delay_s,
+            name="predict",
+        )
+
+    # ------------------------------------------------------------------ requests
+
+    def _admit(
+        self,
+        transaction: events_pb2.Transaction | None,
+        request_id: str,
+        budget_s: float,
+        field: str,
+    ) -> _Request:
+        if transaction is None:
+            raise InvalidArgument(field, "is required", code="missing_field")
+        try:
+            valid = validate_transaction(transaction_fields(transaction), now=datetime.now(UTC))
+        except InvalidArgument as exc:
+            raise InvalidArgument(f"{field}.{exc.field}", exc.reason, code=exc.code) from None
+        loop = asyncio.get_running_loop()
+        return _Request(
+            request_id=request_id or uuid.uuid4().hex,
+            transaction=transaction,
+            amount=valid.amount,
+            event_epoch=valid.event_time.timestamp(),
+            route=self.router.route(valid.user_id),
+            deadline=loop.time() + budget_s,
+            received=time.perf_counter(),
+        )
+
+    def _budget(self, timeout_s: float | None) -> float:
+        """The time a request may use: the caller's deadline less the answer margin."""
+        budget = (self._default_timeout_s if timeout_s is None else timeout_s) - self._margin_s
+        if budget <= 0:
+            raise DeadlineExceeded("the caller's deadline leaves no time to score")
+        return budget
+
+    async def predict(
+        self,
+        transaction: events_pb2.Transaction | None,
+        request_id: str = "",
+        timeout_s: float | None = None,
+    ) -> Prediction:
+        """Score one transaction within ``timeout_s`` (the caller's remaining time)."""
+        budget = self._budget(timeout_s)
+        request = self._admit(transaction, request_id, budget, "transaction")
+        try:
+            return await self._batcher.submit(request, budget)
+        except TimeoutError:
+            raise Unavailable(
+                f"no score for {request.request_id} within the deadline "
+                f"({budget * 1000:.0f} ms): Triton or Redis too slow"
+            ) from None
+
+    async def predict_many(
+        self,
+        transactions: Sequence[tuple[events_pb2.Transaction | None, str]],
+        timeout_s: float | None = None,
+    ) -> list[Prediction]:
+        """Score many transactions (answers in order); any invalid one fails the call."""
+        budget = self._budget(timeout_s)
+        requests = [
+            self._admit(txn, request_id, budget, f"requests[{i}].transaction")
+            for i, (txn, request_id) in enumerate(transactions)
+        ]
+        chunks = [
+            requests[i : i + self._batch_max_size]
+            for i in range(0, len(requests), self._batch_max_size)
+        ]
+        try:
+            answered = await asyncio.wait_for(
+                asyncio.gather(*(self._score_batch(chunk) for chunk in chunks)), budget
+            )
+        except TimeoutError:
+            raise Unavailable(
+                f"no scores for the batch within the deadline ({budget * 1000:.0f} ms)"
+            ) from None
+        predictions: list[Prediction] = []
+        for chunk in answered:
+            for result in chunk:
+                if isinstance(result, BaseException):
+                    raise result
+                predictions.append(result)
+        return predictions
+
+    # ------------------------------------------------------------------ batches
+
+    async def _score_batch(self, batch: list[_Request]) -> list[Prediction | BaseException]:
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        results: list[Prediction | BaseException | None] = [None] * len(batch)
+        live: list[int] = []
+        for i, request in enumerate(batch):
+            if request.deadline > now:
+                live.append(i)
+            else:
+                results[i] = Unavailable("the deadline passed before the request was scored")
+        rows = [batch[i] for i in live]
+        if rows:
+            await self._score_rows(rows, live, results, max(r.deadline for r in rows) - now)
+        return [r if r is not None else Unavailable("not scored") for r in results]
+
+    async def _score_rows(
+        self,
+        rows: list[_Request],
+        live: list[int],
+        results: list[Prediction | BaseException | None],
+        timeout_s: float,
+    ) -> None:
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        online, degraded, failure = await self._online_features(rows, timeout_s)
+        if failure is not None:
+            for i in live:
+                results[i] = failure
+            return
+        matrix = model_inputs(
+            TransactionColumns(
+                amount=np.fromiter((r.amount for r in rows), np.float64, len(rows)),
+                channel=[r.transaction.channel for r in rows],
+                country=[r.transaction.country for r in rows],
+                event_time_epoch=np.fromiter((r.event_epoch for r in rows), np.float64, len(rows)),
+            ),
+            online,
+        )
+
+        groups: dict[int, tuple[ServedModel, list[int]]] = {}
+        for position, request in enumerate(rows):
+            model = request.route.primary
+            groups.setdefault(model.version, (model, []))[1].append(position)
+        scored = await self._score_groups(
+            matrix,
+            list(groups.values()),
+            [r.transaction.user_id for r in rows],
+            deadline,
+        )
+
+        predicted_at = time.time()
+        for group in scored:
+            if group.error is not None:
+                for position in group.rows:
+                    results[live[position]] = group.error
+                continue
+            assert group.scores is not None
+            self._answer(rows, group, matrix, degraded, predicted_at, live, results)
+        self._mirror(rows, matrix, degraded)
+
+    async def _online_features(
+        self, rows: list[_Request], timeout_s: float
+    ) -> tuple[dict[str, list[object]], bool, PlatformError | None]:
+        """(features, degraded, failure): defaults and degraded when Redis cannot answer."""
+        metrics.FEATURE_BATCH_SIZE.observe(len(rows))
+        entities = {k: [getattr(r.transaction, k) for r in rows] for k in self._join_keys}
+        try:
+            return await self._features.read(entities, timeout_s), False, None
+        except Unavailable as exc:
+            metrics.FEATURE_STORE_ERRORS.inc()
+            if not self._degrade:
+                return {}, True, exc
+            metrics.DEGRADED.inc(len(rows))
+            return {}, True, None
+
+    async def _score_groups(
+        self,
+        matrix: np.ndarray,
+        groups: list[tuple[ServedModel, list[int]]],
+        users: list[str],
+        deadline: float,
+    ) -> list[_Scored]:
+        """Score each version's rows concurrently; rows whose version was switched away while
+        they waited are re-routed once over the current table (a switch drops no request)."""
+        loop = asyncio.get_running_loop()
+        outcomes = await asyncio.gather(
+            *(self._score(model, rows, matrix, deadline - loop.time()) for model, rows in groups)
+        )
+        final: list[_Scored] = []
+        retry: dict[int, tuple[ServedModel, list[int]]] = {}
+        table = self.router.table
+        for outcome in outcomes:
+            if outcome.error is None or table is None or outcome.model.version in table.versions():
+                final.append(outcome)
+                continue
+            for position in outcome.rows:
+                model = CanaryRouter.route_with(table, users[position]).primary
+                retry.setdefault(model.version, (model, []))[1].append(position)
+        if retry:
+            log.info("rerouted_after_switch", rows=sum(len(r) for _, r in retry.values()))
+            final += await asyncio.gather(
+                *(
+                    self._score(model, rows, matrix, deadline - loop.time())
+                    for model, rows in retry.values()
+                )
+            )
+        return final
+
+    async def _score(
+        self, model: ServedModel, rows: list[int], matrix: np.ndarray, timeout_s: float
+    ) -> _Scored:
+        route = _ROUTE_NAMES[model.route]
+        metrics.TRITON_BATCH_SIZE.labels(route).observe(len(rows))
+        try:
+            scores = await self._scorer.score(model.version, matrix[rows], timeout_s)
+        except Unavailable as exc:
+            metrics.TRITON_ERRORS.labels(route).inc()
+            return _Scored(model, rows, None, exc)
+        return _Scored(model, rows, scores, None)
+
+    def _answer(
+        self,
+        rows: list[_Request],
+        group: _Scored,
+        matrix: np.ndarray,
+        degraded: bool,
+        predicted_at: float,
+        live: list[int],
+        results: list[Prediction | BaseException | None],
+    ) -> None:
+        model = group.model
+        assert group.scores is not None
+        route = model.route
+        version = str(model.version)
+        counter = metrics.PREDICTIONS.labels(version, _ROUTE_NAMES[route])
+        latency = metrics.PREDICTION_LATENCY.labels(version, _ROUTE_NAMES[route])
+        now = time.perf_counter()
+        for position, score in zip(group.rows, group.scores.tolist(), strict=True):
+            request = rows[position]
+            declined = model.declines(score)
+            elapsed = now - request.received
+            results[live[position]] = Prediction(
+                transaction_id=request.transaction.transaction_id,
+                request_id=request.request_id,
+                fraud_probability=score,
+                declined=declined,
+                model_name=self.model_name,
+                model_version=model.version,
+                degraded=degraded,
+                route=route,
+            )
+            latency.observe(elapsed)
+            self._log.record(
+                PredictionEntry(
+                    request_id=request.request_id,
+                    transaction=request.transaction,
+                    features=matrix[position],
+                    fraud_probability=score,
+                    flagged=declined,
+                    model_name=self.model_name,
+                    model_version=model.version,
+                    route=route,
+                    degraded=degraded,
+                    latency_ms=elapsed * 1000.0,
+                    predicted_at=predicted_at,
+                )
+            )
+        counter.inc(len(group.rows))
+
+    # ------------------------------------------------------------------ shadow
+
+    def _mirror(self, rows: list[_Request], matrix: np.ndarray, degraded: bool) -> None:
+        """Score the rows mirrored to a shadow version in the background (logged only)."""
+        groups: dict[int, tuple[ServedModel, list[int]]] = {}
+        for position, request in enumerate(rows):
+            shadow = request.route.shadow
+            if shadow is not None:
+                groups.setdefault(shadow.version, (shadow, []))[1].append(position)
+        for model, positions in groups.values():
+            if len(self._shadow_tasks) >= self._shadow_max_inflight:
+                metrics.SHADOW_SKIPPED.inc(len(positions))
+                continue
+            task = asyncio.get_running_loop().create_task(
+                self._shadow(model, positions, rows, matrix, degraded)
+            )
+            self._shadow_tasks.add(task)
+            task.add_done_callback(self._shadow_tasks.discard)
+
+    async def _shadow(
+        self,
+        model: ServedModel,
+        positions: list[int],
+        rows: list[_Request],
+        matrix: np.ndarray,
+        degraded: bool,
+    ) -> None:
+        timeout_s = max(0.05, self._default_timeout_s)
+        scored = await self._score(model, positions, matrix, timeout_s)
+        if scored.error is not None:
+            log.info("shadow_failed", version=model.version, error=scored.error.message)
+            return
+        throwaway: list[Prediction | BaseException | None] = [None] * len(rows)
+        self._answer(rows, scored, matrix, degraded, time.time(), list(range(len(rows))), throwaway)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def probe(self, model: ServedModel, timeout_s: float) -> PlatformError | None:
+        """Score one row of zeros on ``model``: None when Triton answers (health checks).
+
+        Readiness alone is not enough: Triton still reports a model ready after its
+        Python-backend stub died, and only an inference shows it.
+        """
+        try:
+            await self._scorer.score(
+                model.version, np.zeros((1, len(MODEL_INPUTS)), np.float32), timeout_s
+            )
+        except Unavailable as exc:
+            return exc
+        return None
+
+    async def close(self) -> None:
+        await self._batcher.close()
+        if self._shadow_tasks:
+            await asyncio.gather(*self._shadow_tasks, return_exceptions=True)

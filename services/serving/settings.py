@@ -1,0 +1,87 @@
+"""Settings of the serving service (prefix ``MLOPS_SERVING_``)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
+
+from services.shared.settings import (
+    FeastSettings,
+    RedisSettings,
+    RegistryClientSettings,
+    ServiceSettings,
+    StorageSettings,
+    TritonSettings,
+)
+
+
+class ServingSettings(ServiceSettings):
+    """The prediction API: where it listens, how it batches, how it degrades."""
+
+    model_config = SettingsConfigDict(env_prefix="MLOPS_SERVING_", extra="ignore", frozen=True)
+
+    host: str = Field("127.0.0.1", description="Address the gRPC server binds to.")
+    port: int = Field(50051, description="gRPC port of mlops.v1.Predictor.")
+    metrics_port: int = Field(9105, description="Port of /metrics.")
+
+    batch_max_size: int = Field(
+        256, ge=1, description="Most requests coalesced into one feature read and Triton call."
+    )
+    batch_max_delay_ms: float = Field(
+        1.0,
+        ge=0.0,
+        description="Longest a request waits for others to join its batch (0: the same "
+        "event-loop turn only).",
+    )
+    default_timeout_ms: float = Field(
+        1000.0, gt=0, description="Time budget of a call whose caller sets no deadline."
+    )
+    deadline_margin_ms: float = Field(
+        3.0,
+        ge=0,
+        description="Kept back from the caller's deadline so that a dependency failure is "
+        "answered (UNAVAILABLE) before the caller gives up.",
+    )
+    feature_timeout_ms: float = Field(
+        50.0,
+        gt=0,
+        description="Longest an online-feature read may take before it counts as failed.",
+    )
+    feature_retry_interval_ms: float = Field(
+        250.0,
+        ge=0,
+        description="After a failed online-feature read, how long requests use the defaults "
+        "without trying Redis again (keeps latency flat while Redis is down).",
+    )
+    on_feature_store_unavailable: Literal["degrade", "fail"] = Field(
+        "degrade",
+        description="'degrade': answer with default features and degraded=true; 'fail': "
+        "answer UNAVAILABLE.",
+    )
+    redis_pool_size: int = Field(8, ge=1, description="Redis connections kept open.")
+    prediction_log_capacity: int = Field(
+        20_000,
+        ge=1,
+        description="Prediction records buffered for predictions.log; beyond it they are "
+        "dropped (and counted), never waited for.",
+    )
+    shadow_max_inflight: int = Field(
+        8,
+        ge=0,
+        description="Shadow scoring batches in flight at once; beyond it shadow copies "
+        "are skipped (and counted).",
+    )
+    health_interval_s: float = Field(
+        1.0, gt=0, description="How often Triton is probed for the routed versions."
+    )
+    registry_retry_interval_s: float = Field(
+        2.0, gt=0, description="Retry interval of the start-up routing read from the registry."
+    )
+
+    redis: RedisSettings = Field(default_factory=RedisSettings)
+    triton: TritonSettings = Field(default_factory=TritonSettings)
+    feast: FeastSettings = Field(default_factory=FeastSettings)
+    storage: StorageSettings = Field(default_factory=StorageSettings)
+    registry: RegistryClientSettings = Field(default_factory=RegistryClientSettings)
