@@ -21,6 +21,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import numpy as np
+
 from services.shared.errors import IntegrityError, Unavailable
 from services.shared.logging import get_logger
 from services.shared.settings import TritonSettings
@@ -167,3 +169,51 @@ class TritonModelRepository:
             for m in index.get("models", [])
             if m.get("name") == self.model_name and m.get("state") == "READY" and m.get("version")
         )
+
+    def unload(self) -> None:
+        import tritonclient.grpc as grpcclient
+        from tritonclient.utils import InferenceServerException
+
+        client = grpcclient.InferenceServerClient(self.settings.grpc_url)
+        try:
+            client.unload_model(self.model_name)
+        except InferenceServerException as exc:
+            raise Unavailable(f"Triton could not unload {self.model_name}: {exc}") from exc
+        finally:
+            client.close()
+        log.info("model_unloaded", model=self.model_name)
+
+    def infer(self, version: int, features: np.ndarray, timeout_s: float = 10.0) -> np.ndarray:
+        """Fraud probabilities from one served version (probes and checks use it)."""
+        import tritonclient.grpc as grpcclient
+        from tritonclient.utils import InferenceServerException
+
+        batch = np.ascontiguousarray(features, dtype=np.float32)
+        tensor = grpcclient.InferInput(TRITON_INPUT, list(batch.shape), "FP32")
+        tensor.set_data_from_numpy(batch)
+        client = grpcclient.InferenceServerClient(self.settings.grpc_url)
+        try:
+            result = client.infer(
+                self.model_name,
+                [tensor],
+                model_version=str(version),
+                outputs=[grpcclient.InferRequestedOutput(TRITON_OUTPUT)],
+                client_timeout=timeout_s,
+            )
+        except InferenceServerException as exc:
+            raise Unavailable(f"Triton {self.model_name} v{version} failed: {exc}") from exc
+        finally:
+            client.close()
+        output = result.as_numpy(TRITON_OUTPUT)
+        if output is None:
+            raise Unavailable(f"Triton {self.model_name} v{version} returned no output")
+        return np.asarray(output).reshape(-1)
+
+    def probe(self, version: int, n_inputs: int) -> bool:
+        """A tiny inference: a dead Python-backend stub still reports ready, this does not."""
+        try:
+            output = self.infer(version, np.zeros((1, n_inputs), dtype=np.float32))
+        except Unavailable as exc:
+            log.warning("probe_failed", model=self.model_name, version=version, error=str(exc))
+            return False
+        return bool(output.shape == (1,) and np.isfinite(output).all())

@@ -1,0 +1,113 @@
+"""Wires the registry from its settings: MLflow store, Triton repository, domain service,
+Kafka lifecycle publisher, gRPC server with bearer-token auth, and the reconcile loop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+from services.registry.lifecycle import LifecycleEventPublisher
+from services.registry.mlflow_store import MlflowModelStore
+from services.registry.service import ModelRegistryService
+from services.registry.servicer import ModelRegistryServicer
+from services.registry.settings import RegistrySettings
+from services.registry.triton_repository import TritonModelRepository
+from services.shared.errors import FailedPrecondition, PlatformError
+from services.shared.grpc_server import BearerTokenAuth, GrpcServer
+from services.shared.kafka import ensure_topics
+from services.shared.logging import get_logger
+from services.shared.proto.mlops.v1 import registry_pb2, registry_pb2_grpc
+from services.shared.runtime import SERVICE_READY, run_service
+from services.shared.topics import Topics
+
+log = get_logger("registry")
+
+SERVICE_NAME = registry_pb2.DESCRIPTOR.services_by_name["ModelRegistry"].full_name
+MUTATING_METHODS = ("RegisterModelVersion", "SetAlias", "Rollback")
+
+
+class RegistryApp:
+    """The registry process's parts, started and stopped in order."""
+
+    def __init__(self, settings: RegistrySettings) -> None:
+        token = settings.token.get_secret_value()
+        if not token:
+            raise FailedPrecondition(
+                "MLOPS_REGISTRY_TOKEN is not set: the registry refuses to start without a "
+                "bearer token for its mutating calls"
+            )
+        self.settings = settings
+        self.service = ModelRegistryService(
+            settings,
+            MlflowModelStore(settings.mlflow),
+            TritonModelRepository(settings.triton, settings.model_name),
+        )
+        self.events = LifecycleEventPublisher(settings.kafka)
+        self.servicer = ModelRegistryServicer(self.service, self.events)
+        self.server = GrpcServer(
+            host=settings.host,
+            port=settings.port,
+            service_names=[SERVICE_NAME],
+            auth=BearerTokenAuth(token, MUTATING_METHODS),
+        )
+        registry_pb2_grpc.add_ModelRegistryServicer_to_server(self.servicer, self.server.server)
+        self._reconciler: asyncio.Task[None] | None = None
+        self._stop = asyncio.Event()
+
+    @property
+    def port(self) -> int:
+        return self.server.port
+
+    async def start(self) -> None:
+        await ensure_topics(
+            self.settings.kafka, [Topics.from_settings(self.settings.kafka).lifecycle]
+        )
+        await self.events.start()
+        await self.reconcile_once()  # after a Triton restart nothing is loaded: serve first
+        await self.server.start()
+        self._reconciler = asyncio.create_task(self._reconcile_loop())
+
+    async def reconcile_once(self) -> None:
+        try:
+            report = await self.servicer.reconcile()
+        except PlatformError as exc:
+            log.warning("reconcile_failed", error=type(exc).__name__, detail=exc.message)
+            return
+        if report.published or report.reloaded:
+            log.info(
+                "reconciled",
+                desired=",".join(map(str, report.desired)),
+                ready_before=",".join(map(str, report.ready_before)),
+                reloaded=",".join(map(str, report.reloaded)),
+            )
+
+    async def _reconcile_loop(self) -> None:
+        while not self._stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), self.settings.reconcile_interval_s)
+            if not self._stop.is_set():
+                await self.reconcile_once()
+
+    async def stop(self) -> None:
+        self._stop.set()
+        if self._reconciler is not None:
+            await self._reconciler
+        await self.server.stop()
+        await self.events.stop()
+
+
+async def serve(settings: RegistrySettings, stop: asyncio.Event) -> None:
+    app = RegistryApp(settings)
+    await app.start()
+    SERVICE_READY.labels("registry").set(1)
+    log.info("registry_ready", port=app.port, model=settings.model_name)
+    try:
+        await stop.wait()
+    finally:
+        SERVICE_READY.labels("registry").set(0)
+        await app.stop()
+
+
+def main() -> int:
+    settings = RegistrySettings()
+    return run_service("registry", settings, lambda stop: serve(settings, stop))

@@ -1,0 +1,52 @@
+"""Settings of the model registry service (prefix ``MLOPS_REGISTRY_``)."""
+
+from __future__ import annotations
+
+from pydantic import Field, SecretStr
+from pydantic_settings import SettingsConfigDict
+
+from services.shared.settings import MlflowSettings, ServiceSettings, TritonSettings
+
+
+class RegistrySettings(ServiceSettings):
+    """The registry: gRPC control plane over MLflow's model registry, publishing to Triton."""
+
+    model_config = SettingsConfigDict(env_prefix="MLOPS_REGISTRY_", extra="ignore", frozen=True)
+
+    host: str = Field("127.0.0.1", description="Address the gRPC server binds to.")
+    port: int = Field(50052, description="gRPC port of mlops.v1.ModelRegistry.")
+    metrics_port: int = Field(9104, description="Port of /metrics.")
+    token: SecretStr = Field(
+        SecretStr(""),
+        description="Bearer token required on RegisterModelVersion, SetAlias and Rollback "
+        "(MLOPS_REGISTRY_TOKEN). The service refuses to start without one.",
+    )
+    model_name: str = Field(
+        "fraud_detector", description="The registered model the platform manages."
+    )
+    gate_metric_margin: float = Field(
+        0.0,
+        ge=0,
+        description="A candidate must beat production's PR-AUC on its held-out test set by "
+        "more than this (absolute) to pass the gate.",
+    )
+    gate_calibration_tolerance: float = Field(
+        0.02,
+        ge=0,
+        description="A candidate's expected calibration error may exceed production's by at "
+        "most this much.",
+    )
+    default_canary_percent: int = Field(
+        10, ge=1, le=100, description="Traffic share of a new canary unless the request sets one."
+    )
+    default_shadow_percent: int = Field(
+        100, ge=1, le=100, description="Share of traffic mirrored to a shadow version."
+    )
+    reconcile_interval_s: float = Field(
+        30.0,
+        gt=0,
+        description="How often Triton is checked against the aliases (and probed with a tiny "
+        "inference; a version that fails is reloaded).",
+    )
+    mlflow: MlflowSettings = Field(default_factory=MlflowSettings)
+    triton: TritonSettings = Field(default_factory=TritonSettings)

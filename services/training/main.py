@@ -1,0 +1,38 @@
+"""Wires the training service from its settings: MLflow tracker, registry client, pipeline,
+and the Kafka consumer of training.requests."""
+
+from __future__ import annotations
+
+import asyncio
+
+from services.registry.client import RegistryClient
+from services.shared.kafka import ensure_topics
+from services.shared.logging import get_logger
+from services.shared.runtime import SERVICE_READY, run_service
+from services.shared.topics import Topics
+from services.training.consumer import TrainingRequestConsumer
+from services.training.pipeline import TrainingPipeline
+from services.training.settings import TrainingSettings
+from services.training.tracking import ExperimentTracker
+
+log = get_logger("training")
+
+
+def build_pipeline(settings: TrainingSettings, *, actor: str = "training") -> TrainingPipeline:
+    registry = RegistryClient(settings.registry, actor=actor) if settings.register_models else None
+    return TrainingPipeline(settings, ExperimentTracker(settings.mlflow), registry)
+
+
+async def serve(settings: TrainingSettings, stop: asyncio.Event) -> None:
+    await ensure_topics(settings.kafka, [Topics.from_settings(settings.kafka).training_requests])
+    consumer = TrainingRequestConsumer(settings, build_pipeline(settings))
+    SERVICE_READY.labels("training").set(1)
+    try:
+        await consumer.run(stop)
+    finally:
+        SERVICE_READY.labels("training").set(0)
+
+
+def main() -> int:
+    settings = TrainingSettings()
+    return run_service("training", settings, lambda stop: serve(settings, stop))
