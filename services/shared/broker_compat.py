@@ -7,6 +7,12 @@ fixtures set it). Everything the platform does differently for Tansu is in this 
   the log end offset. aiokafka's ``end_offsets`` (used for lag figures and by faust to know
   when a table's changelog is fully recovered) would stop short. Fetch responses carry the
   correct high watermark, so ``end_offsets`` is patched to ask a tiny fetch for it.
+- Tansu 0.6 does not answer a long-polling fetch when data arrives: it holds it for the full
+  ``fetch_max_wait_ms`` (aiokafka's default 500 ms; faust hard-codes 1500 ms), so every
+  consumer hop added up to that much latency (measured: faust hop p50 410 ms, two hops
+  970 ms; with a 20 ms cap 8 ms and 16 ms). The fetcher's wait is capped at
+  ``TANSU_FETCH_MAX_WAIT_MS`` for every consumer created after ``activate``; an idle consumer
+  then polls 50 times a second, which the local broker takes easily.
 """
 
 from __future__ import annotations
@@ -23,6 +29,8 @@ from services.shared.settings import KafkaSettings
 
 log = get_logger("broker_compat")
 _original_end_offsets = Fetcher.end_offsets
+_original_fetcher_init = Fetcher.__init__
+TANSU_FETCH_MAX_WAIT_MS = 20
 
 
 async def _end_offsets_from_high_watermark(
@@ -48,9 +56,19 @@ async def _end_offsets_from_high_watermark(
     return result
 
 
+def _fetcher_init_with_short_wait(self: Fetcher, *args: Any, **kwargs: Any) -> None:
+    wait = kwargs.get("fetch_max_wait_ms", TANSU_FETCH_MAX_WAIT_MS)
+    kwargs["fetch_max_wait_ms"] = min(wait, TANSU_FETCH_MAX_WAIT_MS)
+    _original_fetcher_init(self, *args, **kwargs)
+
+
 def activate(settings: KafkaSettings) -> None:
     """Apply the workarounds if (and only if) the configured broker is Tansu."""
     if settings.broker_flavor != "tansu" or Fetcher.end_offsets is _end_offsets_from_high_watermark:
         return
     Fetcher.end_offsets = _end_offsets_from_high_watermark  # type: ignore[method-assign,unused-ignore]
-    log.info("tansu_workarounds_active", patched="aiokafka.Fetcher.end_offsets")
+    Fetcher.__init__ = _fetcher_init_with_short_wait  # type: ignore[method-assign,unused-ignore]
+    log.info(
+        "tansu_workarounds_active",
+        patched="aiokafka.Fetcher.end_offsets,aiokafka.Fetcher.__init__(fetch_max_wait_ms)",
+    )

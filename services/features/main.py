@@ -1,0 +1,109 @@
+"""``python -m services.features``: the streaming features worker, wired from its settings."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from functools import partial
+from pathlib import Path
+
+from services.features.app import FeaturePipeline, writer_id
+from services.features.offline_log import FeatureLogWriter
+from services.features.settings import FeaturesSettings
+from services.features.sink import FeastOnlineStore, FeatureSink
+from services.shared import broker_compat
+from services.shared.errors import Unavailable
+from services.shared.featurestore import load_definitions_module, open_store
+from services.shared.kafka import ensure_topics
+from services.shared.logging import get_logger
+from services.shared.runtime import SERVICE_READY, run_service
+from services.shared.topics import Topics
+from services.shared.usecase.features import (
+    MERCHANT_FEATURES,
+    MERCHANT_VIEW,
+    USER_FEATURES,
+    USER_VIEW,
+)
+
+SERVICE = "features"
+log = get_logger(SERVICE)
+
+
+def feature_log_writers(settings: FeaturesSettings) -> dict[str, FeatureLogWriter]:
+    feature_log_dir = load_definitions_module(settings.feast).feature_log_dir
+    offline_dir: Path = settings.storage.offline_dir
+    wid = writer_id()
+    return {
+        USER_VIEW: FeatureLogWriter(
+            feature_log_dir(offline_dir, USER_VIEW), "user_id", USER_FEATURES, wid
+        ),
+        MERCHANT_VIEW: FeatureLogWriter(
+            feature_log_dir(offline_dir, MERCHANT_VIEW), "merchant_id", MERCHANT_FEATURES, wid
+        ),
+    }
+
+
+async def wait_for_registry(online: FeastOnlineStore, timeout_s: float) -> None:
+    """The stack applies the Feast registry (one writer); wait until it has our push sources."""
+    deadline = time.monotonic() + timeout_s
+    while not await asyncio.to_thread(online.push_sources_registered):
+        if time.monotonic() > deadline:
+            raise Unavailable(f"Feast registry has no push sources after {timeout_s:.0f}s")
+        log.info("waiting_for_feast_registry")
+        await asyncio.sleep(2.0)
+
+
+async def serve(settings: FeaturesSettings, stop: asyncio.Event) -> None:
+    # before any consumer exists: faust's table recovery must see Tansu's true end offsets
+    broker_compat.activate(settings.kafka)
+    topics = Topics.from_settings(settings.kafka)
+    writers = feature_log_writers(settings)
+    for writer in writers.values():
+        writer.remove_stale_temporaries()
+    store = await asyncio.to_thread(open_store, settings.feast, settings.redis, settings.storage)
+    online = FeastOnlineStore(store, writers)
+    await wait_for_registry(online, settings.registry_wait_s)
+    sink = FeatureSink(
+        online,
+        writers,
+        flush_interval_s=settings.offline_flush_interval_s,
+        flush_max_rows=settings.offline_flush_max_rows,
+    )
+    pipeline = FeaturePipeline(settings, sink)
+    # the inputs and internal topics exist with the same partition count (co-partitioning)
+    await ensure_topics(
+        settings.kafka,
+        [
+            topics.validated,
+            topics.validated_labels,
+            topics.dlq,
+            pipeline.transaction_refs_topic,
+            pipeline.merchant_facts_topic,
+        ],
+    )
+    app = pipeline.app
+
+    async def ready() -> None:
+        SERVICE_READY.labels(SERVICE).set(1)
+        log.info("features_ready", group=settings.group_id, partitions=settings.kafka.partitions)
+
+    app.on_startup_finished = ready
+    await app.start()
+    try:
+        while not stop.is_set() and not app.should_stop:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=1.0)
+    finally:
+        SERVICE_READY.labels(SERVICE).set(0)
+        if not app.crashed:
+            await sink.flush()  # graceful stop: nothing left for redelivery
+        await app.stop()
+        sink.close()
+    if app.crashed:
+        raise RuntimeError(f"faust app crashed: {app.crash_reason!r}")
+
+
+def main() -> int:
+    settings = FeaturesSettings()
+    return run_service(SERVICE, settings, partial(serve, settings))
