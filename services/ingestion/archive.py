@@ -34,9 +34,12 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from google.protobuf.message import DecodeError
 
+from services.ingestion.routing import ClaimStore, Verdict, verdict
 from services.shared.datasets import LABELS, TRANSACTIONS
 from services.shared.proto.mlops.v1 import events_pb2
+from services.shared.topics import Topics
 
 _TS = pa.timestamp("us", tz="UTC")
 _SOURCE = [
@@ -243,6 +246,74 @@ class ArchiveBatcher:
         return ArchiveFile(
             key[0], key[1], buffer.event_day, buffer.first_offset, buffer.last_offset, buffer.rows
         )
+
+
+@dataclass(frozen=True)
+class ValidatedRecord:
+    """A record read from a validated stream."""
+
+    topic: str
+    partition: int
+    offset: int
+    value: bytes
+
+
+@dataclass
+class ArchiveStep:
+    """What a batch of validated records changed: files due, records left out."""
+
+    files: list[ArchiveFile] = field(default_factory=list)
+    duplicates: list[ValidatedRecord] = field(default_factory=list)  # id archived already
+    unreadable: list[ValidatedRecord] = field(default_factory=list)
+
+
+class Archiver:
+    """The archive's domain: validated records in, files to write out.
+
+    Each record's id is claimed (``<namespace>:archive:<topic>:<id>`` -> its position in the
+    validated stream): a second record with an archived id is left out, the same record read
+    again (its file was not written before a crash) is kept.
+    """
+
+    def __init__(
+        self, topics: Topics, claims: ClaimStore, batcher: ArchiveBatcher, *, namespace: str
+    ) -> None:
+        self.claims = claims
+        self.batcher = batcher
+        self.namespace = namespace
+        self.datasets = {topics.validated: TRANSACTIONS, topics.validated_labels: LABELS}
+        self._row_of: dict[str, Any] = {
+            topics.validated: transaction_row,
+            topics.validated_labels: label_row,
+        }
+
+    def dataset(self, topic: str) -> str:
+        return self.datasets[topic]
+
+    async def add(self, records: list[ValidatedRecord], *, now: float) -> ArchiveStep:
+        """Buffer ``records`` (in offset order per partition); ``now`` is monotonic seconds."""
+        step = ArchiveStep()
+        rows: list[tuple[ValidatedRecord, ArchiveRow]] = []
+        for record in records:
+            try:
+                rows.append((record, self._row_of[record.topic](record.value)))
+            except DecodeError:
+                step.unreadable.append(record)
+        claims = [
+            (
+                f"{self.namespace}:archive:{r.topic}:{row.event_id}",
+                f"{r.topic}/{r.partition}/{r.offset}",
+            )
+            for r, row in rows
+        ]
+        stored = await self.claims.claim(claims)
+        for (record, row), (_, position), before in zip(rows, claims, stored, strict=True):
+            if verdict(before, position) is Verdict.DUPLICATE:
+                step.duplicates.append(record)
+                continue
+            step.files.extend(self.batcher.add(record.partition, record.offset, row, now=now))
+        step.files.extend(self.batcher.due(now=now))
+        return step
 
 
 class OfflineArchive:

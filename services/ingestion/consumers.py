@@ -25,30 +25,13 @@ from typing import Any, TypeVar
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener
 from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 from aiokafka.structs import ConsumerRecord, TopicPartition
-from google.protobuf.message import DecodeError
 from redis.exceptions import RedisError
 
 from services.ingestion import metrics
-from services.ingestion.archive import (
-    ArchiveBatcher,
-    ArchiveFile,
-    ArchiveRow,
-    OfflineArchive,
-    label_row,
-    transaction_row,
-)
-from services.ingestion.routing import (
-    ClaimStore,
-    Ingestor,
-    Output,
-    SourceRecord,
-    Verdict,
-    verdict,
-)
-from services.shared.datasets import LABELS, TRANSACTIONS
+from services.ingestion.archive import ArchiveFile, Archiver, OfflineArchive, ValidatedRecord
+from services.ingestion.routing import Ingestor, Output, SourceRecord
 from services.shared.logging import get_logger
 from services.shared.runtime import SERVICE_READY
-from services.shared.topics import Topics
 
 log = get_logger("ingestion")
 T = TypeVar("T")
@@ -283,30 +266,21 @@ class ArchiveLoop(ConsumerRebalanceListener):
     def __init__(
         self,
         consumer: AIOKafkaConsumer,
-        topics: Topics,
+        archiver: Archiver,
         archive: OfflineArchive,
-        batcher: ArchiveBatcher,
-        claims: ClaimStore,
         backoff: Backoff,
         *,
         group: str,
-        namespace: str,
         poll_timeout_ms: int,
         lag_interval_s: float,
     ) -> None:
         self.consumer = consumer
+        self.archiver = archiver
+        self.batcher = archiver.batcher
         self.archive = archive
-        self.batcher = batcher
-        self.claims = claims
         self.backoff = backoff
         self.group = group
-        self.namespace = namespace
         self.poll_timeout_ms = poll_timeout_ms
-        self.datasets = {topics.validated: TRANSACTIONS, topics.validated_labels: LABELS}
-        self._row_of: dict[str, Callable[[bytes], ArchiveRow]] = {
-            topics.validated: transaction_row,
-            topics.validated_labels: label_row,
-        }
         self.lag = ConsumerLag(consumer, group, lag_interval_s)
         self._lock = asyncio.Lock()  # rebalance callbacks run beside the poll loop
         self._next_offset: dict[TopicPartition, int] = {}  # after the last record read
@@ -315,7 +289,7 @@ class ArchiveLoop(ConsumerRebalanceListener):
 
     @property
     def topics(self) -> list[str]:
-        return list(self.datasets)
+        return list(self.archiver.datasets)
 
     # -- rebalance -----------------------------------------------------------------------
 
@@ -324,7 +298,8 @@ class ArchiveLoop(ConsumerRebalanceListener):
             due = [
                 f
                 for tp in revoked
-                if (f := self.batcher.take(self.datasets[tp.topic], tp.partition)) is not None
+                if (f := self.batcher.take(self.archiver.dataset(tp.topic), tp.partition))
+                is not None
             ]
             await self._write(due)
             await self._commit_progress(set(revoked))
@@ -336,16 +311,15 @@ class ArchiveLoop(ConsumerRebalanceListener):
 
     async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
         async with self._lock:
-            for topic, dataset in self.datasets.items():
+            for topic, dataset in self.archiver.datasets.items():
                 mine = {tp.partition for tp in assigned if tp.topic == topic}
                 if not mine:
                     continue
                 resume = await asyncio.to_thread(self.archive.resume_offsets, dataset)
                 removed = await asyncio.to_thread(self.archive.remove_temporaries, dataset, mine)
                 for partition in sorted(mine):
-                    tp = TopicPartition(topic, partition)
                     if partition in resume:
-                        self.consumer.seek(tp, resume[partition])
+                        self.consumer.seek(TopicPartition(topic, partition), resume[partition])
                     log.info(
                         "archive_partition_assigned",
                         topic=topic,
@@ -374,42 +348,31 @@ class ArchiveLoop(ConsumerRebalanceListener):
         log.info("archive_stopped", files_written_at_stop=len(files), **self.totals)
 
     async def handle(self, batch: dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]) -> None:
-        entries: list[tuple[TopicPartition, int, ArchiveRow]] = []
-        for tp, records in batch.items():
-            if tp not in self.consumer.assignment():
+        records: list[ValidatedRecord] = []
+        assignment = self.consumer.assignment()
+        for tp, consumed in batch.items():
+            if tp not in assignment:
                 continue  # revoked while this batch was in flight: the new owner reads it
-            to_row = self._row_of[tp.topic]
-            for record in records:
-                self._next_offset[tp] = record.offset + 1
-                try:
-                    entries.append((tp, record.offset, to_row(record.value or b"")))
-                except DecodeError:
-                    # not ours to judge: the validator wrote it; count it, keep going
-                    metrics.ARCHIVE_SKIPPED.labels(self.datasets[tp.topic], "unreadable").inc()
-                    log.error(
-                        "archive_record_unreadable",
-                        topic=tp.topic,
-                        partition=tp.partition,
-                        offset=record.offset,
-                    )
-        keys = [
-            (
-                f"{self.namespace}:archive:{tp.topic}:{row.event_id}",
-                f"{tp.topic}/{tp.partition}/{offset}",
+            for r in consumed:
+                records.append(ValidatedRecord(tp.topic, tp.partition, r.offset, r.value or b""))
+            if consumed:
+                self._next_offset[tp] = consumed[-1].offset + 1
+        step = await self.backoff.run(
+            lambda: self.archiver.add(records, now=time.monotonic()), "archive_dedup"
+        )
+        for record in step.unreadable:
+            # not ours to judge: the validator wrote it; count it, keep going
+            metrics.ARCHIVE_SKIPPED.labels(self.archiver.dataset(record.topic), "unreadable").inc()
+            log.error(
+                "archive_record_unreadable",
+                topic=record.topic,
+                partition=record.partition,
+                offset=record.offset,
             )
-            for tp, offset, row in entries
-        ]
-        stored = await self.backoff.run(lambda: self.claims.claim(keys), "archive_dedup")
-        now = time.monotonic()
-        due: list[ArchiveFile] = []
-        for (tp, offset, row), (_, position), before in zip(entries, keys, stored, strict=True):
-            if verdict(before, position) is Verdict.DUPLICATE:
-                metrics.ARCHIVE_SKIPPED.labels(row.dataset, "duplicate").inc()
-                self.totals["skipped"] += 1
-                continue
-            due.extend(self.batcher.add(tp.partition, offset, row, now=now))
-        due.extend(self.batcher.due(now=now))
-        await self._write(due)
+        for record in step.duplicates:
+            metrics.ARCHIVE_SKIPPED.labels(self.archiver.dataset(record.topic), "duplicate").inc()
+        self.totals["skipped"] += len(step.duplicates) + len(step.unreadable)
+        await self._write(step.files)
         await self._commit_progress(None)
 
     async def _write(self, files: list[ArchiveFile]) -> None:
@@ -439,7 +402,9 @@ class ArchiveLoop(ConsumerRebalanceListener):
         for tp, next_offset in self._next_offset.items():
             if only is not None and tp not in only:
                 continue
-            buffered = self.batcher.first_buffered_offset(self.datasets[tp.topic], tp.partition)
+            buffered = self.batcher.first_buffered_offset(
+                self.archiver.dataset(tp.topic), tp.partition
+            )
             offset = buffered if buffered is not None else next_offset
             if self._committed.get(tp) != offset:
                 offsets[tp] = offset

@@ -8,7 +8,7 @@ from functools import partial
 
 from aiokafka import AIOKafkaConsumer
 
-from services.ingestion.archive import ArchiveBatcher, OfflineArchive
+from services.ingestion.archive import ArchiveBatcher, Archiver, OfflineArchive
 from services.ingestion.claims import RedisClaims, connect
 from services.ingestion.consumers import ArchiveLoop, Backoff, Stopping, ValidationLoop
 from services.ingestion.routing import EventRouter, Ingestor
@@ -68,15 +68,17 @@ async def serve(settings: IngestionSettings, stop: asyncio.Event) -> None:
         )
         archiver = ArchiveLoop(
             archive_consumer,
-            topics,
-            OfflineArchive(settings.storage.offline_dir),
-            ArchiveBatcher(
-                max_rows=settings.archive_max_rows, max_age_s=settings.archive_max_age_s
+            Archiver(
+                topics,
+                claims,
+                ArchiveBatcher(
+                    max_rows=settings.archive_max_rows, max_age_s=settings.archive_max_age_s
+                ),
+                namespace=settings.dedup_namespace,
             ),
-            claims,
+            OfflineArchive(settings.storage.offline_dir),
             backoff,
             group=settings.archive_group_id,
-            namespace=settings.dedup_namespace,
             poll_timeout_ms=settings.poll_timeout_ms,
             lag_interval_s=settings.lag_interval_s,
         )

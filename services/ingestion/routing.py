@@ -37,6 +37,7 @@ from services.shared.usecase.schemas import (
 
 Headers = tuple[tuple[str, bytes], ...]
 REASON_HEADER = "reason-code"
+MAX_DEAD_LETTER_VALUE = 512 * 1024  # well under Kafka's default 1 MiB record limit
 
 
 class EventKind(StrEnum):
@@ -200,9 +201,18 @@ class EventRouter:
     def reject(
         self, record: SourceRecord, reason_code: str, field: str, reason: str, *, now: datetime
     ) -> Rejected:
+        original = record.value or b""
+        if len(original) > MAX_DEAD_LETTER_VALUE:
+            # a dead letter must fit in a Kafka record itself; the full record stays at its
+            # source position for as long as the topic keeps it
+            reason = (
+                f"{reason} (original value cut to its first {MAX_DEAD_LETTER_VALUE} of "
+                f"{len(original)} bytes; the whole record is at {record.position})"
+            )
+            original = original[:MAX_DEAD_LETTER_VALUE]
         letter = events_pb2.DeadLetter(
             original_key=record.key or b"",
-            original_value=record.value or b"",
+            original_value=original,
             original_headers=[
                 events_pb2.RecordHeader(key=_text(k), value=v or b"") for k, v in record.headers
             ],

@@ -84,7 +84,7 @@ def decode_external(
 class _RepeatedKey(Exception):
     def __init__(self, key: str) -> None:
         super().__init__(key)
-        self.key = key[:64].encode("utf-8", "backslashreplace").decode("utf-8")
+        self.key = key.encode("utf-8", "backslashreplace").decode("utf-8")[:64]
 
 
 def _object_without_repeated_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:

@@ -213,7 +213,7 @@ def _no_unknown_fields(data: Mapping[str, Any], known: tuple[str, ...]) -> None:
     unknown = sorted(str(name) for name in set(data) - set(known))
     if unknown:
         # the name is the sender's text: keep it short and printable in the dead letter
-        name = unknown[0][:MAX_ID_CHARS].encode("utf-8", "backslashreplace").decode("utf-8")
+        name = unknown[0].encode("utf-8", "backslashreplace").decode("utf-8")[:MAX_ID_CHARS]
         raise InvalidArgument(name, "is not a field of this event", code="unknown_field")
 
 

@@ -177,7 +177,7 @@ def build_world(config: SimulationConfig) -> tuple[list[User], list[Merchant]]:
         country = _pick(rng, homes)
         local = by_country.get(country) or list(range(len(merchants)))
         online = [j for j, m in enumerate(merchants) if m.category in ("online", "travel")]
-        pool = local + rng.sample(online, k=min(3, len(online)))
+        pool = local + rng.sample(online, k=min(1, len(online)))  # one shop abroad, maybe
         favourites = tuple(sorted(set(rng.sample(pool, k=min(len(pool), rng.randint(6, 18))))))
         users.append(
             User(
