@@ -83,6 +83,7 @@ class ServingApp:
             batch_max_delay_s=settings.batch_max_delay_ms / 1000.0,
             default_timeout_s=settings.default_timeout_ms / 1000.0,
             deadline_margin_s=settings.deadline_margin_ms / 1000.0,
+            deadline_margin_fraction=settings.deadline_margin_fraction,
             degrade_without_features=settings.on_feature_store_unavailable == "degrade",
             shadow_max_inflight=settings.shadow_max_inflight,
         )

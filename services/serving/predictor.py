@@ -95,7 +95,8 @@ class Predictor:
         batch_max_size: int = 256,
         batch_max_delay_s: float = 0.001,
         default_timeout_s: float = 1.0,
-        deadline_margin_s: float = 0.003,
+        deadline_margin_s: float = 0.005,
+        deadline_margin_fraction: float = 0.05,
         degrade_without_features: bool = True,
         shadow_max_inflight: int = 8,
     ) -> None:
@@ -107,6 +108,7 @@ class Predictor:
         self._batch_max_size = batch_max_size
         self._default_timeout_s = default_timeout_s
         self._margin_s = deadline_margin_s
+        self._margin_fraction = deadline_margin_fraction
         self._degrade = degrade_without_features
         self._shadow_max_inflight = shadow_max_inflight
         self._shadow_tasks: set[asyncio.Task[None]] = set()
@@ -151,7 +153,8 @@ class Predictor:
 
     def _budget(self, timeout_s: float | None) -> float:
         """The time a request may use: the caller's deadline less the answer margin."""
-        budget = (self._default_timeout_s if timeout_s is None else timeout_s) - self._margin_s
+        allowed = self._default_timeout_s if timeout_s is None else timeout_s
+        budget = allowed - max(self._margin_s, allowed * self._margin_fraction)
         if budget <= 0:
             raise DeadlineExceeded("the caller's deadline leaves no time to score")
         return budget

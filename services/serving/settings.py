@@ -39,10 +39,17 @@ class ServingSettings(ServiceSettings):
         1000.0, gt=0, description="Time budget of a call whose caller sets no deadline."
     )
     deadline_margin_ms: float = Field(
-        3.0,
+        5.0,
         ge=0,
         description="Kept back from the caller's deadline so that a dependency failure is "
-        "answered (UNAVAILABLE) before the caller gives up.",
+        "answered (UNAVAILABLE) before the caller gives up: at least this much...",
+    )
+    deadline_margin_fraction: float = Field(
+        0.05,
+        ge=0,
+        lt=1,
+        description="...and at least this fraction of the caller's time (event-loop lag "
+        "under load grows with the budget's scale).",
     )
     feature_timeout_ms: float = Field(
         50.0,
