@@ -11,7 +11,7 @@ archived for a few days of traffic:
 
 Fraud depends on things the features and the request-time transform can see (amount against
 the user's mean, a foreign country, web channel, night hours, bursts, risky merchants), so a
-model can learn it; ``shuffle_labels`` makes deliberately worse training data.
+model can learn it; ``shuffle_labels_before`` makes deliberately worse training data.
 """
 
 from __future__ import annotations
@@ -232,20 +232,22 @@ def write_fraud_history(
     n_merchants: int = 40,
     txns_per_user_per_day: float = 2.0,
     seed: int = 7,
-    shuffle_labels: bool = False,
+    shuffle_labels_before: datetime | None = None,
     duplicates: int = 5,
 ) -> FraudHistory:
     """Write a generated history under ``offline_dir``; returns what was written.
 
-    ``shuffle_labels`` permutes the fraud labels across transactions: the same fraud rate
-    with no relation to the features (training data for a deliberately worse model).
+    ``shuffle_labels_before`` permutes the fraud labels of the transactions before that moment:
+    the same fraud rate with no relation to the features. A model trained on that period is
+    deliberately worse, while the latest period (its held-out test set) keeps true labels.
     """
     rng = random.Random(seed)
     txns = _generate(rng, start, days, n_users, n_merchants, txns_per_user_per_day)
-    if shuffle_labels:
-        outcomes = [t.is_fraud for t in txns]
-        rng.shuffle(outcomes)
-        for txn, outcome in zip(txns, outcomes, strict=True):
+    if shuffle_labels_before is not None:
+        early = [t for t in txns if t.event_time < shuffle_labels_before]
+        outcomes = [t.is_fraud for t in early]
+        random.Random(seed + 1).shuffle(outcomes)
+        for txn, outcome in zip(early, outcomes, strict=True):
             txn.is_fraud = outcome
     created = start + timedelta(days=days, hours=1)
     label_times = [(t, t.event_time + timedelta(hours=rng.uniform(1, 30))) for t in txns]

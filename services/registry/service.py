@@ -411,14 +411,6 @@ class ModelRegistryService:
         run = self.store.run(run_id)
         if run.status != "FINISHED":
             raise FailedPrecondition(f"run {run_id} is {run.status}, not FINISHED")
-        try:
-            existing = [v for v in self.store.versions(self.model_name) if v.run_id == run_id]
-        except NotFound:
-            existing = []
-        if existing:  # a retried registration (the trainer crashed after the call)
-            log.info("registration_repeated", run_id=run_id, version=existing[0].version)
-            return Transition(self._proto(existing[0].version))
-
         payload = self.store.download(run_id, rc.MODEL_ARTIFACT)
         actual = sha256_hex(payload)
         recorded = run.tags.get(rc.TAG_MODEL_SHA256, sha)
@@ -427,6 +419,13 @@ class ModelRegistryService:
                 f"run {run_id}: model artifact sha256 {actual} does not match the declared "
                 f"{sha} (run records {recorded}); refused, nothing registered"
             )
+        try:
+            existing = [v for v in self.store.versions(self.model_name) if v.run_id == run_id]
+        except NotFound:
+            existing = []
+        if existing:  # a retried registration (the trainer crashed after the call)
+            log.info("registration_repeated", run_id=run_id, version=existing[0].version)
+            return Transition(self._proto(existing[0].version))
         try:
             feature_names = json.loads(run.tags[rc.TAG_FEATURE_NAMES])
             threshold = float(run.tags[rc.TAG_THRESHOLD])

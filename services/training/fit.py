@@ -156,6 +156,13 @@ def torchscript_bytes(model: nn.Module) -> bytes:
     return buffer.getvalue()
 
 
+def load_torchscript(payload: bytes) -> torch.jit.ScriptModule:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        module: torch.jit.ScriptModule = torch.jit.load(io.BytesIO(payload), map_location="cpu")
+    return module
+
+
 def weights_sha256(model: nn.Module) -> str:
     """A hash of the state dict's names, dtypes, shapes and bytes (bit-identical weights)."""
     digest = hashlib.sha256()

@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 from services.registry import run_contract as rc
 from services.shared import featurestore
 from services.shared.datasets import Snapshot, create_snapshot, load_snapshot
-from services.shared.errors import FailedPrecondition
+from services.shared.errors import FailedPrecondition, IntegrityError
 from services.shared.evaluation import BinaryMetrics, evaluate, max_f1_threshold
 from services.shared.logging import get_logger
 from services.shared.proto.mlops.v1 import models_pb2, monitoring_pb2
@@ -41,6 +41,7 @@ from services.training.dataset import TimeSplit, TrainingSetBuilder, time_split
 from services.training.fit import (
     EpochReport,
     fit_fraud_mlp,
+    load_torchscript,
     scores,
     torchscript_bytes,
     weights_sha256,
@@ -165,19 +166,22 @@ class TrainingOutcome:
 
 @dataclass(frozen=True)
 class ReproductionReport:
+    """Metrics compared exactly; weights compared by the hash of the state dict loaded from
+    the registered TorchScript file and of the retrained model. (The TorchScript files
+    themselves differ: each save writes a random ``.data/serialization_id``.)"""
+
     version: int
     snapshot_id: str
     metrics_identical: bool
     metric_differences: dict[str, tuple[float, float]]  # name -> (recorded, reproduced)
-    artifact_identical: bool
-    recorded_sha256: str
-    reproduced_sha256: str
-    weights_sha256: str
+    weights_identical: bool
+    recorded_weights_sha256: str
+    reproduced_weights_sha256: str
     warnings: list[str]
 
     @property
     def identical(self) -> bool:
-        return self.metrics_identical and self.artifact_identical
+        return self.metrics_identical and self.weights_identical
 
 
 class TrainingPipeline:
@@ -371,6 +375,12 @@ class TrainingPipeline:
         code = code_version(self.settings.code_commit)
         if code.commit != lineage.code_commit or code.dirty:
             warnings.append(f"code version {code} differs from the recorded {lineage.code_commit}")
+        recorded = self.tracker.download(lineage.run_id, rc.MODEL_ARTIFACT)
+        if hashlib.sha256(recorded).hexdigest() != lineage.artifact_sha256:
+            raise IntegrityError(
+                f"the registered artifact of v{lineage.version} does not match its sha256"
+            )
+        recorded_weights = weights_sha256(load_torchscript(recorded))
         params = TrainingParams.from_logged(dict(lineage.params))
         trained = self.train(snapshot, params, progress)
         reproduced = trained.metrics()
@@ -387,10 +397,9 @@ class TrainingPipeline:
             snapshot_id=snapshot.id,
             metrics_identical=not differences,
             metric_differences=differences,
-            artifact_identical=trained.model_sha256 == lineage.artifact_sha256,
-            recorded_sha256=lineage.artifact_sha256,
-            reproduced_sha256=trained.model_sha256,
-            weights_sha256=trained.weights_sha256,
+            weights_identical=recorded_weights == trained.weights_sha256,
+            recorded_weights_sha256=recorded_weights,
+            reproduced_weights_sha256=trained.weights_sha256,
             warnings=warnings,
         )
 

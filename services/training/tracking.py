@@ -128,6 +128,11 @@ class ExperimentTracker:
         )
         return _tracked(runs[0]) if runs else None
 
+    def download(self, run_id: str, artifact_path: str) -> bytes:
+        with tempfile.TemporaryDirectory(prefix="mlops-artifact-") as tmp:
+            local = self.client.download_artifacts(run_id, artifact_path, tmp)
+            return Path(local).read_bytes()
+
     def get_run(self, run_id: str) -> TrackedRun:
         return _tracked(self.client.get_run(run_id))
 
