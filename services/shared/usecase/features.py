@@ -84,21 +84,35 @@ class TransactionColumns:
     event_time_epoch: np.ndarray  # float64, seconds
 
 
+def _is_missing(value: Any) -> bool:
+    """None, NaN or pandas' NA (nullable columns of a training frame) mean "never seen"."""
+    if value is None:
+        return True
+    try:
+        return math.isnan(float(value))
+    except TypeError:  # pandas.NA refuses float(); a non-number raises ValueError instead
+        return True
+
+
 def _column(online: Mapping[str, Any], name: str, n: int) -> np.ndarray:
-    """An online feature column with missing values (None/NaN: never seen) set to default."""
+    """An online feature column with missing values (None/NaN/NA: never seen) set to default."""
     default = FEATURE_DEFAULTS[name]
     values = online.get(name)
     if values is None:
         return np.full(n, default, dtype=np.float64)
-    array = np.asarray([default if v is None else v for v in values], dtype=np.float64)
-    return np.where(np.isnan(array), float(default), array)
+    array = np.asarray(values)
+    if array.dtype.kind in "fiub":  # numeric already (a training frame's column): vectorised
+        array = array.astype(np.float64)
+        return np.where(np.isnan(array), float(default), array)
+    return np.asarray([default if _is_missing(v) else v for v in values], dtype=np.float64)
 
 
 def _strings(online: Mapping[str, Any], name: str, n: int) -> list[str]:
     values = online.get(name)
     if values is None:
         return [""] * n
-    return ["" if v is None or (isinstance(v, float) and math.isnan(v)) else str(v) for v in values]
+    # a string feature is a str when present; None/NaN/NA all mean "never seen"
+    return [v if isinstance(v, str) else "" for v in values]
 
 
 def model_inputs(txns: TransactionColumns, online: Mapping[str, Any]) -> np.ndarray:
