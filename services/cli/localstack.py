@@ -495,24 +495,16 @@ class LocalStack:
         return True
 
     def apply_feature_definitions(self) -> bool:
-        """Register the Feast definitions (the one writer of Feast's registry, before any
-        service starts). Skipped when the definitions are unchanged since the last apply;
-        returns whether it applied."""
-        from services.shared.featurestore import apply_definitions, definitions_sha256, open_store
+        """Register the Feast definitions before any service starts (they never apply:
+        one writer); returns whether it applied (unchanged definitions are skipped)."""
+        from services.cli.apply_features import apply_if_changed
         from services.shared.settings import FeastSettings, RedisSettings, StorageSettings
 
-        feast = FeastSettings()
-        storage = StorageSettings(data_dir=self.data_dir)
-        stamp = storage.feast_registry_path.with_name("applied.sha256")
-        fingerprint = f"{feast.project} {definitions_sha256(feast)}"
-        applied = storage.feast_registry_path.exists() and stamp.exists()
-        if applied and stamp.read_text().strip() == fingerprint:
-            return False
-        redis = RedisSettings(host=self.settings.host, port=self.settings.redis_port)
-        store = open_store(feast, redis, storage)
-        apply_definitions(store, feast, storage.offline_dir)
-        stamp.write_text(fingerprint + "\n")
-        return True
+        return apply_if_changed(
+            FeastSettings(),
+            RedisSettings(host=self.settings.host, port=self.settings.redis_port),
+            StorageSettings(data_dir=self.data_dir),
+        )
 
     # --------------------------------------------------------------- processes and ports
     def processes(self) -> list[StackProcess]:
