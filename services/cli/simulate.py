@@ -28,6 +28,8 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from services.shared.codecs import encode_json
+from services.shared.errors import Unavailable
+from services.shared.kafka import ensure_topics
 from services.shared.settings import KafkaSettings
 from services.shared.topics import Topics
 from services.shared.usecase.simulator import SimEvent, SimulationConfig, TrafficSimulator
@@ -95,10 +97,14 @@ async def publish(
     ``rate``: at most this many records (transactions + labels) per second; None: as fast as
     the broker takes them. ``realtime``: never publish an event before its ``at`` (live
     traffic, whose ``at`` are wall-clock times). ``progress`` is called with the running
-    stats about five times a second and once at the end. Raises ``KafkaError`` if the
-    broker refuses a record (after the producer's own retries).
+    stats about five times a second and once at the end. Creates the two topics if they are
+    missing. Raises ``KafkaError`` if the broker refuses a record (after the producer's own
+    retries), ``Unavailable`` if the broker cannot be reached.
     """
     topics = Topics.from_settings(kafka)
+    # created with the platform's partition count if missing (a broker that auto-creates
+    # topics would pick its own); on a managed cluster they exist already
+    await ensure_topics(kafka, [topics.transactions, topics.labels])
     producer = AIOKafkaProducer(
         bootstrap_servers=kafka.bootstrap,
         client_id="traffic-simulator",
@@ -292,7 +298,7 @@ def simulate(
     except KeyboardInterrupt:
         console.print("interrupted")
         raise typer.Exit(130) from None
-    except (KafkaError, OSError) as exc:
+    except (KafkaError, OSError, Unavailable) as exc:
         console.print(f"[red]could not publish to {kafka.bootstrap}: {exc}[/red]")
         raise typer.Exit(1) from None
     _summary(console, stats)
