@@ -146,7 +146,11 @@ class ModelRegistryService:
             return {}
 
     def _to_proto(
-        self, view: VersionView, aliases: Mapping[str, int], metrics: Mapping[str, float]
+        self,
+        view: VersionView,
+        aliases: Mapping[str, int],
+        served: list[models_pb2.ServedVersion],
+        metrics: Mapping[str, float],
     ) -> models_pb2.ModelVersion:
         held = sorted(alias for alias, version in aliases.items() if version == view.version)
         stage = _stage_value(view.tags.get(TAG_STAGE, "CANDIDATE"))
@@ -157,10 +161,7 @@ class ModelRegistryService:
         else:
             if stage in _STAGE_OF_ALIAS.values():
                 stage = Stage.MODEL_STAGE_ARCHIVED
-        traffic = 0
-        served = {s.version: s for s in routing_table(aliases, {view.version: view.tags})}
-        if view.version in served:
-            traffic = served[view.version].traffic_percent
+        traffic = next((s.traffic_percent for s in served if s.version == view.version), 0)
         message = models_pb2.ModelVersion(
             model_name=self.model_name,
             version=view.version,
@@ -187,7 +188,8 @@ class ModelRegistryService:
 
     def _proto(self, version: int) -> models_pb2.ModelVersion:
         view = self.store.version(self.model_name, version)
-        return self._to_proto(view, self._aliases(), self._run_metrics(view.run_id))
+        aliases = self._aliases()
+        return self._to_proto(view, aliases, self._routing(aliases), self._run_metrics(view.run_id))
 
     def list_versions(self, model_name: str = "") -> list[models_pb2.ModelVersion]:
         self._check_name(model_name)
@@ -196,7 +198,11 @@ class ModelRegistryService:
         except NotFound:
             return []
         aliases = self._aliases()
-        return [self._to_proto(v, aliases, self._run_metrics(v.run_id)) for v in views]
+        by_version = {v.version: v for v in views}
+        served = routing_table(
+            aliases, {v: by_version[v].tags for v in aliases.values() if v in by_version}
+        )
+        return [self._to_proto(v, aliases, served, self._run_metrics(v.run_id)) for v in views]
 
     def get_version(
         self, model_name: str = "", version: int = 0, alias: str = ""
@@ -220,10 +226,13 @@ class ModelRegistryService:
         view = self.store.version(self.model_name, version)
         return assemble_lineage(self.model_name, view, self.store.run(view.run_id))
 
-    def routing(self) -> list[models_pb2.ServedVersion]:
-        aliases = self._aliases()
+    def _routing(self, aliases: Mapping[str, int]) -> list[models_pb2.ServedVersion]:
         tags = {v: self.store.version(self.model_name, v).tags for v in set(aliases.values())}
         return routing_table(aliases, tags)
+
+    def routing(self) -> list[models_pb2.ServedVersion]:
+        """The complete routing table as the aliases and version tags say now."""
+        return self._routing(self._aliases())
 
     # ------------------------------------------------------------------ events
 

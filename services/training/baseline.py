@@ -21,7 +21,10 @@ class FittedBaseline:
     threshold: float
 
     def scores(self, features: np.ndarray) -> np.ndarray:
-        probabilities = self.model.predict_proba(features)  # type: ignore[attr-defined]
+        from threadpoolctl import threadpool_limits
+
+        with threadpool_limits(limits=1):
+            probabilities = self.model.predict_proba(features)  # type: ignore[attr-defined]
         return np.asarray(probabilities[:, 1], dtype=np.float64)
 
 
@@ -29,6 +32,7 @@ def fit_baseline(
     train: LabelledSet, validation: LabelledSet, params: TrainingParams
 ) -> FittedBaseline:
     from sklearn.ensemble import HistGradientBoostingClassifier
+    from threadpoolctl import threadpool_limits
 
     model = HistGradientBoostingClassifier(
         max_iter=params.baseline_max_iter,
@@ -36,7 +40,9 @@ def fit_baseline(
         early_stopping=False,
         random_state=params.seed,
     )
-    model.fit(train.features, train.labels.astype(np.int64))
+    # as many OpenMP threads as torch gets: on a shared machine more threads only spin
+    with threadpool_limits(limits=params.torch_threads):
+        model.fit(train.features, train.labels.astype(np.int64))
     fitted = FittedBaseline(model, 0.5)
     fitted.threshold = max_f1_threshold(validation.labels, fitted.scores(validation.features))
     return fitted
