@@ -4,13 +4,14 @@ mlops stack up|down|status|logs    run the platform locally (what `make up` call
 mlops simulate ...                 publish realistic traffic, as product services would
 mlops train ...                    ask for (or run) a training
 mlops models list|show|promote|rollback|lineage|reproduce
+mlops bootstrap                    first production model: simulated history, train, register
 """
 
 from __future__ import annotations
 
 import typer
 
-from services.cli import models, simulate, stack, train
+from services.cli import bootstrap, models, simulate, stack, train
 
 app = typer.Typer(
     name="mlops",
@@ -22,6 +23,7 @@ app.add_typer(stack.app, name="stack")
 app.add_typer(models.app, name="models")
 app.command(name="simulate")(simulate.simulate)
 app.command(name="train")(train.train)
+app.command(name="bootstrap")(bootstrap.bootstrap)
 
 
 def main() -> None:

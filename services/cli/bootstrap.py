@@ -1,0 +1,260 @@
+"""`mlops bootstrap`: the first production model of a fresh platform, so Predict works at once.
+
+1. If the registry already has a production version, nothing to do (``--force`` trains anyway;
+   the gate then decides as for any candidate).
+2. Simulated history (``TrafficSimulator.history``: ``--days`` of backdated transactions and
+   their labels) is published to Kafka, as product services would.
+3. Wait, with progress and a deadline, until the platform has processed it: the ingestion
+   archive holds every transaction and label, and the features service has logged a feature
+   row for every transaction (user and merchant views). Counts are compared with the offline
+   store's counts from before the publication, so earlier data does not fool the check.
+4. Snapshot the offline store, train in this process (progress shown), register: the first
+   version passes the gate and becomes production.
+5. Check that Triton serves it: the version is ready and answers a tiny inference.
+
+The local stack runs it after ``make up`` when there is no production model. Settings come from
+the environment like every other command (``MLOPS_KAFKA_*``, ``MLOPS_STORAGE_*``,
+``MLOPS_MLFLOW_*``, ``MLOPS_REGISTRY_CLIENT_*``, ``MLOPS_TRITON_*``, ``MLOPS_TRAINING_*``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import getpass
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Annotated
+
+import pyarrow.parquet as pq
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from services.cli.train import console, retrain_request, run_local
+from services.registry.client import RegistryClient
+from services.registry.triton_repository import TritonModelRepository
+from services.shared.datasets import LABELS, TRANSACTIONS, create_snapshot
+from services.shared.errors import NotFound, PlatformError
+from services.shared.settings import StorageSettings, TritonSettings
+from services.shared.usecase.features import MERCHANT_VIEW, MODEL_INPUTS, USER_VIEW
+from services.training.settings import TrainingSettings
+
+USER_ROWS = f"features/{USER_VIEW}"
+MERCHANT_ROWS = f"features/{MERCHANT_VIEW}"
+TRACKED = (TRANSACTIONS, LABELS, USER_ROWS, MERCHANT_ROWS)
+_LABELS = {
+    TRANSACTIONS: "transactions archived",
+    LABELS: "labels archived",
+    USER_ROWS: "user feature rows logged",
+    MERCHANT_ROWS: "merchant feature rows logged",
+}
+
+
+def offline_rows(storage: StorageSettings) -> dict[str, int]:
+    """Rows per dataset in the offline store (complete files only, not ones being written)."""
+    counts = dict.fromkeys(TRACKED, 0)
+    root = storage.offline_dir
+    for dataset in TRACKED:
+        directory = root / dataset
+        if not directory.exists():
+            continue
+        for path in directory.rglob("*.parquet"):
+            if any(part.startswith(".") for part in path.relative_to(root).parts):
+                continue
+            try:
+                counts[dataset] += pq.ParquetFile(path).metadata.num_rows
+            except (OSError, ValueError):
+                continue  # renamed or removed between listing and reading
+    return counts
+
+
+@dataclass(frozen=True)
+class CatchUp:
+    """How many new rows each dataset must gain for the published history to be processed."""
+
+    baseline: dict[str, int]
+    expected: dict[str, int]
+
+    @classmethod
+    def for_history(cls, baseline: dict[str, int], transactions: int, labels: int) -> CatchUp:
+        # one feature row per transaction in each view at least (merchants also get one per label)
+        return cls(
+            baseline,
+            {
+                TRANSACTIONS: transactions,
+                LABELS: labels,
+                USER_ROWS: transactions,
+                MERCHANT_ROWS: transactions,
+            },
+        )
+
+    def gained(self, now: dict[str, int]) -> dict[str, int]:
+        return {d: now.get(d, 0) - self.baseline.get(d, 0) for d in self.expected}
+
+    def missing(self, now: dict[str, int]) -> dict[str, int]:
+        gained = self.gained(now)
+        return {d: n - gained[d] for d, n in self.expected.items() if gained[d] < n}
+
+
+def wait_for_catch_up(
+    storage: StorageSettings,
+    target: CatchUp,
+    timeout_s: float,
+    on_poll: Callable[[dict[str, int]], None] | None = None,
+    interval_s: float = 1.0,
+) -> dict[str, int]:
+    """Poll the offline store until ``target`` is met; raises TimeoutError naming what lags."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        now = offline_rows(storage)
+        if on_poll is not None:
+            on_poll(target.gained(now))
+        missing = target.missing(now)
+        if not missing:
+            return now
+        if time.monotonic() > deadline:
+            detail = ", ".join(f"{_LABELS[d]}: {n} missing" for d, n in missing.items())
+            raise TimeoutError(
+                f"the platform did not process the history within {timeout_s:.0f}s ({detail}); "
+                "are the ingestion and features services running? (mlops stack status)"
+            )
+        time.sleep(interval_s)
+
+
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+    )
+
+
+def _publish_history(
+    settings: TrainingSettings, days: float, users: int, seed: int
+) -> tuple[int, int]:
+    from services.cli.simulate import PublishStats, publish
+    from services.shared.usecase.simulator import SimulationConfig, TrafficSimulator
+
+    simulator = TrafficSimulator(
+        SimulationConfig(seed=seed, users=users, merchants=max(10, users // 7))
+    )
+    end = datetime.now(UTC)
+    events = simulator.history(end - timedelta(days=days), end)
+    with _progress() as bar:
+        task = bar.add_task("publishing simulated history", total=None)
+
+        def report(stats: PublishStats) -> None:
+            bar.update(task, completed=stats.records)
+
+        stats = asyncio.run(publish(events, settings.kafka, progress=report))
+    valid = stats.transactions - stats.invalid - stats.duplicates
+    console.print(
+        f"[green]✓[/] published {valid} transactions ({stats.fraud} fraud) and {stats.labels} "
+        f"labels in {stats.seconds:.1f}s"
+    )
+    return valid, stats.labels
+
+
+def _production_version(settings: TrainingSettings) -> int:
+    with RegistryClient(settings.registry) as registry:
+        try:
+            return int(registry.get_version(alias="production").version)
+        except NotFound:
+            return 0
+
+
+def bootstrap(
+    days: Annotated[float, typer.Option(help="Days of simulated history to publish.")] = 7.0,
+    users: Annotated[int, typer.Option(help="Simulated card holders.")] = 2000,
+    seed: Annotated[int, typer.Option(help="Simulation seed.")] = 42,
+    timeout: Annotated[
+        float, typer.Option(help="Seconds to wait for ingestion and features to catch up.")
+    ] = 900.0,
+    simulate: Annotated[
+        bool,
+        typer.Option(
+            help="Publish simulated history first (--no-simulate: train on what the "
+            "offline store already holds)."
+        ),
+    ] = True,
+    force: Annotated[
+        bool, typer.Option(help="Train even if a production model exists (the gate decides).")
+    ] = False,
+) -> None:
+    """Make the first production model: simulate history, wait for it, train, register.
+
+    Nothing to do if production exists (unless --force); exit 0 once Triton serves production.
+    """
+    settings = TrainingSettings()
+    model = settings.registry.model_name
+    try:
+        existing = _production_version(settings)
+    except PlatformError as exc:
+        console.print(f"[bold red]✗[/] registry at {settings.registry.address}: {exc.message}")
+        raise typer.Exit(1) from None
+    if existing and not force:
+        console.print(f"[green]✓[/] {model} v{existing} is in production: nothing to bootstrap")
+        return
+
+    if simulate:
+        baseline = offline_rows(settings.storage)
+        try:
+            transactions, labels = _publish_history(settings, days, users, seed)
+        except (PlatformError, OSError) as exc:
+            console.print(f"[bold red]✗[/] could not publish to {settings.kafka.bootstrap}: {exc}")
+            raise typer.Exit(1) from None
+        target = CatchUp.for_history(baseline, transactions, labels)
+        with _progress() as bar:
+            tasks = {d: bar.add_task(_LABELS[d], total=n) for d, n in target.expected.items()}
+
+            def show(gained: dict[str, int]) -> None:
+                for dataset, task in tasks.items():
+                    bar.update(task, completed=min(gained[dataset], target.expected[dataset]))
+
+            try:
+                wait_for_catch_up(settings.storage, target, timeout, show)
+            except TimeoutError as exc:
+                console.print(f"[bold red]✗[/] {exc}")
+                raise typer.Exit(1) from None
+        console.print("[green]✓[/] ingestion archive and feature logs have caught up")
+
+    snapshot = create_snapshot(settings.storage)
+    console.print(
+        f"[green]✓[/] dataset snapshot [bold]{snapshot.id}[/] "
+        f"({snapshot.rows(TRANSACTIONS)} transactions, {snapshot.rows(LABELS)} labels)"
+    )
+    actor = f"cli:{getpass.getuser()}"
+    request = retrain_request(model, "bootstrap", actor, snapshot.id)
+    if not run_local(settings, request, actor):
+        raise typer.Exit(1)
+    if not served_by_triton(settings, TritonSettings()):
+        raise typer.Exit(1)
+
+
+def served_by_triton(settings: TrainingSettings, triton: TritonSettings) -> bool:
+    """Production is ready in Triton and answers a tiny inference."""
+    try:
+        version = _production_version(settings)
+    except PlatformError as exc:
+        console.print(f"[bold red]✗[/] registry: {exc.message}")
+        return False
+    if not version:
+        console.print("[bold red]✗[/] the registry has no production version")
+        return False
+    repository = TritonModelRepository(triton, settings.registry.model_name)
+    try:
+        ready = repository.ready_versions()
+    except PlatformError as exc:
+        console.print(f"[bold red]✗[/] Triton at {triton.grpc_url}: {exc.message}")
+        return False
+    if version not in ready or not repository.probe(version, len(MODEL_INPUTS)):
+        console.print(f"[bold red]✗[/] Triton does not serve v{version} (ready: {ready})")
+        return False
+    console.print(
+        f"[green]✓[/] Triton serves {settings.registry.model_name} v{version} as production: "
+        "Predict works"
+    )
+    return True
