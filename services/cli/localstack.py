@@ -32,7 +32,7 @@ import time
 import urllib.error
 import urllib.request
 import xmlrpc.client
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
@@ -631,17 +631,22 @@ class Supervisor:
         self.socket = stack.run_dir / "supervisor.sock"
         self.pidfile = stack.run_dir / "supervisord.pid"
 
-    def _rpc(self) -> Any:
+    @contextlib.contextmanager
+    def _rpc(self) -> Iterator[Any]:
         from supervisor.xmlrpc import SupervisorTransport
 
         transport = SupervisorTransport(None, None, f"unix://{self.socket}")
-        return xmlrpc.client.ServerProxy("http://127.0.0.1", transport=transport).supervisor
+        try:
+            yield xmlrpc.client.ServerProxy("http://127.0.0.1", transport=transport).supervisor
+        finally:
+            transport.close()
 
     def running(self) -> bool:
         if not self.socket.exists():
             return False
         try:
-            return bool(self._rpc().getState()["statename"] == "RUNNING")
+            with self._rpc() as rpc:
+                return bool(rpc.getState()["statename"] == "RUNNING")
         except (OSError, xmlrpc.client.Error):
             return False
 
@@ -667,35 +672,37 @@ class Supervisor:
         localinfra.wait_until(self.running, timeout_s, "supervisord", interval_s=0.1)
 
     def programs(self) -> dict[str, ProgramState]:
+        with self._rpc() as rpc:
+            infos = rpc.getAllProcessInfo()
         return {
             info["name"]: ProgramState(
                 info["name"], info["statename"], int(info["pid"]), info["description"]
             )
-            for info in self._rpc().getAllProcessInfo()
+            for info in infos
         }
 
     def start_program(self, name: str) -> None:
-        with contextlib.suppress(xmlrpc.client.Fault):  # ALREADY_STARTED
-            self._rpc().startProcess(name, False)
+        with self._rpc() as rpc, contextlib.suppress(xmlrpc.client.Fault):  # ALREADY_STARTED
+            rpc.startProcess(name, False)
 
     def reload(self) -> tuple[list[str], list[str], list[str]]:
         """Apply a changed configuration like ``supervisorctl update``: added programs are
         added, changed ones restarted, removed ones stopped. Returns (added, changed, removed)."""
-        rpc = self._rpc()
-        added, changed, removed = rpc.reloadConfig()[0]
-        for name in [*changed, *removed]:
-            with contextlib.suppress(xmlrpc.client.Fault):
-                rpc.stopProcessGroup(name)
-            rpc.removeProcessGroup(name)
-        for name in [*changed, *added]:
-            rpc.addProcessGroup(name)
+        with self._rpc() as rpc:
+            added, changed, removed = rpc.reloadConfig()[0]
+            for name in [*changed, *removed]:
+                with contextlib.suppress(xmlrpc.client.Fault):
+                    rpc.stopProcessGroup(name)
+                rpc.removeProcessGroup(name)
+            for name in [*changed, *added]:
+                rpc.addProcessGroup(name)
         return list(added), list(changed), list(removed)
 
     def shutdown(self, timeout_s: float = 90.0) -> None:
         """Stop every program (services first, by priority) and supervisord itself."""
         pid = self.pid()
-        with contextlib.suppress(OSError, xmlrpc.client.Error):
-            self._rpc().shutdown()
+        with contextlib.suppress(OSError, xmlrpc.client.Error), self._rpc() as rpc:
+            rpc.shutdown()
         if pid is not None:
             localinfra.wait_until(
                 lambda: not _alive(pid), timeout_s, "supervisord shutdown", interval_s=0.2
