@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
 import sys
 import time
@@ -20,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from aiokafka import AIOKafkaProducer
 from prometheus_client.parser import text_string_to_metric_families
 
 from services.shared import localinfra
@@ -84,24 +86,39 @@ async def create_input_topics(kafka: KafkaSettings) -> None:
     await ensure_topics(kafka, [topics.validated, topics.validated_labels])
 
 
-async def publish(kafka: KafkaSettings, events: Iterable[Event | tuple[bytes, bytes]]) -> None:
-    """Publish in order (``(key, value)`` tuples go raw to events.validated)."""
+async def send_events(
+    producer: AIOKafkaProducer, topics: Topics, events: Iterable[Event | tuple[bytes, bytes]]
+) -> None:
+    """Send in order (``(key, value)`` tuples go raw to events.validated)."""
+    for event in events:
+        if isinstance(event, Txn):
+            value = event.message().SerializeToString()
+            await producer.send(topics.validated, value, key=event.user_id.encode())
+        elif isinstance(event, Label):
+            value = event.message().SerializeToString()
+            await producer.send(topics.validated_labels, value, key=event.transaction_id.encode())
+        else:
+            await producer.send(topics.validated, event[1], key=event[0])
+
+
+async def publish(
+    kafka: KafkaSettings,
+    events: Sequence[Event | tuple[bytes, bytes]],
+    *,
+    chunk: int | None = None,
+    pause_s: float = 0.0,
+) -> None:
+    """Publish in order, all at once or ``chunk`` events every ``pause_s`` seconds."""
     topics = Topics.from_settings(kafka)
     producer = create_producer(kafka, client_id="features-test")
     await producer.start()
     try:
-        for event in events:
-            if isinstance(event, Txn):
-                value = event.message().SerializeToString()
-                await producer.send(topics.validated, value, key=event.user_id.encode())
-            elif isinstance(event, Label):
-                value = event.message().SerializeToString()
-                await producer.send(
-                    topics.validated_labels, value, key=event.transaction_id.encode()
-                )
-            else:
-                await producer.send(topics.validated, event[1], key=event[0])
-        await producer.flush()
+        step = chunk or len(events) or 1
+        for start in range(0, len(events), step):
+            await send_events(producer, topics, events[start : start + step])
+            await producer.flush()
+            if pause_s:
+                await asyncio.sleep(pause_s)
     finally:
         await producer.stop()
 
@@ -169,6 +186,7 @@ class FeaturesWorker:
 
     def kill(self) -> None:
         self.process.kill()
+        self.process.stop()  # closes its log file
 
     def stop(self) -> int:
         """SIGTERM (graceful: the offline log is flushed); returns the exit code."""
@@ -367,7 +385,16 @@ def wait_until_online_matches(
     deadline = time.monotonic() + timeout_s
     while not matches() and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert got == (users, merchants), f"online features differ from the reference ({what})"
+    differences = [
+        (entity, got_side.get(entity), want)
+        for got_side, want_side in zip(got, (users, merchants), strict=True)
+        for entity, want in want_side.items()
+        if got_side.get(entity) != want
+    ]
+    assert not differences, (
+        f"online features differ from the reference ({what}): {len(differences)} entities, "
+        f"first (entity, online, reference): {differences[:3]}"
+    )
 
 
 # ------------------------------------------------------------------------------------ streams
