@@ -1,6 +1,8 @@
 """Training end to end against real MLflow, Triton and Kafka: the first model of a registry.
 
-One training (module fixture) on a generated history; the tests then check what it left:
+One training (module fixture) on a generated history, requested on training.requests as
+``mlops train`` does and carried out by the training service process; the tests then check
+what it left (including the request's committed offset):
 production in the registry and in Triton (Triton's answers equal the TorchScript model's),
 the MLflow run's lineage, the lifecycle events, reproducibility, idempotent redelivery and
 refusal of tampered artifacts.
@@ -8,12 +10,14 @@ refusal of tampered artifacts.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import io
 import json
 import os
 import subprocess
 import sys
+import urllib.request
 import uuid
 import warnings
 from collections.abc import Iterator
@@ -24,6 +28,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from aiokafka.structs import TopicPartition
 from fraud_history import FraudHistory, write_fraud_history
 from registry_harness import (
     RegistryInThread,
@@ -32,12 +37,14 @@ from registry_harness import (
     training_settings,
 )
 
+from services.cli.train import publish_request, retrain_request
 from services.registry import run_contract as rc
 from services.registry.client import RegistryClient
 from services.registry.triton_repository import TritonModelRepository
-from services.shared import featurestore
+from services.shared import featurestore, localinfra
 from services.shared.datasets import load_snapshot
 from services.shared.errors import IntegrityError, Unavailable
+from services.shared.kafka import create_consumer
 from services.shared.proto.mlops.v1 import models_pb2
 from services.shared.settings import (
     PROJECT_ROOT,
@@ -47,6 +54,7 @@ from services.shared.settings import (
     StorageSettings,
     TritonSettings,
 )
+from services.shared.topics import Topics
 from services.training.main import build_pipeline
 from services.training.pipeline import LoggedProgress, TrainingOutcome, TrainingRequest
 from services.training.settings import TrainingSettings
@@ -68,12 +76,49 @@ class FirstModel:
     settings: TrainingSettings
     request: TrainingRequest
     outcome: TrainingOutcome
+    committed_offsets: int
 
     def client(self) -> RegistryClient:
         return RegistryClient(self.registry.client_settings())
 
     def repository(self) -> TritonModelRepository:
         return TritonModelRepository(self.triton, self.registry.settings.model_name)
+
+
+def _training_service_env(settings: TrainingSettings, kafka: KafkaSettings) -> dict[str, str]:
+    registry = settings.registry
+    params = settings.params
+    return {
+        "MLOPS_KAFKA_BOOTSTRAP": kafka.bootstrap,
+        "MLOPS_KAFKA_TOPIC_PREFIX": kafka.topic_prefix,
+        "MLOPS_KAFKA_BROKER_FLAVOR": kafka.broker_flavor,
+        "MLOPS_KAFKA_SESSION_TIMEOUT_MS": str(kafka.session_timeout_ms),
+        "MLOPS_TRAINING_CONSUMER_GROUP": settings.consumer_group,
+        "MLOPS_TRAINING_PARAM_EPOCHS": str(params.epochs),
+        "MLOPS_TRAINING_PARAM_PATIENCE": str(params.patience),
+        "MLOPS_TRAINING_PARAM_BASELINE_MAX_ITER": str(params.baseline_max_iter),
+        "MLOPS_STORAGE_DATA_DIR": str(settings.storage.data_dir),
+        "MLOPS_FEAST_PROJECT": settings.feast.project,
+        "MLOPS_MLFLOW_TRACKING_URI": settings.mlflow.tracking_uri,
+        "MLOPS_MLFLOW_EXPERIMENT": settings.mlflow.experiment,
+        "MLOPS_REGISTRY_CLIENT_ADDRESS": registry.address,
+        "MLOPS_REGISTRY_CLIENT_TOKEN": registry.token.get_secret_value(),
+        "MLOPS_REGISTRY_CLIENT_MODEL_NAME": registry.model_name,
+    }
+
+
+async def _committed_offsets(kafka: KafkaSettings, group: str) -> int:
+    topic = Topics.from_settings(kafka).training_requests
+    consumer = create_consumer(kafka, group_id=group, client_id="test-committed")
+    await consumer.start()
+    try:
+        partitions = consumer.partitions_for_topic(topic) or set()
+        total = 0
+        for partition in partitions:
+            total += await consumer.committed(TopicPartition(topic, partition)) or 0
+        return total
+    finally:
+        await consumer.stop()
 
 
 @pytest.fixture(scope="module")
@@ -83,20 +128,54 @@ def first_model(
     triton_server: TritonSettings,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[FirstModel]:
+    """The first model, trained by the training service (``python -m services.training``)
+    from a RetrainRequest published as ``mlops train`` does."""
     kafka = kafka_broker.model_copy(update={"topic_prefix": f"t{uuid.uuid4().hex[:10]}."})
-    storage = StorageSettings(data_dir=tmp_path_factory.mktemp("e2e") / "data")
+    directory = tmp_path_factory.mktemp("e2e")
+    storage = StorageSettings(data_dir=directory / "data")
     feast = FeastSettings(project=f"t{uuid.uuid4().hex[:10]}")
     history = write_fraud_history(storage.offline_dir)
     registry = RegistryInThread(registry_settings(kafka, mlflow_server, triton_server)).start()
     try:
-        settings = training_settings(storage, feast, mlflow_server, registry.client_settings())
-        request = TrainingRequest(
-            request_id=f"req-{uuid.uuid4().hex[:8]}",
-            model_name=registry.settings.model_name,
-            reason="manual",
-            requested_by="test",
+        settings = training_settings(
+            storage, feast, mlflow_server, registry.client_settings()
+        ).model_copy(update={"kafka": kafka, "consumer_group": f"{kafka.topic_prefix}training"})
+        message = retrain_request(registry.settings.model_name, "manual", "test", "")
+        port = localinfra.free_port()
+        service = localinfra.RunningProcess(
+            localinfra.ProcessSpec(
+                name="training",
+                command=[sys.executable, "-m", "services.training"],
+                env={
+                    **_training_service_env(settings, kafka),
+                    "MLOPS_TRAINING_METRICS_PORT": str(port),
+                },
+                ready=lambda: 'mlops_service_ready{service="training"} 1.0' in _metrics(port),
+                cwd=PROJECT_ROOT,
+                startup_timeout_s=90,
+            ),
+            directory / "training.log",
         )
-        outcome = build_pipeline(settings).run(request, LoggedProgress(request.request_id))
+        client = RegistryClient(registry.client_settings())
+        try:
+            asyncio.run(publish_request(settings, message))
+            localinfra.wait_until(  # counted once trained, tracked and registered
+                lambda: 'mlops_training_runs_total{outcome="trained"} 1.0' in _metrics(port),
+                240,
+                "the training service to finish the request",
+                interval_s=1.0,
+                alive=service.alive,
+            )
+        finally:
+            service.stop(timeout=30)
+        assert service.process.returncode == 0, service.tail()
+        version = client.get_version(version=1)
+        client.close()
+        run = ExperimentTracker(mlflow_server).get_run(version.run_id)
+        outcome = TrainingOutcome(
+            message.request_id, run.run_id, run.tags[rc.TAG_MODEL_SHA256], run.metrics, version
+        )
+        committed = asyncio.run(_committed_offsets(kafka, settings.consumer_group))
         yield FirstModel(
             kafka,
             storage,
@@ -106,11 +185,20 @@ def first_model(
             history,
             registry,
             settings,
-            request,
+            TrainingRequest.from_proto(message),
             outcome,
+            committed,
         )
     finally:
         registry.stop()
+
+
+def _metrics(port: int) -> str:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as response:
+            return str(response.read().decode())
+    except OSError:
+        return ""
 
 
 def _torchscript_scores(payload: bytes, features: np.ndarray) -> np.ndarray:
@@ -233,6 +321,10 @@ async def test_lifecycle_events_carry_the_routing_table(first_model: FirstModel)
     assert (served.version, served.alias, served.traffic_percent) == (1, "production", 100)
     assert first_model.outcome.version is not None
     assert served.threshold == pytest.approx(first_model.outcome.version.threshold)
+
+
+def test_the_request_offset_was_committed_after_the_run(first_model: FirstModel) -> None:
+    assert first_model.committed_offsets == 1
 
 
 def test_a_redelivered_request_is_not_trained_again(first_model: FirstModel) -> None:
