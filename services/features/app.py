@@ -23,6 +23,7 @@ their events only after ``FeatureSink`` has written the rows online and offline.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 import uuid
@@ -67,7 +68,12 @@ class FactTable(faust.Table):
 
     faust's own ``table[key] = value`` takes the partition from the stream's current event,
     which in a batch (``take``) is not the event that produced the fact, and is unusable from
-    a timer. Facts carry their partition, so writes name it explicitly.
+    a timer; facts carry their partition, so writes name it. The changelog records are
+    produced by ``send_changelog_records`` at the end of each batch straight through the
+    app's producer (faust's per-record ``send_soon`` path cost more than the rest of the
+    processing); faust flushes that producer before it commits input offsets, as before.
+    Records are JSON, exactly as faust's own json serializer writes them, so faust's
+    recovery reads them back.
     """
 
     # mode names a service's logger after its module; faust's loggers are the quiet ones
@@ -76,15 +82,22 @@ class FactTable(faust.Table):
     def __init__(self, *args: Any, rebuild: Rebuild | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._rebuild = rebuild
+        self._unsent: list[tuple[int, bytes, bytes | None]] = []
         self.active_partitions: set[int] = set()
 
     def put(self, key: tuple[str, ...], value: list[Any], partition: int) -> None:
         self.data[key] = value
-        self.send_changelog(partition, key, value)
+        self._unsent.append((partition, _json(key), _json(value)))
 
     def remove(self, key: tuple[str, ...], partition: int) -> None:
         self.data.pop(key, None)
-        self.send_changelog(partition, key, None, value_serializer="raw")
+        self._unsent.append((partition, _json(key), None))  # a tombstone
+
+    async def send_changelog_records(self) -> None:
+        unsent, self._unsent = self._unsent, []
+        producer, topic = self.app.producer, self.changelog_topic_name
+        for partition, key, value in unsent:
+            await producer.send(topic, key, value, partition, None, None)
 
     async def on_recovery_completed(self, active_tps: set[TP], standby_tps: set[TP]) -> None:
         await super().on_recovery_completed(active_tps, standby_tps)
@@ -144,7 +157,6 @@ class FeaturePipeline:
         self.merchant_facts_topic = f"{group}.merchant-facts"
 
         self.validated = self._raw_topic(self.topics.validated)
-        self.refs = self._raw_topic(self.transaction_refs_topic, internal=partitions)
         self.merchant_facts = self._raw_topic(self.merchant_facts_topic, internal=partitions)
         self.join_input = self._raw_topic(self.transaction_refs_topic, self.topics.validated_labels)
         self.dead_letters = self._raw_topic(self.topics.dlq)
@@ -216,15 +228,15 @@ class FeaturePipeline:
                     rows.append(update.row)
                 # every transaction goes on, whatever the user state made of it: the merchant
                 # and the join have their own clocks and deduplicate by transaction_id
-                await self.refs.send(
-                    key=txn.transaction_id.encode(),
-                    value=TransactionRef(
-                        txn.transaction_id, txn.merchant_id, txn.event_time_us
-                    ).encode(),
+                await self._forward(
+                    self.transaction_refs_topic,
+                    txn.transaction_id,
+                    TransactionRef(txn.transaction_id, txn.merchant_id, txn.event_time_us).encode(),
                 )
-                await self.merchant_facts.send(
-                    key=txn.merchant_id.encode(),
-                    value=MerchantFact(
+                await self._forward(
+                    self.merchant_facts_topic,
+                    txn.merchant_id,
+                    MerchantFact(
                         "txn",
                         txn.merchant_id,
                         txn.transaction_id,
@@ -233,6 +245,7 @@ class FeaturePipeline:
                         trigger_ingested_us=txn.ingested_us,
                     ).encode(),
                 )
+            await self.user_facts.send_changelog_records()
             await self.sink.publish(rows, [partial(stream.ack, e) for e in events])
 
     async def _label_join(self, stream: StreamT[Any]) -> None:
@@ -258,9 +271,10 @@ class FeaturePipeline:
                 if result.evicted:
                     metrics.JOIN_EXPIRED.labels("evicted_label").inc(result.evicted)
                 if result.fact is not None:
-                    await self.merchant_facts.send(
-                        key=result.fact.merchant_id.encode(), value=result.fact.encode()
+                    await self._forward(
+                        self.merchant_facts_topic, result.fact.merchant_id, result.fact.encode()
                     )
+            await self.join_table.send_changelog_records()
 
     async def _merchant_activity(self, stream: StreamT[Any]) -> None:
         settings = self.settings
@@ -278,7 +292,12 @@ class FeaturePipeline:
                 self._count(f"merchant_{fact.kind}s", MERCHANT_VIEW, update.outcome, update.evicted)
                 if update.row is not None:
                     rows.append(update.row)
+            await self.merchant_fact_table.send_changelog_records()
             await self.sink.publish(rows, [partial(stream.ack, e) for e in events])
+
+    async def _forward(self, topic: str, key: str, value: bytes) -> None:
+        """Re-key a fact onto an internal topic (the default partitioner, like Kafka's)."""
+        await self.app.producer.send(topic, key.encode(), value, None, None, None)
 
     @staticmethod
     def _count(stream: str, view: str, outcome: Outcome, evicted: int) -> None:
@@ -330,6 +349,8 @@ class FeaturePipeline:
         users = self.users.expire_idle(self.user_facts.active_partitions)
         merchants = self.merchants.expire_idle(self.merchant_fact_table.active_partitions)
         expired = self.join.expire(self.join_table.active_partitions)
+        for table in (self.user_facts, self.merchant_fact_table, self.join_table):
+            await table.send_changelog_records()
         metrics.JOIN_EXPIRED.labels("transaction").inc(expired.transactions)
         metrics.JOIN_EXPIRED.labels("unmatched_label").inc(expired.unmatched_labels)
         if users or merchants or expired.transactions or expired.unmatched_labels:
@@ -348,6 +369,10 @@ class FeaturePipeline:
         metrics.TABLE_ENTRIES.labels("held_labels").set(self.join.pending_count)
         metrics.ENTITIES.labels(USER_VIEW).set(self.users.entity_count)
         metrics.ENTITIES.labels(MERCHANT_VIEW).set(self.merchants.entity_count)
+
+
+def _json(data: Any) -> bytes:
+    return json.dumps(data, separators=(",", ":")).encode()
 
 
 def _unacked_batches(
