@@ -20,6 +20,7 @@ previous run (services/cli/replace_previous.py).
 from __future__ import annotations
 
 import contextlib
+import http.client
 import json
 import os
 import secrets
@@ -133,7 +134,7 @@ def _prometheus_health(host: str, port: int, jobs: Iterable[str]) -> Health:
             f"http://{host}:{port}/api/v1/targets?state=active", timeout=2
         ) as response:
             targets = json.load(response)["data"]["activeTargets"]
-    except (urllib.error.URLError, OSError, ValueError, KeyError) as exc:
+    except (urllib.error.URLError, OSError, ValueError, KeyError, http.client.HTTPException) as exc:
         return Health(False, f"targets API: {exc}")
     health = {t["labels"]["job"]: (t["health"], t.get("lastError", "")) for t in targets}
     expected = sorted(jobs)
@@ -300,7 +301,9 @@ class LocalStack:
             Component(
                 "redis",
                 "infrastructure",
-                tuple(redis.command),
+                # Redis rewrites its process title over its environment by default, which
+                # would erase the stack's markers (stack_processes could not see it)
+                (*redis.command, "--set-proc-title", "no"),
                 redis.env,
                 _probe(redis.ready, "PONG", "no PONG"),
                 (Endpoint("Redis (Feast online store)", f"{h}:{s.redis_port}"),),

@@ -6,10 +6,12 @@ module is the terminal front end: progress while waiting, tables of states and e
 
 from __future__ import annotations
 
+import http.client
 import os
 import shutil
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from functools import wraps
 from typing import Annotated, Any, TypeVar
 
@@ -19,7 +21,9 @@ from rich.table import Table
 
 from services.cli.localstack import (
     Component,
+    Health,
     LocalStack,
+    ProgramState,
     StackError,
     StackSettings,
     Supervisor,
@@ -73,8 +77,9 @@ def up(
 ) -> None:
     """Start every component and wait until all are healthy, then print the endpoints.
 
-    Idempotent: on a running stack it starts only what is not running (and adds services
-    that appeared since) and reports the rest.
+    Order: the infrastructure, then the Feast definitions are applied (one writer), then the
+    services, then Prometheus must see every scrape target up. Idempotent: on a running stack
+    it starts only what is not running (and adds services that appeared since).
     """
     stack = LocalStack(StackSettings())
     supervisor = Supervisor(stack)
@@ -82,9 +87,63 @@ def up(
     _check_binaries()
     components = stack.components()
     console.print(f"[bold]MLOps platform[/] — local stack in {_rel(stack.var_dir)}/")
+    _configure_and_start_supervisord(stack, supervisor, components)
 
+    programs = supervisor.programs()
+    already = {name for name, p in programs.items() if p.state == "RUNNING"}
+    infrastructure = [c for c in components if c.role == "infrastructure"]
+    services = [c for c in components if c.role == "service"]
+    prometheus = next(c for c in infrastructure if c.name == "prometheus")
+    # its targets include the services: first only "ready", all targets up at the end
+    prometheus_ready = replace(
+        prometheus,
+        probe=lambda: Health(
+            localinfra.http_ok(
+                f"http://{stack.settings.host}:{stack.settings.prometheus_port}/-/ready"
+            ),
+            "ready",
+        ),
+    )
+
+    console.print("[bold]Infrastructure[/]")
+    _start(supervisor, infrastructure, programs)
+    _wait_healthy(
+        stack,
+        supervisor,
+        [prometheus_ready if c is prometheus else c for c in infrastructure],
+        deadline,
+    )
+
+    with console.status("applying the Feast feature definitions…"):
+        started = time.monotonic()
+        applied = stack.apply_feature_definitions()
+    console.print(
+        f"[green]✓[/] Feast definitions {'applied' if applied else 'unchanged'}"
+        + (f" ({time.monotonic() - started:.1f}s)" if applied else "")
+    )
+
+    console.print("[bold]Services[/]")
+    _start(supervisor, services, programs)
+    _wait_healthy(stack, supervisor, services, deadline)
+    for missing in stack.unbuilt_services():
+        console.print(
+            f"  [dim]- {missing:<11} not built yet (services/{missing}/__main__.py missing)[/]"
+        )
+
+    console.print("[bold]Monitoring[/]")
+    _wait_healthy(stack, supervisor, [prometheus], deadline)
+
+    if {c.name for c in components} <= already:
+        console.print("[green]✓[/] everything was already running; nothing started")
+    _print_endpoints(stack, components)
+
+
+def _configure_and_start_supervisord(
+    stack: LocalStack, supervisor: Supervisor, components: list[Component]
+) -> None:
     running = supervisor.running()
     if not running:
+        # a supervisord killed with SIGKILL leaves its programs running, holding the ports
         strays = stack.processes()
         if strays:
             console.print(
@@ -103,60 +162,28 @@ def up(
     stack.prepare()
     config_changed = stack.write_supervisord_config()
     console.print(f"[green]✓[/] configuration {_rel(stack.supervisord_config)}")
-    if running:
-        console.print(f"[green]✓[/] supervisord already running (pid {supervisor.pid()})")
-        if config_changed:
-            added, changed, removed = supervisor.reload()
-            for verb, names in (("added", added), ("restarted", changed), ("removed", removed)):
-                if names:
-                    console.print(f"[green]✓[/] {verb}: {', '.join(names)}")
-        if stack.prometheus_config.read_text() != old_prometheus:
-            _reload_prometheus(stack)
-    else:
+    if not running:
         supervisor.start()
         console.print(f"[green]✓[/] supervisord started (pid {supervisor.pid()})")
+        return
+    console.print(f"[green]✓[/] supervisord already running (pid {supervisor.pid()})")
+    if config_changed:
+        added, changed, removed = supervisor.reload()
+        for verb, names in (("added", added), ("restarted", changed), ("removed", removed)):
+            if names:
+                console.print(f"[green]✓[/] {verb}: {', '.join(names)}")
+    if stack.prometheus_config.read_text() != old_prometheus:
+        _reload_prometheus(stack)
 
-    infrastructure = [c for c in components if c.role == "infrastructure"]
-    services = [c for c in components if c.role == "service"]
-    prometheus = next(c for c in infrastructure if c.name == "prometheus")
-    already = {n for n, p in supervisor.programs().items() if p.state == "RUNNING"}
 
-    console.print("[bold]Infrastructure[/]")
-    _wait_healthy(stack, supervisor, [c for c in infrastructure if c is not prometheus], deadline)
-    _wait_until(
-        "prometheus",
-        lambda: localinfra.http_ok(
-            f"http://{stack.settings.host}:{stack.settings.prometheus_port}/-/ready"
-        ),
-        supervisor,
-        deadline,
-    )
-
-    with console.status("applying the Feast feature definitions…"):
-        started = time.monotonic()
-        applied = stack.apply_feature_definitions()
-    console.print(
-        f"[green]✓[/] Feast definitions {'applied' if applied else 'unchanged'}"
-        + (f" ({time.monotonic() - started:.1f}s)" if applied else "")
-    )
-
-    console.print("[bold]Services[/]")
-    for service in services:
-        if service.name not in already:
-            supervisor.start_program(service.name)
-    _wait_healthy(stack, supervisor, services, deadline)
-    for missing in stack.unbuilt_services():
-        console.print(
-            f"  [dim]- {missing:<11} not built yet (services/{missing}/__main__.py missing)[/]"
-        )
-
-    console.print("[bold]Monitoring[/]")
-    _wait_healthy(stack, supervisor, [prometheus], deadline)
-
-    started_now = sorted({c.name for c in components} - already)
-    if not started_now:
-        console.print("[green]✓[/] everything was already running; nothing started")
-    _print_endpoints(stack, components)
+def _start(
+    supervisor: Supervisor, components: list[Component], programs: dict[str, ProgramState]
+) -> None:
+    """Start what is not running or starting (services, and anything that gave up: FATAL)."""
+    for component in components:
+        program = programs.get(component.name)
+        if program is None or program.state not in ("RUNNING", "STARTING", "BACKOFF"):
+            supervisor.start_program(component.name)
 
 
 def _check_binaries() -> None:
@@ -174,21 +201,8 @@ def _reload_prometheus(stack: LocalStack) -> None:
     try:
         urllib.request.urlopen(urllib.request.Request(url, method="POST"), timeout=5).close()
         console.print("[green]✓[/] Prometheus reloaded its scrape targets")
-    except OSError as exc:
+    except (OSError, http.client.HTTPException) as exc:
         console.print(f"[yellow]![/] Prometheus reload failed ({exc}); it restarts with them")
-
-
-def _wait_until(
-    name: str, probe: Callable[[], bool], supervisor: Supervisor, deadline: float
-) -> None:
-    started = time.monotonic()
-    with console.status(f"waiting for {name}…"):
-        while not probe():
-            _fail_if_fatal(supervisor, [name])
-            if time.monotonic() > deadline:
-                raise StackError(f"{name} not ready in time; see {name} logs")
-            time.sleep(0.3)
-    console.print(f"  [green]✓[/] {name:<11} ready ({time.monotonic() - started:.1f}s)")
 
 
 def _fail_if_fatal(supervisor: Supervisor, names: list[str]) -> None:
@@ -291,11 +305,9 @@ def down() -> None:
     if busy:
         listed = ", ".join(f"{p} ({listener_of(p) or 'unknown'})" for p in busy)
         raise StackError(f"no process of the stack is left, but ports are still taken: {listed}")
-    console.print(f"[green]✓[/] no process of the stack left; ports {_ranges(ports)} are free")
-
-
-def _ranges(ports: list[int]) -> str:
-    return ", ".join(str(p) for p in ports)
+    console.print(
+        f"[green]✓[/] no process of the stack left; ports {', '.join(map(str, ports))} are free"
+    )
 
 
 # ----------------------------------------------------------------------------- status

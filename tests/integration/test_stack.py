@@ -4,9 +4,11 @@ MLflow restarted without the port left blocked, and `down` leaving nothing behin
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import urllib.request
@@ -23,7 +25,7 @@ from services.cli.localstack import (
     load_stack,
     stack_processes,
 )
-from services.shared.localinfra import free_port, port_open, wait_until
+from services.shared.localinfra import port_open, wait_until
 from services.shared.settings import PROJECT_ROOT
 
 
@@ -43,11 +45,14 @@ def _mlops(
 
 @pytest.fixture
 def stack_env(tmp_path: Path) -> Iterator[dict[str, str]]:
-    ports = {
-        f"MLOPS_STACK_{name.upper()}": str(free_port())
-        for name in StackSettings.model_fields
-        if name.endswith("_port")
-    }
+    names = [name for name in StackSettings.model_fields if name.endswith("_port")]
+    # held open together, so that no two components get the same port
+    with contextlib.ExitStack() as held:
+        sockets = [held.enter_context(socket.create_server(("127.0.0.1", 0))) for _ in names]
+        ports = {
+            f"MLOPS_STACK_{name.upper()}": str(sock.getsockname()[1])
+            for name, sock in zip(names, sockets, strict=True)
+        }
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith("MLOPS_")},
         **ports,
@@ -90,6 +95,9 @@ def test_up_status_crash_and_down(stack_env: dict[str, str]) -> None:
     assert status.returncode == 0, status.stdout
     assert (stack.var_dir / "log" / "kafka.log").exists()
     assert oct(stack.token_file.stat().st_mode & 0o777) == "0o600"
+    # every program carries the stack's marker, so `down` can prove none is left
+    marked = {p.pid: p.program for p in stack_processes(stack.var_dir)}
+    assert {name: marked.get(p.pid) for name, p in programs.items()} == {n: n for n in programs}
 
     # a second `up` starts nothing
     again = _mlops(stack_env, "stack", "up", "--timeout", "60")
