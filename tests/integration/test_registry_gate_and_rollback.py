@@ -5,7 +5,8 @@ test period are shuffled (a deliberately worse model whose held-out test set sti
 true labels, so the gate judges it on real outcomes). The scenario:
 
 1. worse model -> v1, production (first model, nothing to compare with);
-2. good model -> v2: beats v1 on v2's held-out set -> canary at the default share;
+2. good model -> v2: beats v1 on v2's held-out set -> canary at the default share; its share
+   is widened, then the canary is removed;
 3. v2 promoted -> production, v1 archived, Triton serves v2 only;
 4. worse model again -> v3: does not beat v2 -> rejected, reason recorded, not in Triton;
 5. rollback -> v1 production again, v2 archived, Triton answers from v1.
@@ -113,7 +114,15 @@ async def test_gate_promotion_and_rollback(
     production = client.get_version(alias="production")
     assert production.version == 1 and production.traffic_percent == 85
 
-    # 3. promotion: v2 production, v1 archived and no longer served
+    # the canary's share moves without reloading Triton; removing it stops serving it
+    widened = client.set_alias("canary", 2, traffic_percent=30)
+    assert widened.traffic_percent == 30
+    assert client.get_version(alias="production").traffic_percent == 70
+    removed = client.set_alias("canary", 0, reason="pause the canary")
+    assert removed.version == 2 and removed.stage == Stage.MODEL_STAGE_ARCHIVED
+    assert repository.ready_versions() == [1]
+
+    # 3. promotion (of the now archived v2): v2 production, v1 archived and no longer served
     promoted = client.set_alias("production", 2, reason="canary looked good")
     assert promoted.stage == Stage.MODEL_STAGE_PRODUCTION and promoted.traffic_percent == 100
     assert client.get_version(version=1).stage == Stage.MODEL_STAGE_ARCHIVED
@@ -148,7 +157,7 @@ async def test_gate_promotion_and_rollback(
     client.close()
 
     # every transition is on models.lifecycle, with the routing table after it
-    events = await read_lifecycle(kafka, at_least=15)
+    events = await read_lifecycle(kafka, at_least=19)
     kinds = [(models_pb2.ModelEventType.Name(e.type), e.version) for e in events]
     assert kinds == [
         ("MODEL_EVENT_TYPE_REGISTERED", 1),
@@ -158,7 +167,11 @@ async def test_gate_promotion_and_rollback(
         ("MODEL_EVENT_TYPE_REGISTERED", 2),
         ("MODEL_EVENT_TYPE_GATE_PASSED", 2),
         ("MODEL_EVENT_TYPE_PUBLISHED", 2),
-        ("MODEL_EVENT_TYPE_ALIAS_SET", 2),
+        ("MODEL_EVENT_TYPE_ALIAS_SET", 2),  # canary at 15%
+        ("MODEL_EVENT_TYPE_ALIAS_SET", 2),  # canary at 30%
+        ("MODEL_EVENT_TYPE_ALIAS_SET", 0),  # canary removed
+        ("MODEL_EVENT_TYPE_UNPUBLISHED", 2),
+        ("MODEL_EVENT_TYPE_PUBLISHED", 2),
         ("MODEL_EVENT_TYPE_PROMOTED", 2),
         ("MODEL_EVENT_TYPE_UNPUBLISHED", 1),
         ("MODEL_EVENT_TYPE_REGISTERED", 3),
@@ -173,9 +186,12 @@ async def test_gate_promotion_and_rollback(
 
     assert table(events[7]) == [(1, "production", 85), (2, "canary", 15)]
     assert events[7].alias == "canary" and events[7].traffic_percent == 15
-    assert table(events[8]) == [(2, "production", 100)]
-    assert events[8].previous_version == 1
-    assert events[11].gate.reason == v3.gate.reason and table(events[11]) == table(events[8])
-    assert table(events[13]) == [(1, "production", 100)]
-    assert events[13].previous_version == 2 and events[13].reason == "test rollback"
+    assert table(events[8]) == [(1, "production", 70), (2, "canary", 30)]
+    assert events[9].alias == "canary" and events[9].previous_version == 2
+    assert table(events[9]) == table(events[10]) == [(1, "production", 100)]
+    assert table(events[12]) == [(2, "production", 100)]
+    assert events[12].previous_version == 1 and events[12].reason == "canary looked good"
+    assert events[15].gate.reason == v3.gate.reason and table(events[15]) == table(events[12])
+    assert table(events[17]) == [(1, "production", 100)]
+    assert events[17].previous_version == 2 and events[17].reason == "test rollback"
     assert all(e.served[0].threshold > 0 for e in events if e.served)

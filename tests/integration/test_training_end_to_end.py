@@ -15,6 +15,7 @@ import hashlib
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
 import urllib.request
@@ -409,3 +410,61 @@ def test_a_tampered_file_in_triton_is_refused_and_reconciled(first_model: FirstM
     assert repository.verify_version(1)
     assert repository.ready_versions() == [1]
     np.testing.assert_allclose(repository.infer(1, rows), expected, rtol=0, atol=1e-6)
+
+
+def _backend_stubs(model_name: str) -> list[int]:
+    """Pids of Triton's Python-backend stub processes serving ``model_name``."""
+    import psutil
+
+    found = []
+    for process in psutil.process_iter(["cmdline"]):
+        cmdline = " ".join(process.info["cmdline"] or [])
+        if "triton_python_backend_stub" in cmdline and f"/{model_name}/" in cmdline:
+            found.append(process.pid)
+    return found
+
+
+def test_a_dead_backend_stub_is_detected_and_reloaded(first_model: FirstModel) -> None:
+    repository = first_model.repository()
+    rows = _test_set(first_model)[0][:8]
+    expected = _torchscript_scores(_model_bytes(first_model), rows)
+    stubs = _backend_stubs(first_model.registry.settings.model_name)
+    assert stubs, "Triton runs the model in a Python-backend stub process"
+    for pid in stubs:
+        os.kill(pid, signal.SIGKILL)  # a crashed stub: Triton still reports the model ready
+    localinfra.wait_until(
+        lambda: not repository.probe(1, len(rows[0])), 30, "the probe to notice the dead stub"
+    )
+    assert repository.ready_versions() == [1]
+
+    first_model.registry.reconcile()  # the probe fails: unload + load
+    np.testing.assert_allclose(repository.infer(1, rows), expected, rtol=0, atol=1e-6)
+
+
+def test_the_cli_lists_shows_and_traces_versions(first_model: FirstModel) -> None:
+    from typer.testing import CliRunner
+
+    from services.cli.main import app
+
+    client = first_model.registry.client_settings()
+    env = {
+        "MLOPS_REGISTRY_CLIENT_ADDRESS": client.address,
+        "MLOPS_REGISTRY_CLIENT_MODEL_NAME": client.model_name,
+        "MLOPS_REGISTRY_CLIENT_TOKEN": "",
+        "MLOPS_REGISTRY_CLIENT_TOKEN_FILE": str(first_model.storage.data_dir / "no-token"),
+        "COLUMNS": "250",
+    }
+    runner = CliRunner()
+    listed = runner.invoke(app, ["models", "list"], env=env)
+    assert listed.exit_code == 0, listed.output
+    assert client.model_name in listed.output and "production" in listed.output
+    shown = runner.invoke(app, ["models", "show", "production"], env=env)
+    assert shown.exit_code == 0, shown.output
+    assert first_model.outcome.model_sha256 in shown.output and "passed" in shown.output
+    traced = runner.invoke(app, ["models", "lineage", "1"], env=env)
+    assert traced.exit_code == 0, traced.output
+    assert first_model.request.request_id in traced.output
+    refused = runner.invoke(app, ["models", "rollback"], env=env)  # no token configured
+    assert refused.exit_code == 1 and "Unauthenticated" in refused.output
+    missing = runner.invoke(app, ["models", "show", "canary"], env=env)
+    assert missing.exit_code == 1 and "no canary version" in missing.output
