@@ -73,6 +73,9 @@ class RegistryApp:
         except PlatformError as exc:
             log.warning("reconcile_failed", error=type(exc).__name__, detail=exc.message)
             return
+        except Exception as exc:  # the loop must outlive any one failure
+            log.exception("reconcile_crashed", error=type(exc).__name__)
+            return
         if report.published or report.reloaded:
             log.info(
                 "reconciled",

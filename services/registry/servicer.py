@@ -10,15 +10,18 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Sequence
-from typing import Protocol, TypeVar
+from typing import Protocol
 
 import grpc
+from aiokafka.errors import KafkaError
 
 from services.registry.client import ACTOR_METADATA
 from services.registry.service import ModelRegistryService, ReconcileReport, Transition
+from services.shared.errors import Unavailable
+from services.shared.logging import get_logger
 from services.shared.proto.mlops.v1 import models_pb2, registry_pb2, registry_pb2_grpc
 
-T = TypeVar("T")
+log = get_logger("registry.servicer")
 
 
 class EventSink(Protocol):
@@ -42,7 +45,16 @@ class ModelRegistryServicer(registry_pb2_grpc.ModelRegistryServicer):
     async def _mutate(self, call: Callable[[], Transition]) -> models_pb2.ModelVersion:
         async with self.lock:
             transition = await asyncio.to_thread(call)
-            await self.events.publish(transition.events)
+            try:
+                await self.events.publish(transition.events)
+            except KafkaError as exc:
+                # the change is durable (MLflow, Triton); only its announcement failed
+                ids = ",".join(e.event_id for e in transition.events)
+                log.error("lifecycle_publish_failed", event_ids=ids, error=str(exc))
+                raise Unavailable(
+                    f"v{transition.version.version}: the change was applied but its lifecycle "
+                    f"events could not be published ({exc}); consumers see it on the next event"
+                ) from exc
         return transition.version
 
     async def reconcile(self) -> ReconcileReport:

@@ -8,12 +8,12 @@ history), tags and plain artifacts. The TorchScript model is logged as a file, n
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from services.shared.errors import Unavailable
+from services.shared.errors import NotFound, Unavailable
 from services.shared.logging import get_logger
 from services.shared.settings import MlflowSettings
 
@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from mlflow import MlflowClient
 
 log = get_logger("training.tracking")
+T = TypeVar("T")
 
 TAG_REGISTERED_VERSION = "mlops.registered_version"
 
@@ -83,6 +84,9 @@ class ExperimentTracker:
 
     def log_run(self, record: RunRecord) -> str:
         """Create a finished run holding ``record``; returns its id."""
+        return _mlflow_call("log the run", self._log_run, record)
+
+    def _log_run(self, record: RunRecord) -> str:
         from mlflow.entities import Metric, Param, RunTag
 
         client = self.client
@@ -115,12 +119,16 @@ class ExperimentTracker:
         return run_id
 
     def mark_registered(self, run_id: str, version: int) -> None:
-        self.client.set_tag(run_id, TAG_REGISTERED_VERSION, str(version))
+        _mlflow_call(
+            "tag the run", self.client.set_tag, run_id, TAG_REGISTERED_VERSION, str(version)
+        )
 
     def find_run(self, tag: str, value: str) -> TrackedRun | None:
         """The latest finished run whose ``tag`` equals ``value``, if any."""
         escaped = value.replace("'", "\\'")
-        runs = self.client.search_runs(
+        runs = _mlflow_call(
+            "search runs",
+            self.client.search_runs,
             [self.experiment_id()],
             filter_string=f"tags.`{tag}` = '{escaped}' and attributes.status = 'FINISHED'",
             order_by=["attributes.start_time DESC"],
@@ -130,11 +138,34 @@ class ExperimentTracker:
 
     def download(self, run_id: str, artifact_path: str) -> bytes:
         with tempfile.TemporaryDirectory(prefix="mlops-artifact-") as tmp:
-            local = self.client.download_artifacts(run_id, artifact_path, tmp)
+            local = _mlflow_call(
+                f"download {artifact_path}",
+                self.client.download_artifacts,
+                run_id,
+                artifact_path,
+                tmp,
+            )
             return Path(local).read_bytes()
 
     def get_run(self, run_id: str) -> TrackedRun:
-        return _tracked(self.client.get_run(run_id))
+        return _tracked(_mlflow_call(f"get run {run_id}", self.client.get_run, run_id))
+
+
+def _mlflow_call(what: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """MLflow's errors as the platform's: a run that cannot be read is NotFound, anything
+    else (server down, timeouts) Unavailable, so the consumer retries the request later."""
+    from mlflow.exceptions import MlflowException, RestException
+
+    try:
+        return fn(*args, **kwargs)
+    except RestException as exc:
+        if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND"):
+            raise NotFound(f"MLflow could not {what}: {exc.message}") from exc
+        raise Unavailable(f"MLflow could not {what}: {exc.message}") from exc
+    except MlflowException as exc:
+        raise Unavailable(f"MLflow could not {what}: {exc.message}") from exc
+    except OSError as exc:  # connection refused / reset below MLflow's own handling
+        raise Unavailable(f"MLflow could not {what}: {exc}") from exc
 
 
 def _tracked(run: Any) -> TrackedRun:
