@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 
 from services.serving.health import ServingHealth
 from services.serving.online_features import OnlineFeatureLayout, OnlineFeatureReader
@@ -81,6 +82,7 @@ class ServingApp:
             prediction_log=self.prediction_log,
             batch_max_size=settings.batch_max_size,
             batch_max_delay_s=settings.batch_max_delay_ms / 1000.0,
+            batch_max_in_flight=settings.batch_max_in_flight,
             default_timeout_s=settings.default_timeout_ms / 1000.0,
             deadline_margin_s=settings.deadline_margin_ms / 1000.0,
             deadline_margin_fraction=settings.deadline_margin_fraction,
@@ -138,6 +140,10 @@ async def serve(settings: ServingSettings, stop: asyncio.Event) -> None:
     if layout is None:
         return
     app = ServingApp(settings, layout)
+    # what start-up built (Feast, protobuf descriptors, numpy) lives as long as the process:
+    # keep it out of the garbage collector's generations, so collections stay short
+    gc.collect()
+    gc.freeze()
     await app.start()
     try:
         await stop.wait()

@@ -23,17 +23,18 @@ through the Feast SDK.
 from __future__ import annotations
 
 import asyncio
-import functools
+import hashlib
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import hiredis
 import redis.asyncio as aioredis
 from feast.infra.online_stores.helpers import _mmh3, _redis_key
 from feast.protos.feast.types.EntityKey_pb2 import EntityKey as EntityKeyProto
 from feast.protos.feast.types.Value_pb2 import Value as ValueProto
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from services.shared.errors import Unavailable
 from services.shared.logging import get_logger
@@ -44,7 +45,29 @@ if TYPE_CHECKING:
 
 log = get_logger("serving.features")
 
-_KEY_CACHE_SIZE = 200_000
+_VALUE_CACHE_SIZE = 100_000
+# HMGET of many keys as one command: the Redis client's per-command cost in Python
+# (packing, reply dispatch) is paid once per batch instead of once per entity. ARGV holds,
+# per view, its key count, its field count and its fields; KEYS the views' keys in order.
+# All keys of a batch must live on one node (true of Feast's single-node Redis store).
+_HMGET_MANY = """
+local out = {}
+local k = 1
+local a = 1
+while a <= #ARGV do
+  local nkeys = tonumber(ARGV[a])
+  local nfields = tonumber(ARGV[a + 1])
+  local fields = {unpack(ARGV, a + 2, a + 1 + nfields)}
+  local view = {}
+  for i = 1, nkeys do
+    view[i] = redis.call('HMGET', KEYS[k], unpack(fields))
+    k = k + 1
+  end
+  out[#out + 1] = view
+  a = a + 2 + nfields
+end
+return out
+"""
 
 
 @dataclass(frozen=True)
@@ -118,6 +141,54 @@ def decode_value(raw: bytes | None) -> Any:
     return getattr(value, kind)
 
 
+class EntityKeys:
+    """Feast's Redis key for each entity of one view, at a fraction of Feast's cost.
+
+    Feast's ``_redis_key`` (serialise an ``EntityKey`` proto, append the project) costs about
+    25 us per entity, more than the rest of a read. For a single string join key the key is
+    ``head + <uint32 length> + utf-8 value + project``: ``head`` is taken from Feast's own
+    output for the empty string, and the rule is checked against Feast for a set of probe
+    values when the view is loaded. If Feast's layout ever differs, every key comes from
+    ``_redis_key`` itself.
+    """
+
+    _PROBES = ("", "u", "user-12345", "ü-é-中", "x" * 300)
+
+    def __init__(self, layout: OnlineFeatureLayout, view: OnlineView) -> None:
+        self._project = layout.project
+        self._version = layout.entity_key_serialization_version
+        self._view = view
+        self._head: bytes | None = None
+        self._tail = layout.project.encode()
+        if not view.int_entity:
+            empty = self.feast_key("")
+            head = empty[: len(empty) - 4 - len(self._tail)]
+            self._head = head
+            if any(self._fast(p) != self.feast_key(p) for p in self._PROBES):
+                self._head = None
+                log.warning("feast_key_layout_unknown", view=view.name, using="feast helper")
+
+    def feast_key(self, entity: str) -> bytes:
+        """The key exactly as Feast builds it."""
+        value = (
+            ValueProto(int64_val=int(entity))
+            if self._view.int_entity
+            else ValueProto(string_val=entity)
+        )
+        key = EntityKeyProto(join_keys=[self._view.join_key], entity_values=[value])
+        return _redis_key(self._project, key, entity_key_serialization_version=self._version)
+
+    def _fast(self, entity: str) -> bytes:
+        assert self._head is not None
+        encoded = entity.encode()
+        return b"".join((self._head, len(encoded).to_bytes(4, "little"), encoded, self._tail))
+
+    def __call__(self, entity: str) -> bytes:
+        if self._head is None:
+            return self.feast_key(entity)
+        return self._fast(entity)
+
+
 class OnlineFeatureReader:
     """Reads every view of the layout for a batch of entity rows with one Redis pipeline.
 
@@ -151,18 +222,9 @@ class OnlineFeatureReader:
             socket_keepalive=True,
         )
         self._redis = aioredis.Redis(connection_pool=pool)
-        self._key = functools.lru_cache(maxsize=_KEY_CACHE_SIZE)(self._redis_key)
-
-    def _redis_key(self, view: OnlineView, entity: str) -> bytes:
-        value = (
-            ValueProto(int64_val=int(entity)) if view.int_entity else ValueProto(string_val=entity)
-        )
-        key = EntityKeyProto(join_keys=[view.join_key], entity_values=[value])
-        return _redis_key(
-            self.layout.project,
-            key,
-            entity_key_serialization_version=self.layout.entity_key_serialization_version,
-        )
+        self._script_sha = hashlib.sha1(_HMGET_MANY.encode(), usedforsecurity=False).hexdigest()
+        self._values: dict[bytes, Any] = {}
+        self._keys = {v.name: EntityKeys(layout, v) for v in layout.views}
 
     @property
     def available(self) -> bool:
@@ -190,28 +252,68 @@ class OnlineFeatureReader:
             row_index = [positions.setdefault(e, len(positions)) for e in ids]
             plan.append((view, list(positions), row_index))
         try:
-            replies = await asyncio.wait_for(self._fetch(plan), budget)
+            async with asyncio.timeout(budget):
+                replies = await self._fetch(plan)
         except (RedisError, OSError, TimeoutError) as exc:
             self._retry_at = time.monotonic() + self._retry_interval_s
             log.warning("online_store_unavailable", address=self._address, error=repr(exc))
             raise Unavailable(f"online store {self._address} unavailable: {exc!r}") from exc
         columns: dict[str, list[Any]] = {}
-        offset = 0
-        for view, distinct, row_index in plan:
-            values = replies[offset : offset + len(distinct)]
-            offset += len(distinct)
-            decoded = [[decode_value(raw) for raw in value[:-1]] for value in values]
+        decode = self._decode
+        for (view, _, row_index), hashes in zip(plan, replies, strict=True):
+            # the last field of each hash is the event time, which serving does not use
+            decoded = [[decode(raw) for raw in fields[:-1]] for fields in hashes]
             for position, name in enumerate(view.features):
-                columns[name] = [decoded[i][position] for i in row_index]
+                column = [row[position] for row in decoded]
+                columns[name] = [column[i] for i in row_index]
         return columns
 
+    def _decode(self, raw: bytes | None) -> Any:
+        """``decode_value`` through a cache: counts, rates and countries repeat endlessly."""
+        if raw is None:
+            return None
+        cache = self._values
+        try:
+            return cache[raw]
+        except KeyError:
+            if len(cache) >= _VALUE_CACHE_SIZE:
+                cache.clear()
+            value = cache[raw] = decode_value(raw)
+            return value
+
     async def _fetch(self, plan: list[tuple[OnlineView, list[str], list[int]]]) -> list[Any]:
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for view, distinct, _ in plan:
-                fields = self._fields[view.name]
-                for entity in distinct:
-                    pipe.hmget(self._key(view, entity), fields)
-            return list(await pipe.execute())
+        """One command for the whole batch: HMGET of every entity of every view."""
+        keys: list[bytes] = []
+        args: list[Any] = []
+        for view, distinct, _ in plan:
+            key = self._keys[view.name]
+            keys += [key(entity) for entity in distinct]
+            fields = self._fields[view.name]
+            args += [len(distinct), len(fields), *fields]
+        command = ("EVALSHA", self._script_sha, len(keys), *keys, *args)
+        try:
+            return list(await self._execute(command))
+        except NoScriptError:
+            # a restarted Redis has forgotten the script: load it again, once
+            await self._redis.script_load(_HMGET_MANY)
+            return list(await self._execute(command))
+
+    async def _execute(self, command: tuple[Any, ...]) -> Any:
+        """Send one command on a pooled connection, packed by hiredis (C) rather than by
+        redis-py's Python packer, which costs ~0.3 ms for a batch's key list."""
+        pool = self._redis.connection_pool
+        connection = await pool.get_connection(command[0])
+        try:
+            await connection.send_packed_command(hiredis.pack_command(command), check_health=False)
+            return await connection.read_response()
+        except ResponseError:
+            raise  # an error reply (NOSCRIPT): the connection is fine
+        except BaseException:
+            # a timeout or cancellation mid-reply leaves the connection unusable
+            await connection.disconnect()
+            raise
+        finally:
+            await pool.release(connection)
 
     async def ping(self) -> bool:
         try:

@@ -15,6 +15,7 @@ answered UNAVAILABLE before its caller's deadline, whatever its batch is still w
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 import uuid
 from collections.abc import Sequence
@@ -42,6 +43,18 @@ _ROUTE_NAMES: dict[int, str] = {
     monitoring_pb2.ROUTE_CANARY: "canary",
     monitoring_pb2.ROUTE_SHADOW: "shadow",
 }
+
+
+class RequestIds:
+    """Ids for requests that came without one: a random prefix per process and a counter
+    (unique across replicas and restarts, and far cheaper than a uuid4 per request)."""
+
+    def __init__(self) -> None:
+        self._prefix = uuid.uuid4().hex[:12]
+        self._counter = itertools.count(1)
+
+    def next(self) -> str:
+        return f"{self._prefix}-{next(self._counter)}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +107,7 @@ class Predictor:
         prediction_log: PredictionLog,
         batch_max_size: int = 256,
         batch_max_delay_s: float = 0.001,
+        batch_max_in_flight: int = 2,
         default_timeout_s: float = 1.0,
         deadline_margin_s: float = 0.005,
         deadline_margin_fraction: float = 0.05,
@@ -112,6 +126,7 @@ class Predictor:
         self._degrade = degrade_without_features
         self._shadow_max_inflight = shadow_max_inflight
         self._shadow_tasks: set[asyncio.Task[None]] = set()
+        self._request_ids = RequestIds()
         self._join_keys = features.layout.join_keys
         unknown = [
             k for k in self._join_keys if k not in events_pb2.Transaction.DESCRIPTOR.fields_by_name
@@ -122,6 +137,7 @@ class Predictor:
             self._score_batch,
             max_size=batch_max_size,
             max_delay_s=batch_max_delay_s,
+            max_in_flight=batch_max_in_flight,
             name="predict",
         )
 
@@ -142,7 +158,7 @@ class Predictor:
             raise InvalidArgument(f"{field}.{exc.field}", exc.reason, code=exc.code) from None
         loop = asyncio.get_running_loop()
         return _Request(
-            request_id=request_id or uuid.uuid4().hex,
+            request_id=request_id or self._request_ids.next(),
             transaction=transaction,
             amount=valid.amount,
             event_epoch=valid.event_time.timestamp(),
@@ -293,9 +309,16 @@ class Predictor:
         """Score each version's rows concurrently; rows whose version was switched away while
         they waited are re-routed once over the current table (a switch drops no request)."""
         loop = asyncio.get_running_loop()
-        outcomes = await asyncio.gather(
-            *(self._score(model, rows, matrix, deadline - loop.time()) for model, rows in groups)
-        )
+        if len(groups) == 1:  # the common case: no task per group
+            model, rows = groups[0]
+            outcomes = [await self._score(model, rows, matrix, deadline - loop.time())]
+        else:
+            outcomes = await asyncio.gather(
+                *(
+                    self._score(model, rows, matrix, deadline - loop.time())
+                    for model, rows in groups
+                )
+            )
         final: list[_Scored] = []
         retry: dict[int, tuple[ServedModel, list[int]]] = {}
         table = self.router.table

@@ -35,6 +35,12 @@ class ServingSettings(ServiceSettings):
         description="Longest a request waits for others to join its batch (0: the same "
         "event-loop turn only).",
     )
+    batch_max_in_flight: int = Field(
+        2,
+        ge=1,
+        description="Batches scored at once; while they run, new requests gather into the "
+        "next batch (bigger batches under load, fixed costs shared).",
+    )
     default_timeout_ms: float = Field(
         1000.0, gt=0, description="Time budget of a call whose caller sets no deadline."
     )
