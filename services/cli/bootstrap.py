@@ -133,13 +133,15 @@ def _progress() -> Progress:
 
 
 def _publish_history(
-    settings: TrainingSettings, days: float, users: int, seed: int
+    settings: TrainingSettings, days: float, users: int, seed: int, fraud_rate: float
 ) -> tuple[int, int]:
     from services.cli.simulate import PublishStats, publish
     from services.shared.usecase.simulator import SimulationConfig, TrafficSimulator
 
     simulator = TrafficSimulator(
-        SimulationConfig(seed=seed, users=users, merchants=max(10, users // 7))
+        SimulationConfig(
+            seed=seed, users=users, merchants=max(10, users // 7), fraud_rate=fraud_rate
+        )
     )
     end = datetime.now(UTC)
     events = simulator.history(end - timedelta(days=days), end)
@@ -170,6 +172,9 @@ def bootstrap(
     days: Annotated[float, typer.Option(help="Days of simulated history to publish.")] = 7.0,
     users: Annotated[int, typer.Option(help="Simulated card holders.")] = 2000,
     seed: Annotated[int, typer.Option(help="Simulation seed.")] = 42,
+    fraud_rate: Annotated[
+        float, typer.Option(help="Share of simulated transactions that are fraud.")
+    ] = 0.02,
     timeout: Annotated[
         float, typer.Option(help="Seconds to wait for ingestion and features to catch up.")
     ] = 900.0,
@@ -202,7 +207,7 @@ def bootstrap(
     if simulate:
         baseline = offline_rows(settings.storage)
         try:
-            transactions, labels = _publish_history(settings, days, users, seed)
+            transactions, labels = _publish_history(settings, days, users, seed, fraud_rate)
         except (PlatformError, OSError) as exc:
             console.print(f"[bold red]✗[/] could not publish to {settings.kafka.bootstrap}: {exc}")
             raise typer.Exit(1) from None

@@ -164,7 +164,10 @@ def test_bootstrap_makes_a_served_production_model(
     triton_server: TritonSettings,
 ) -> None:
     env, registry = platform
-    result = _bootstrap(env, "--days", "4", "--users", "400", "--timeout", "300")
+    # enough fraud episodes that every period of the time split gets some, whatever the day
+    result = _bootstrap(
+        env, "--days", "4", "--users", "400", "--fraud-rate", "0.05", "--timeout", "300"
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "ingestion archive and feature logs have caught up" in result.stdout
     assert "as production: Predict works" in result.stdout
