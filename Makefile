@@ -73,8 +73,10 @@ $(STAMPS)/project: pyproject.toml $(STAMPS)/requirements
 
 # ----------------------------------------------------------------------------- the local stack
 
-up: install ## Start the whole platform locally, wait until healthy, print the endpoints
+up: install ## Start the whole platform locally, wait until healthy, print the endpoints; first model if none
 	@$(MLOPS) stack up
+	@# no production model yet (a fresh platform): simulated history -> train -> production
+	@eval "$$($(MLOPS) stack env)" && $(MLOPS) bootstrap
 
 down: ## Stop everything `make up` started and verify nothing is left
 	@if [ -x $(MLOPS) ]; then $(MLOPS) stack down; else echo "nothing installed, nothing running"; fi
@@ -141,7 +143,8 @@ bench: install ## Run every loadtests/bench_*.py in turn; their tables go to BEN
 RATE ?= 20
 DEMO_SECONDS ?= 60
 demo: up ## Start the platform, run simulated card payments through it for a minute, show its state
-	$(MLOPS) simulate --rate $(RATE) --duration $(DEMO_SECONDS)
+	eval "$$($(MLOPS) stack env)" && $(MLOPS) simulate --rate $(RATE) --duration $(DEMO_SECONDS) \
+		--label-delay 10
 	@$(MLOPS) stack status
 
 USERS ?= 50

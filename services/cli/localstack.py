@@ -246,12 +246,11 @@ class LocalStack:
         built = LocalStack.built_services()
         return [s for s in SERVICES if s not in built]
 
-    def service_environment(self, service: str) -> dict[str, str]:
-        """The environment every service runs with: the one place the local stack's addresses
-        reach the services (they read it through their settings classes)."""
+    def client_environment(self) -> dict[str, str]:
+        """Where the stack's shared components are, as the settings classes read it: what
+        every service gets, and what a client of this stack needs (`mlops stack env`)."""
         s = self.settings
-        env = {
-            "PYTHONUNBUFFERED": "1",
+        return {
             "MLOPS_KAFKA_BOOTSTRAP": f"{s.host}:{s.kafka_port}",
             "MLOPS_KAFKA_BROKER_FLAVOR": "tansu",
             "MLOPS_REDIS_HOST": s.host,
@@ -266,6 +265,12 @@ class LocalStack:
             "MLOPS_REGISTRY_CLIENT_ADDRESS": f"{s.host}:{s.registry_grpc_port}",
             "MLOPS_REGISTRY_CLIENT_TOKEN_FILE": str(self.token_file),
         }
+
+    def service_environment(self, service: str) -> dict[str, str]:
+        """The environment ``service`` runs with: the one place the local stack's addresses
+        reach the services (they read it through their settings classes)."""
+        s = self.settings
+        env = {"PYTHONUNBUFFERED": "1", **self.client_environment()}
         prefix = f"MLOPS_{service.upper()}_"
         env[prefix + "METRICS_HOST"] = s.host
         env[prefix + "METRICS_PORT"] = str(s.metrics_port(service))

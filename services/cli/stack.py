@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import http.client
 import os
+import shlex
 import shutil
 import time
 from collections.abc import Callable
@@ -359,6 +360,20 @@ def status() -> None:
     console.print(table)
     if not all_ok:
         raise typer.Exit(1)
+
+
+# ----------------------------------------------------------------------------- env
+
+
+@app.command()
+@_reports_stack_errors
+def env() -> None:
+    """Print the stack's addresses as shell exports, for clients of a stack on other ports.
+
+    Example: eval "$(mlops stack env)" && mlops simulate --rate 50 --duration 60
+    """
+    for name, value in load_stack().client_environment().items():
+        print(f"export {name}={shlex.quote(value)}")
 
 
 # ----------------------------------------------------------------------------- logs

@@ -11,10 +11,12 @@ from services.monitoring.prediction_metrics import PredictionLogMetrics
 from services.monitoring.prediction_reader import PredictionLogReader
 from services.monitoring.settings import MonitoringSettings
 from services.shared.kafka import create_consumer, ensure_topics
+from services.shared.logging import get_logger
 from services.shared.runtime import SERVICE_READY, run_service
 from services.shared.topics import Topics
 
 SERVICE = "monitoring"
+log = get_logger(SERVICE)
 
 
 async def serve(settings: MonitoringSettings, stop: asyncio.Event) -> None:
@@ -48,6 +50,7 @@ async def serve(settings: MonitoringSettings, stop: asyncio.Event) -> None:
     await consumer.start()
     try:
         SERVICE_READY.labels(SERVICE).set(1)
+        log.info("prediction_log_reading", topic=topics.predictions, group=settings.group_id)
         await reader.run(stop)
     finally:
         SERVICE_READY.labels(SERVICE).set(0)
