@@ -88,6 +88,7 @@ class ServingApp:
             deadline_margin_fraction=settings.deadline_margin_fraction,
             degrade_without_features=settings.on_feature_store_unavailable == "degrade",
             shadow_max_inflight=settings.shadow_max_inflight,
+            switch_wait_s=settings.switch_wait_ms / 1000.0,
         )
         self.server = GrpcServer(
             host=settings.host, port=settings.port, service_names=[SERVICE_NAME]

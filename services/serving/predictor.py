@@ -29,7 +29,7 @@ from services.serving.batching import MicroBatcher
 from services.serving.online_features import OnlineFeatureReader
 from services.serving.prediction_log import PredictionEntry, PredictionLog
 from services.serving.routing import CanaryRouter, RouteDecision, ServedModel
-from services.serving.scoring import TritonScorer
+from services.serving.scoring import TritonScorer, VersionNotServed
 from services.shared.errors import DeadlineExceeded, InvalidArgument, PlatformError, Unavailable
 from services.shared.logging import get_logger
 from services.shared.proto.mlops.v1 import events_pb2, monitoring_pb2
@@ -113,6 +113,7 @@ class Predictor:
         deadline_margin_fraction: float = 0.05,
         degrade_without_features: bool = True,
         shadow_max_inflight: int = 8,
+        switch_wait_s: float = 2.0,
     ) -> None:
         self.model_name = model_name
         self.router = router
@@ -125,6 +126,7 @@ class Predictor:
         self._margin_fraction = deadline_margin_fraction
         self._degrade = degrade_without_features
         self._shadow_max_inflight = shadow_max_inflight
+        self._switch_wait_s = switch_wait_s
         self._shadow_tasks: set[asyncio.Task[None]] = set()
         self._request_ids = RequestIds()
         self._join_keys = features.layout.join_keys
@@ -189,7 +191,7 @@ class Predictor:
         except TimeoutError:
             raise Unavailable(
                 f"no score for {request.request_id} within the deadline "
-                f"({budget * 1000:.0f} ms): Triton or Redis too slow"
+                f"({budget * 1000:.0f} ms): the model or the feature store is too slow"
             ) from None
 
     async def predict_many(
@@ -306,38 +308,58 @@ class Predictor:
         users: list[str],
         deadline: float,
     ) -> list[_Scored]:
-        """Score each version's rows concurrently; rows whose version was switched away while
-        they waited are re-routed once over the current table (a switch drops no request)."""
+        """Score each version's rows (concurrently when the batch spans versions).
+
+        A version switch drops no request: rows whose version Triton no longer serves are
+        routed again over the new table, once. If the table still names that version (the
+        registry has changed Triton and its event is on the way), they wait for the new
+        table, at most ``switch_wait_s`` and never past their deadline.
+        """
+        loop = asyncio.get_running_loop()
+        table = self.router.table
+        outcomes = await self._score_all(matrix, groups, deadline)
+        final: list[_Scored] = []
+        gone: list[_Scored] = []
+        for outcome in outcomes:
+            if isinstance(outcome.error, VersionNotServed):
+                gone.append(outcome)
+            else:
+                final.append(outcome)
+        if not gone:
+            return final
+        # stop waiting a little before the deadline, so rows still get the real error
+        wait_s = min(self._switch_wait_s, deadline - loop.time() - 0.005)
+        if table is not None and all(o.model.version in table.versions() for o in gone):
+            await self.router.changed(table, wait_s)
+        current = self.router.table
+        retry: dict[int, tuple[ServedModel, list[int]]] = {}
+        for outcome in gone:
+            if current is None or outcome.model.version in current.versions():
+                final.append(outcome)  # still routed there: the error stands
+                continue
+            for position in outcome.rows:
+                model = CanaryRouter.route_with(current, users[position]).primary
+                retry.setdefault(model.version, (model, []))[1].append(position)
+        if retry:
+            log.info("rerouted_after_switch", rows=sum(len(r) for _, r in retry.values()))
+            final += await self._score_all(matrix, list(retry.values()), deadline)
+        return final
+
+    async def _score_all(
+        self, matrix: np.ndarray, groups: list[tuple[ServedModel, list[int]]], deadline: float
+    ) -> list[_Scored]:
         loop = asyncio.get_running_loop()
         if len(groups) == 1:  # the common case: no task per group
             model, rows = groups[0]
-            outcomes = [await self._score(model, rows, matrix, deadline - loop.time())]
-        else:
-            outcomes = await asyncio.gather(
+            return [await self._score(model, rows, matrix, deadline - loop.time())]
+        return list(
+            await asyncio.gather(
                 *(
                     self._score(model, rows, matrix, deadline - loop.time())
                     for model, rows in groups
                 )
             )
-        final: list[_Scored] = []
-        retry: dict[int, tuple[ServedModel, list[int]]] = {}
-        table = self.router.table
-        for outcome in outcomes:
-            if outcome.error is None or table is None or outcome.model.version in table.versions():
-                final.append(outcome)
-                continue
-            for position in outcome.rows:
-                model = CanaryRouter.route_with(table, users[position]).primary
-                retry.setdefault(model.version, (model, []))[1].append(position)
-        if retry:
-            log.info("rerouted_after_switch", rows=sum(len(r) for _, r in retry.values()))
-            final += await asyncio.gather(
-                *(
-                    self._score(model, rows, matrix, deadline - loop.time())
-                    for model, rows in retry.values()
-                )
-            )
-        return final
+        )
 
     async def _score(
         self, model: ServedModel, rows: list[int], matrix: np.ndarray, timeout_s: float

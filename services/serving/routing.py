@@ -8,6 +8,7 @@ canary's share does not change, and raising the share only adds users to it.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -118,6 +119,7 @@ class CanaryRouter:
 
     def __init__(self, table: RoutingTable | None = None) -> None:
         self._table = table
+        self._waiters: list[asyncio.Future[None]] = []
 
     @property
     def table(self) -> RoutingTable | None:
@@ -125,6 +127,24 @@ class CanaryRouter:
 
     def update(self, table: RoutingTable) -> None:
         self._table = table
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def changed(self, since: RoutingTable | None, timeout_s: float) -> bool:
+        """Wait (up to ``timeout_s``) until the table is no longer ``since``."""
+        if self._table is not since:
+            return True
+        if timeout_s <= 0:
+            return False
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            await asyncio.wait_for(waiter, timeout_s)
+        except TimeoutError:
+            return False
+        return self._table is not since
 
     def route(self, user_id: str) -> RouteDecision:
         table = self._table

@@ -33,6 +33,16 @@ _CHANNEL_ARGS = [
 ]
 
 
+class VersionNotServed(Unavailable):
+    """Triton is up but does not serve the version asked for (not loaded, or unloaded)."""
+
+
+def _not_served(exc: InferenceServerException) -> bool:
+    # Triton answers NOT_FOUND for a version it never loaded and UNAVAILABLE "... is not at
+    # ready state" for one it has unloaded (both start "Request for unknown model")
+    return exc.status() == "StatusCode.NOT_FOUND" or "unknown model" in (exc.message() or "")
+
+
 class TritonScorer:
     """Fraud probabilities for a matrix of model inputs, from one version of the model."""
 
@@ -58,7 +68,8 @@ class TritonScorer:
                 client_timeout=timeout_s,
             )
         except InferenceServerException as exc:
-            raise Unavailable(
+            error = VersionNotServed if _not_served(exc) else Unavailable
+            raise error(
                 f"Triton {self.url} could not score {self.model_name} v{version}: "
                 f"{exc.status() or ''} {exc.message()}".strip()
             ) from exc

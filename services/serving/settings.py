@@ -73,6 +73,13 @@ class ServingSettings(ServiceSettings):
         description="'degrade': answer with default features and degraded=true; 'fail': "
         "answer UNAVAILABLE.",
     )
+    switch_wait_ms: float = Field(
+        2000.0,
+        ge=0,
+        description="When Triton no longer serves the version a request was routed to while "
+        "the routing table still names it (the registry is switching versions), how long the "
+        "request may wait for the new table (never past its deadline).",
+    )
     redis_pool_size: int = Field(8, ge=1, description="Redis connections kept open.")
     prediction_log_capacity: int = Field(
         20_000,

@@ -16,7 +16,7 @@ import os
 import signal
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -53,6 +53,7 @@ from services.shared.proto.mlops.v1 import (
 from services.shared.settings import (
     FeastSettings,
     KafkaSettings,
+    MlflowSettings,
     RedisSettings,
     RegistryClientSettings,
     StorageSettings,
@@ -125,18 +126,6 @@ def shared_model(triton_server: TritonSettings) -> str:
     name = f"fraud_serving_{uuid.uuid4().hex[:6]}"
     publish(triton_server, name, [1, 2])
     return name
-
-
-@pytest.fixture
-def own_model(triton_server: TritonSettings) -> Iterator[str]:
-    """A model name of this test's own (the test changes the versions Triton serves)."""
-    name = f"fraud_switch_{uuid.uuid4().hex[:6]}"
-    yield name
-    client = tritongrpc.InferenceServerClient(triton_server.grpc_url)
-    try:
-        client.unload_model(name)
-    finally:
-        client.close()
 
 
 # ----------------------------------------------------------------------------- features
@@ -749,73 +738,6 @@ async def test_health_is_not_serving_until_a_version_is_routable_and_reflection_
         await stop_serving(serving)
 
 
-async def test_a_version_switch_under_concurrent_load_fails_no_call(
-    kafka: KafkaSettings,
-    redis_server: RedisSettings,
-    triton_server: TritonSettings,
-    feast_settings: FeastSettings,
-    storage: StorageSettings,
-    store: FeatureStore,
-    own_model: str,
-    registry: tuple[StandInRegistry, str],
-) -> None:
-    """v1 -> v2 as the registry does it: Triton serves both, the routing event moves traffic,
-    then v1 is unloaded while calls keep coming; no call may fail."""
-    await asyncio.to_thread(publish, triton_server, own_model, [1])
-    servicer, address = registry
-    servicer.set("production", 1, THRESHOLD_V1)
-    await ensure_topics(kafka)
-    serving = await start_serving(
-        serving_settings(
-            kafka=kafka,
-            redis=redis_server,
-            triton=triton_server,
-            feast=feast_settings,
-            storage=storage,
-            registry_address=address,
-            model_name=own_model,
-        )
-    )
-    answered: dict[int, int] = {1: 0, 2: 0}
-    failures: list[str] = []
-    stop = asyncio.Event()
-
-    async def client(worker: int) -> None:
-        n = 0
-        while not stop.is_set():
-            n += 1
-            try:
-                answer = await serving.predict(transaction(f"sw-{worker}-{n % 50}"), deadline_s=10)
-                answered[answer.model_version] += 1
-            except grpc.aio.AioRpcError as exc:
-                failures.append(f"{exc.code().name}: {exc.details()}")
-
-    async def count_reaches(version: int, n: int) -> bool:
-        return answered[version] >= n
-
-    try:
-        await serving.wait_serving()
-        await serving.wait_following()
-        workers = [asyncio.create_task(client(w)) for w in range(16)]
-        await wait_for(lambda: count_reaches(1, 300), 60, "v1 answers")
-        await asyncio.to_thread(publish, triton_server, own_model, [1, 2])
-        await publish_routing(kafka, own_model, [(2, "production", 100, THRESHOLD_V2)])
-        await wait_for(lambda: count_reaches(2, 300), 60, "v2 answers")
-        await asyncio.to_thread(publish, triton_server, own_model, [2])
-        v2_after_unload = answered[2]
-        await wait_for(
-            lambda: count_reaches(2, v2_after_unload + 500), 60, "v2 answers after unload"
-        )
-        stop.set()
-        await asyncio.gather(*workers)
-    finally:
-        stop.set()
-        await stop_serving(serving)
-    assert failures == []
-    assert answered[1] >= 300
-    assert answered[2] >= 800
-
-
 def metric(name: str, labels: dict[str, str] | None = None) -> float:
     return REGISTRY.get_sample_value(name, labels or {}) or 0.0
 
@@ -980,3 +902,118 @@ async def test_without_triton_calls_fail_unavailable_within_the_deadline_then_re
         if serving is not None:
             await stop_serving(serving)
         triton_process.stop()
+
+
+async def test_serving_follows_the_real_registry_through_canary_promotion_and_rollback(
+    kafka: KafkaSettings,
+    mlflow_server: MlflowSettings,
+    triton_server: TritonSettings,
+    redis_server: RedisSettings,
+    feast_settings: FeastSettings,
+    storage: StorageSettings,
+    store: FeatureStore,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """The registry itself (models trained by the trainer, gated, published to Triton): the
+    start-up read, the canary share, then a promotion and a rollback while 16 clients call;
+    no call may fail (the registry switches Triton before its event reaches serving)."""
+    from fraud_history import write_fraud_history
+    from registry_harness import RegistryInThread, registry_settings, training_settings
+
+    from services.registry.client import RegistryClient
+    from services.training.main import build_pipeline
+    from services.training.pipeline import LoggedProgress, TrainingRequest
+
+    await ensure_topics(kafka)
+    registry = RegistryInThread(
+        registry_settings(kafka, mlflow_server, triton_server, default_canary_percent=20)
+    ).start()
+    client = RegistryClient(registry.client_settings())
+    serving: Serving | None = None
+    try:
+        training_feast = FeastSettings(project=f"t{uuid.uuid4().hex[:10]}")
+
+        def train(shuffle_before: datetime | None) -> models_pb2.ModelVersion:
+            history = StorageSettings(data_dir=tmp_path_factory.mktemp("history") / "data")
+            write_fraud_history(history.offline_dir, shuffle_labels_before=shuffle_before)
+            settings = training_settings(
+                history, training_feast, mlflow_server, registry.client_settings()
+            )
+            request = TrainingRequest(
+                f"req-{uuid.uuid4().hex[:8]}", registry.settings.model_name, "manual", "test"
+            )
+            outcome = build_pipeline(settings).run(request, LoggedProgress(request.request_id))
+            assert outcome.version is not None
+            return outcome.version
+
+        v1 = await asyncio.to_thread(train, datetime(2026, 3, 8, tzinfo=UTC))  # labels shuffled
+        v2 = await asyncio.to_thread(train, None)
+        assert v1.stage == models_pb2.MODEL_STAGE_PRODUCTION
+        assert v2.stage == models_pb2.MODEL_STAGE_CANARY, v2.gate.reason
+        serving = await start_serving(
+            serving_settings(
+                kafka=kafka,
+                redis=redis_server,
+                triton=triton_server,
+                feast=feast_settings,
+                storage=storage,
+                registry_address=f"127.0.0.1:{registry.port}",
+                model_name=registry.settings.model_name,
+            )
+        )
+        await serving.wait_serving()
+        await serving.wait_following()
+
+        # the start-up read: production v1 and the canary's 20 %, each with its threshold
+        users = [f"ru-{i}" for i in range(1000)]
+        answers = await asyncio.gather(*(serving.predict(transaction(u)) for u in users))
+        share = sum(a.model_version == 2 for a in answers) / len(users)
+        assert 0.16 <= share <= 0.24, share
+        thresholds = {1: v1.threshold, 2: v2.threshold}
+        for answer in answers:
+            declined = answer.fraud_probability >= thresholds[answer.model_version]
+            assert (answer.decision == predictor_pb2.DECISION_DECLINE) == declined
+
+        answered: dict[int, int] = {1: 0, 2: 0}
+        failures: list[str] = []
+        stop = asyncio.Event()
+
+        async def caller(worker: int) -> None:
+            n = 0
+            while not stop.is_set():
+                n += 1
+                try:
+                    answer = await serving.predict(
+                        transaction(f"w{worker}-{n % 40}"), deadline_s=10
+                    )
+                    answered[answer.model_version] += 1
+                except grpc.aio.AioRpcError as exc:
+                    failures.append(f"{exc.code().name}: {exc.details()}")
+
+        async def only(version: int, n: int) -> bool:
+            # n answers in a row (counted from now) all from ``version``
+            start = dict(answered)
+            await asyncio.sleep(0.2)
+            other = 3 - version
+            return answered[other] == start[other] and answered[version] - start[version] >= n
+
+        callers = [asyncio.create_task(caller(w)) for w in range(16)]
+        try:
+            promoted = await asyncio.to_thread(
+                client.set_alias, "production", 2, reason="canary looked good"
+            )
+            assert promoted.version == 2
+            await wait_for(lambda: only(2, 50), 60, "answers from v2 only")
+            rolled = await asyncio.to_thread(client.rollback, "test rollback")
+            assert rolled.version == 1
+            await wait_for(lambda: only(1, 50), 60, "answers from v1 only")
+        finally:
+            stop.set()
+            await asyncio.gather(*callers)
+        assert failures == []
+        assert answered[1] > 0 and answered[2] > 0
+    finally:
+        client.close()
+        if serving is not None:
+            await stop_serving(serving)
+        registry.stop()

@@ -16,6 +16,7 @@ from prometheus_client import REGISTRY
 from services.serving.prediction_log import PredictionEntry, PredictionLog
 from services.serving.predictor import Predictor
 from services.serving.routing import CanaryRouter, RoutingTable, ServedModel, user_bucket
+from services.serving.scoring import VersionNotServed
 from services.shared.errors import InvalidArgument, Unavailable
 from services.shared.proto.mlops.v1 import events_pb2, monitoring_pb2
 from services.shared.usecase.features import (
@@ -65,6 +66,7 @@ class FakeScorer:
         self.calls: list[tuple[int, int]] = []
         self.hang: set[int] = set()
         self.fail: set[int] = set()
+        self.unloaded: set[int] = set()
         self.before_fail: Any = None
 
     async def score(self, version: int, features: np.ndarray, timeout_s: float) -> np.ndarray:
@@ -72,9 +74,11 @@ class FakeScorer:
         if version in self.hang:
             await asyncio.sleep(3600)
         if version in self.fail:
+            raise Unavailable(f"Triton down while scoring version {version}")
+        if version in self.unloaded:
             if self.before_fail is not None:
                 self.before_fail()
-            raise Unavailable(f"version {version} is not loaded")
+            raise VersionNotServed(f"version {version} is not loaded")
         return score_of(version, features)
 
 
@@ -242,19 +246,42 @@ async def test_a_hung_model_is_unavailable_within_the_callers_time() -> None:
 async def test_a_failing_model_is_unavailable() -> None:
     predictor, _, scorer, _ = make()
     scorer.fail.add(1)
-    with pytest.raises(Unavailable, match="version 1 is not loaded"):
+    started = time.monotonic()
+    with pytest.raises(Unavailable, match="Triton down"):
         await predictor.predict(txn())
+    assert time.monotonic() - started < 0.5  # no waiting for a switch: Triton is down
 
 
 async def test_rows_of_a_version_switched_away_are_rescored_on_the_new_table() -> None:
     predictor, _, scorer, _ = make()
-    scorer.fail.add(1)
+    scorer.unloaded.add(1)
     # the switch lands while the batch waits for version 1, which Triton has just unloaded
     new = ServedModel(4, "production", 100, 0.5)
     scorer.before_fail = lambda: predictor.router.update(RoutingTable(production=new))
     answer = await predictor.predict(txn())
     assert answer.model_version == 4
     assert [v for v, _ in scorer.calls] == [1, 4]
+
+
+async def test_rows_wait_for_the_routing_event_when_triton_switched_first() -> None:
+    predictor, _, scorer, _ = make()
+    scorer.unloaded.add(1)
+    new = ServedModel(5, "production", 100, 0.5)
+    loop = asyncio.get_running_loop()
+    scorer.before_fail = lambda: loop.call_later(
+        0.05, predictor.router.update, RoutingTable(production=new)
+    )
+    answer = await predictor.predict(txn(), timeout_s=2.0)
+    assert answer.model_version == 5
+
+
+async def test_without_a_routing_event_an_unserved_version_is_unavailable() -> None:
+    predictor, _, scorer, _ = make()
+    scorer.unloaded.add(1)
+    started = time.monotonic()
+    with pytest.raises(Unavailable, match="version 1 is not loaded"):
+        await predictor.predict(txn(), timeout_s=0.2)
+    assert time.monotonic() - started < 0.2
 
 
 async def test_the_shadow_is_scored_and_logged_but_never_answers() -> None:
@@ -272,7 +299,7 @@ async def test_the_shadow_is_scored_and_logged_but_never_answers() -> None:
 
 async def test_a_failing_shadow_changes_nothing_for_callers() -> None:
     predictor, _, scorer, log = make(RoutingTable(production=PRODUCTION, shadow=SHADOW))
-    scorer.fail.add(3)
+    scorer.unloaded.add(3)
     answer = await predictor.predict(txn(), "r1")
     await predictor.close()
     assert answer.model_version == 1
