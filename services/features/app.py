@@ -27,7 +27,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Hashable, Iterable
+from collections.abc import AsyncIterator, Callable, Hashable, Iterable, Mapping
 from functools import partial
 from pathlib import Path
 from typing import Any, cast
@@ -114,6 +114,37 @@ class FactTable(faust.Table):
             )
 
 
+def rewind_uncommitted_inputs(consumer: Any, input_topics: set[str]) -> None:
+    """Make the consumer start input partitions that have no committed offset from the start.
+
+    faust 0.15.3 keeps fetching while it restores tables and drops what it fetched for the
+    input partitions, relying on the seek to the committed offsets that follows. aiokafka's
+    ``seek_to_committed`` does not seek a partition with no committed offset (nor one
+    committed at 0), so a worker that had not committed yet (a first start, or a restart
+    before the first commit) silently skipped every record fetched during recovery (seen
+    in the kill -9 test: ~500 events lost). After faust's seek, such partitions are
+    rewound to their earliest offset; the state's dedup makes any re-read harmless.
+    """
+    seek_to_committed = consumer.seek_to_committed
+
+    async def seek_to_committed_or_earliest() -> Mapping[TP, int]:
+        committed: Mapping[TP, int] = await seek_to_committed()
+        uncommitted = [
+            tp for tp, offset in committed.items() if tp.topic in input_topics and not offset
+        ]
+        if uncommitted:
+            earliest = await consumer.earliest_offsets(*uncommitted)
+            for tp in uncommitted:
+                await consumer.seek(tp, earliest[tp])
+            log.info(
+                "inputs_rewound",
+                partitions=",".join(f"{tp.topic}:{tp.partition}" for tp in uncommitted),
+            )
+        return committed
+
+    consumer.seek_to_committed = seek_to_committed_or_earliest
+
+
 def faust_settings(settings: FeaturesSettings) -> dict[str, Any]:
     kafka = settings.kafka
     session_s = kafka.session_timeout_ms / 1000
@@ -184,6 +215,15 @@ class FeaturePipeline:
         app.agent(self.validated, name=f"{group}.user_activity")(self._user_activity)
         app.agent(self.join_input, name=f"{group}.label_join")(self._label_join)
         app.agent(self.merchant_facts, name=f"{group}.merchant_activity")(self._merchant_activity)
+        rewind_uncommitted_inputs(
+            app.consumer,
+            {
+                self.topics.validated,
+                self.topics.validated_labels,
+                self.transaction_refs_topic,
+                self.merchant_facts_topic,
+            },
+        )
         app.timer(settings.offline_flush_interval_s / 2)(self._flush_offline)
         app.timer(settings.expiry_interval_s)(self._expire)
 
