@@ -1,12 +1,15 @@
-"""Wiring of the ingestion service from its settings (``python -m services.ingestion``)."""
+"""Wiring of the ingestion service from its settings (``python -m services.ingestion``).
+
+One process runs the validator and the archive consumer (``role=all``, the default), or one
+of them (``MLOPS_INGESTION_ROLE=validator|archive``) so that each gets a core of its own.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 from functools import partial
-
-from aiokafka import AIOKafkaConsumer
+from typing import Any
 
 from services.ingestion.archive import ArchiveBatcher, Archiver, OfflineArchive
 from services.ingestion.claims import RedisClaims, connect
@@ -33,13 +36,11 @@ async def _ensure_topics_until_up(settings: IngestionSettings, backoff: Backoff)
     await backoff.run(attempt, "ensure_topics")
 
 
-async def serve(settings: IngestionSettings, stop: asyncio.Event) -> None:
-    topics = Topics.from_settings(settings.kafka)
-    backoff = Backoff(stop, initial_s=settings.retry_initial_s, max_s=settings.retry_max_s)
-    redis = connect(settings.redis)
-    claims = RedisClaims(redis, ttl_s=settings.dedup_ttl_s)
+def _validator(
+    settings: IngestionSettings, topics: Topics, claims: RedisClaims, backoff: Backoff
+) -> tuple[ValidationLoop, list[Any]]:
     producer = create_producer(settings.kafka, client_id=f"{SERVICE}-validator")
-    validator_consumer = create_consumer(
+    consumer = create_consumer(
         settings.kafka,
         topics.transactions,
         topics.labels,
@@ -47,8 +48,8 @@ async def serve(settings: IngestionSettings, stop: asyncio.Event) -> None:
         client_id=f"{SERVICE}-validator",
         max_poll_records=settings.batch_max_records,
     )
-    validator = ValidationLoop(
-        validator_consumer,
+    loop = ValidationLoop(
+        consumer,
         producer,
         Ingestor(EventRouter(topics), claims, namespace=settings.dedup_namespace),
         backoff,
@@ -57,61 +58,81 @@ async def serve(settings: IngestionSettings, stop: asyncio.Event) -> None:
         poll_timeout_ms=settings.poll_timeout_ms,
         lag_interval_s=settings.lag_interval_s,
     )
-    archiver: ArchiveLoop | None = None
-    archive_consumer: AIOKafkaConsumer | None = None
-    if settings.archive_enabled:
-        archive_consumer = create_consumer(
-            settings.kafka,
-            group_id=settings.archive_group_id,
-            client_id=f"{SERVICE}-archive",
-            max_poll_records=5000,
-        )
-        archiver = ArchiveLoop(
-            archive_consumer,
-            Archiver(
-                topics,
-                claims,
-                ArchiveBatcher(
-                    max_rows=settings.archive_max_rows, max_age_s=settings.archive_max_age_s
-                ),
-                namespace=settings.dedup_namespace,
-            ),
-            OfflineArchive(settings.storage.offline_dir),
-            backoff,
-            group=settings.archive_group_id,
-            poll_timeout_ms=settings.poll_timeout_ms,
-            lag_interval_s=settings.lag_interval_s,
-        )
-        archive_consumer.subscribe(archiver.topics, listener=archiver)
+    return loop, [producer, consumer]
 
-    started: list[object] = []
+
+def _archive(
+    settings: IngestionSettings, topics: Topics, claims: RedisClaims, backoff: Backoff
+) -> tuple[ArchiveLoop, list[Any]]:
+    consumer = create_consumer(
+        settings.kafka,
+        group_id=settings.archive_group_id,
+        client_id=f"{SERVICE}-archive",
+        max_poll_records=5000,
+    )
+    loop = ArchiveLoop(
+        consumer,
+        Archiver(
+            topics,
+            claims,
+            ArchiveBatcher(
+                max_rows=settings.archive_max_rows, max_age_s=settings.archive_max_age_s
+            ),
+            namespace=settings.dedup_namespace,
+        ),
+        OfflineArchive(settings.storage.offline_dir),
+        backoff,
+        group=settings.archive_group_id,
+        poll_timeout_ms=settings.poll_timeout_ms,
+        lag_interval_s=settings.lag_interval_s,
+    )
+    consumer.subscribe(loop.topics, listener=loop)
+    return loop, [consumer]
+
+
+async def serve(settings: IngestionSettings, stop: asyncio.Event) -> None:
+    topics = Topics.from_settings(settings.kafka)
+    backoff = Backoff(stop, initial_s=settings.retry_initial_s, max_s=settings.retry_max_s)
+    redis = connect(settings.redis)
+    claims = RedisClaims(redis, ttl_s=settings.dedup_ttl_s)
+    validator: ValidationLoop | None = None
+    archiver: ArchiveLoop | None = None
+    clients: list[Any] = []
+    if settings.role in ("all", "validator"):
+        validator, more = _validator(settings, topics, claims, backoff)
+        clients += more
+    if settings.role in ("all", "archive"):
+        archiver, more = _archive(settings, topics, claims, backoff)
+        clients += more
+    loops: list[ValidationLoop | ArchiveLoop] = [x for x in (validator, archiver) if x]
+
+    started: list[Any] = []
     try:
         await _ensure_topics_until_up(settings, backoff)
         await backoff.run(redis.ping, "redis_ping")
-        for client in (producer, validator_consumer, archive_consumer):
-            if client is not None:
-                await backoff.run(client.start, "kafka_start")
-                started.append(client)
+        for client in clients:
+            await backoff.run(client.start, "kafka_start")
+            started.append(client)
         log.info(
             "ingestion_started",
+            role=settings.role,
             bootstrap=settings.kafka.bootstrap,
             sources=f"{topics.transactions},{topics.labels}",
-            validated=topics.validated,
+            validated=f"{topics.validated},{topics.validated_labels}",
             dlq=topics.dlq,
             archive=str(settings.storage.offline_dir) if archiver else "off",
             redis=settings.redis.connection_string,
         )
-        tasks = [asyncio.create_task(validator.run(stop), name="validator")]
-        if archiver is not None:
-            tasks.append(asyncio.create_task(archiver.run(stop), name="archive"))
-        stats = asyncio.create_task(_report(validator, archiver, stop), name="stats")
+        tasks = [asyncio.create_task(loop.run(stop), name=type(loop).__name__) for loop in loops]
+        stats = asyncio.create_task(_report(loops, stop), name="stats")
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
             for task in done:
-                if task.exception() is not None and not isinstance(task.exception(), Stopping):
+                error = task.exception()
+                if error is not None and not isinstance(error, Stopping):
                     stop.set()  # one loop died: stop the other cleanly, then fail
                     await asyncio.gather(*tasks, return_exceptions=True)
-                    raise task.exception()  # type: ignore[misc]
+                    raise error
             await asyncio.gather(*tasks, return_exceptions=True)
         finally:
             stats.cancel()
@@ -123,19 +144,24 @@ async def serve(settings: IngestionSettings, stop: asyncio.Event) -> None:
         SERVICE_READY.labels(SERVICE).set(0)
         for client in reversed(started):
             with contextlib.suppress(Exception):
-                await client.stop()  # type: ignore[attr-defined]
+                await client.stop()
         await redis.close()
-        log.info("ingestion_totals", **validator.totals, **(archiver.totals if archiver else {}))
+        log.info("ingestion_totals", **_totals(loops))
 
 
-async def _report(
-    validator: ValidationLoop, archiver: ArchiveLoop | None, stop: asyncio.Event
-) -> None:
+def _totals(loops: list[ValidationLoop | ArchiveLoop]) -> dict[str, int]:
+    totals: dict[str, int] = {}
+    for loop in loops:
+        totals.update(loop.totals)
+    return totals
+
+
+async def _report(loops: list[ValidationLoop | ArchiveLoop], stop: asyncio.Event) -> None:
     """A progress line every 30 s (the metrics have the details)."""
     while not stop.is_set():
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), timeout=30)
-        log.info("ingestion_progress", **validator.totals, **(archiver.totals if archiver else {}))
+        log.info("ingestion_progress", **_totals(loops))
 
 
 def main() -> int:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
@@ -34,8 +36,10 @@ class IngestionSettings(ServiceSettings):
         ge=60,
         description="How long an id is remembered: a re-sent event within it is a duplicate.",
     )
-    archive_enabled: bool = Field(
-        True, description="Run the archive consumer (validated events -> offline Parquet)."
+    role: Literal["all", "validator", "archive"] = Field(
+        "all",
+        description="What this process runs: 'all' (validator and archive consumers), or "
+        "only one of them, to run them as separate processes (each its own core).",
     )
     archive_group_id: str = Field(
         "ingestion-archive", description="Consumer group of the archive consumer."

@@ -63,11 +63,7 @@ def decode_external(
     try:
         # NaN/Infinity are not JSON; Python would accept them silently. A repeated key is
         # ambiguous (which value did the sender mean?), so it is refused too.
-        data = json.loads(
-            value.decode("utf-8"),
-            parse_constant=_reject_constant,
-            object_pairs_hook=_object_without_repeated_keys,
-        )
+        data = _JSON_DECODER.decode(value.decode("utf-8"))
     except _RepeatedKey as exc:
         raise InvalidArgument(exc.key, "appears more than once", code="duplicate_field") from None
     except (UnicodeDecodeError, ValueError) as exc:
@@ -96,6 +92,12 @@ def _object_without_repeated_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any
                 raise _RepeatedKey(key)
             seen.add(key)
     return data
+
+
+# built once: json.loads with options builds a decoder per call
+_JSON_DECODER = json.JSONDecoder(
+    parse_constant=_reject_constant, object_pairs_hook=_object_without_repeated_keys
+)
 
 
 def _decode_protobuf_fields(value: bytes, schema: type[M]) -> dict[str, Any]:

@@ -3,13 +3,16 @@ resuming past what is on disk, and exactly-once rows across simulated crashes.""
 
 from __future__ import annotations
 
+import asyncio
 import random
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from aiokafka import TopicPartition
 
 from services.ingestion.archive import (
     SCHEMAS,
@@ -24,6 +27,7 @@ from services.ingestion.archive import (
     transaction_row,
     utc_day,
 )
+from services.ingestion.consumers import ArchiveLoop, Backoff
 from services.ingestion.routing import InMemoryClaims
 from services.shared.datasets import LABELS, TRANSACTIONS, create_snapshot, load_snapshot
 from services.shared.proto.mlops.v1 import events_pb2
@@ -344,3 +348,70 @@ async def test_crashes_at_random_points_neither_lose_nor_duplicate_rows(tmp_path
     dates = {path.parent.name for path, *_ in files}
     assert dates == {"event_date=2025-03-09", "event_date=2025-03-10"}
     assert not list((tmp_path / "offline").rglob(".*.tmp"))
+
+
+# ------------------------------------------------------------- the loop around a rebalance
+
+
+class _Consumer:
+    """Just what ArchiveLoop asks of its consumer outside polling (no broker involved)."""
+
+    def __init__(self) -> None:
+        self.assigned: set[TopicPartition] = set()
+        self.positions: dict[TopicPartition, int] = {}
+        self.commits: list[dict[TopicPartition, int]] = []
+
+    def assignment(self) -> set[TopicPartition]:
+        return self.assigned
+
+    def seek(self, tp: TopicPartition, offset: int) -> None:
+        self.positions[tp] = offset
+
+    async def commit(self, offsets: dict[TopicPartition, int]) -> None:
+        self.commits.append(dict(offsets))
+
+
+@dataclass
+class _Record:
+    offset: int
+    value: bytes
+
+
+async def test_a_batch_fetched_before_a_rebalance_is_not_archived_twice(tmp_path: Path) -> None:
+    """A batch polled before a rebalance can be handled after the new assignment's seek; the
+    same offsets then come again from the seek position."""
+    consumer = _Consumer()
+    archive = OfflineArchive(tmp_path / "offline")
+    archiver = Archiver(
+        TOPICS, InMemoryClaims(), ArchiveBatcher(max_rows=10_000, max_age_s=600), namespace="ns"
+    )
+    stop = asyncio.Event()
+    loop = ArchiveLoop(
+        consumer,  # type: ignore[arg-type]
+        archiver,
+        archive,
+        Backoff(stop, initial_s=0.01, max_s=0.01),
+        group="g",
+        poll_timeout_ms=10,
+        lag_interval_s=60,
+    )
+    tp = TopicPartition(TOPICS.validated, 0)
+    log = [_Record(o, _transaction(f"tx-{o}", DAY, o)) for o in range(30)]
+    archive.write(_file(0, 0, 9))  # offsets 0-9 are on disk already
+    consumer.assigned = {tp}
+    await loop.on_partitions_assigned([tp])
+    assert consumer.positions[tp] == 10
+    await loop.handle({tp: log[10:20]})  # polled before the rebalance below
+    await loop.on_partitions_revoked([tp])  # writes 10-19
+    await loop.on_partitions_assigned([tp])  # seeks to 20
+    await loop.handle({tp: log[15:25]})  # a stale batch handled after the seek
+    await loop.handle({tp: log[20:30]})  # what the seek fetches
+    for archive_file in loop.batcher.take_all():
+        archive.write(archive_file)
+    ids = [
+        tx_id
+        for path, *_ in archive.files(TRANSACTIONS)
+        for tx_id in pq.read_table(path, partitioning=None).column("transaction_id").to_pylist()
+    ]
+    assert sorted(ids) == sorted(f"tx-{o}" for o in range(30))
+    assert consumer.commits[-1] == {tp: 20}

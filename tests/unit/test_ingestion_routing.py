@@ -49,9 +49,7 @@ def _record(
     key: bytes | None = b"user-7",
     headers: tuple[tuple[str, bytes], ...] = (),
 ) -> SourceRecord:
-    return SourceRecord(
-        topic, partition, offset, key, value, headers, timestamp_ms=1_700_000_000_123
-    )
+    return SourceRecord(topic, partition, offset, key, value, headers, timestamp=1_700_000_000_123)
 
 
 def _tx(offset: int = 0, **changes: Any) -> SourceRecord:
@@ -183,7 +181,7 @@ def test_a_huge_record_is_dead_lettered_with_its_head_and_where_to_find_the_rest
 
 
 def test_a_record_without_a_broker_timestamp_still_gets_a_dead_letter() -> None:
-    record = SourceRecord(TOPICS.transactions, 0, 5, None, b"{", (), timestamp_ms=None)
+    record = SourceRecord(TOPICS.transactions, 0, 5, None, b"{", (), timestamp=None)
     letter = _dead_letter(ROUTER.route(record, now=NOW))
     assert not letter.HasField("source_timestamp")
 
