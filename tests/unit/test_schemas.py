@@ -4,6 +4,7 @@ class gets its exact reason code and field."""
 from __future__ import annotations
 
 import json
+import random
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -316,3 +317,92 @@ def test_validator_clock_defines_the_future() -> None:
     data = _with(VALID, event_time="2025-06-01T12:30:00Z")
     assert _rejection(data) == ("event_in_future", "event_time")
     assert validate_transaction(data, now=later).transaction_id == "tx-1"
+
+
+# ---------------------------------------------------------- the fast path agrees with the rules
+
+_CANDIDATES: dict[str, list[Any]] = {
+    "transaction_id": [
+        "tx-1",
+        "t" * 64,
+        "t" * 65,
+        "",
+        "ü-1",
+        "tx\u00a0",
+        "tx\t1",
+        5,
+        None,
+        "tx-\ud800",
+    ],
+    "user_id": ["user-1", "u", "u" * 65, "", None, 3.5, "用户"],
+    "merchant_id": ["merchant-1", "m\x7f", "", ["m"], "m" * 64],
+    "amount": [
+        12.5,
+        1,
+        0,
+        -1,
+        0.0,
+        1e-9,
+        MAX_AMOUNT,
+        MAX_AMOUNT + 1,
+        10**7,
+        True,
+        "1",
+        float("nan"),
+        float("inf"),
+        None,
+    ],
+    "currency": ["EUR", "USD", "eur", "EURO", "", 978, None, ["EUR"]],
+    "channel": ["web", "pos", "app", "WEB", "atm", 1, None, ["web"]],
+    "country": ["DE", "US", "de", "ZZ", "DEU", None, {"c": 1}],
+    "event_time": [
+        "2025-06-01T11:59:00Z",
+        "2025-06-01t11:59:00z",
+        "2025-06-01T12:05:00Z",
+        "2025-06-01T12:05:00.000001Z",
+        "2025-06-01T13:59:00.123456789+02:00",
+        "2025-06-01T11:59:00",
+        "2025-02-30T00:00:00Z",
+        "\u0662\u0660\u0662\u0665-06-01T11:59:00Z",  # Arabic-Indic digits
+        "",
+        None,
+        1717243140,
+    ],
+}
+
+
+def test_the_fast_path_never_accepts_what_the_rules_refuse() -> None:
+    from services.shared.usecase.schemas import (
+        _fast_label,
+        _fast_transaction,
+        _label_rules,
+        _transaction_rules,
+    )
+
+    rng = random.Random(1)
+    fast_accepted = 0
+    for _ in range(5000):
+        data = dict(VALID)
+        for name in rng.sample(sorted(_CANDIDATES), k=rng.randint(0, 3)):
+            data[name] = rng.choice(_CANDIDATES[name])
+        if rng.random() < 0.05:
+            data.pop(rng.choice(sorted(data)))
+        if rng.random() < 0.05:
+            data["extra"] = 1
+        fast = _fast_transaction(data, NOW)
+        try:
+            ruled = _transaction_rules(data, NOW)
+        except InvalidArgument:
+            assert fast is None, data
+            continue
+        assert fast is None or fast == ruled, data
+        fast_accepted += fast is not None
+    assert fast_accepted > 500  # the fast path does take the common case
+    for flag in (True, False, 1, "true", None):
+        for time_value in _CANDIDATES["event_time"]:
+            label = {**LABEL, "is_fraud": flag, "event_time": time_value}
+            fast_label = _fast_label(label, NOW)
+            try:
+                assert fast_label is None or fast_label == _label_rules(label, NOW)
+            except InvalidArgument:
+                assert fast_label is None, label

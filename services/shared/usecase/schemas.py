@@ -297,9 +297,10 @@ def _fast_transaction(data: Mapping[str, Any], now: datetime) -> ValidTransactio
 
 def validate_transaction(data: Mapping[str, Any], *, now: datetime) -> ValidTransaction:
     """The transaction in ``data`` if it keeps the contract; else ``InvalidArgument``."""
-    fast = _fast_transaction(data, now)
-    if fast is not None:
-        return fast
+    return _fast_transaction(data, now) or _transaction_rules(data, now)
+
+
+def _transaction_rules(data: Mapping[str, Any], now: datetime) -> ValidTransaction:
     _no_unknown_fields(data, TRANSACTION_FIELDS)
     return ValidTransaction(
         transaction_id=_identifier(data, "transaction_id"),
@@ -324,12 +325,21 @@ def _flag(data: Mapping[str, Any], name: str) -> bool:
 
 def validate_label(data: Mapping[str, Any], *, now: datetime) -> ValidLabel:
     """The label in ``data`` if it keeps the contract; else ``InvalidArgument``."""
+    return _fast_label(data, now) or _label_rules(data, now)
+
+
+def _fast_label(data: Mapping[str, Any], now: datetime) -> ValidLabel | None:
+    """Like ``_fast_transaction``, for labels."""
     if len(data) == len(_LABEL_KEYS) and data.keys() == _LABEL_KEYS:
         transaction_id, is_fraud = data["transaction_id"], data["is_fraud"]
         if _plain_id(transaction_id) and type(is_fraud) is bool:
             moment = _fast_time(data["event_time"], now)
             if moment is not None:
                 return ValidLabel(transaction_id, is_fraud, moment)
+    return None
+
+
+def _label_rules(data: Mapping[str, Any], now: datetime) -> ValidLabel:
     _no_unknown_fields(data, LABEL_FIELDS)
     return ValidLabel(
         transaction_id=_identifier(data, "transaction_id"),
