@@ -35,7 +35,7 @@ import urllib.request
 import xmlrpc.client
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Any, Literal
@@ -113,6 +113,7 @@ class Health:
 
 
 def _service_health(host: str, metrics_port: int, grpc_port: int | None) -> Health:
+    # grpc is imported only when probing: the MLflow wrapper imports this module too
     from services.cli.healthcheck import grpc_health_status
 
     metrics = localinfra.http_ok(f"http://{host}:{metrics_port}/metrics")
@@ -138,9 +139,13 @@ def _prometheus_health(host: str, port: int, jobs: Iterable[str]) -> Health:
         return Health(False, f"targets API: {exc}")
     health = {t["labels"]["job"]: (t["health"], t.get("lastError", "")) for t in targets}
     expected = sorted(jobs)
-    not_up = [job for job in expected if health.get(job, ("absent", ""))[0] != "up"]
+    not_up = {job: health.get(job, ("absent", "")) for job in expected}
+    not_up = {job: state for job, state in not_up.items() if state[0] != "up"}
     if not_up:
-        shown = ", ".join(f"{job} {health.get(job, ('absent', ''))[0]}" for job in not_up)
+        shown = "; ".join(
+            f"{job} {state}" + (f": {error}" if error else "")
+            for job, (state, error) in not_up.items()
+        )
         return Health(False, f"{len(expected) - len(not_up)}/{len(expected)} targets up ({shown})")
     return Health(True, f"ready, {len(expected)}/{len(expected)} targets up")
 
@@ -172,6 +177,30 @@ class Component:
     priority: int
     autostart: bool = True
     scrape_port: int | None = None  # what Prometheus scrapes (job = name)
+
+
+def _infrastructure(
+    spec: localinfra.ProcessSpec,
+    probe_says: tuple[str, str],
+    endpoints: list[Endpoint],
+    ports: tuple[int, ...],
+    *,
+    priority: int,
+    command: tuple[str, ...] | None = None,
+    scrape_port: int | None = None,
+) -> Component:
+    """A component of the infrastructure from its ``localinfra`` process spec."""
+    return Component(
+        spec.name,
+        "infrastructure",
+        command or tuple(spec.command),
+        spec.env,
+        _probe(spec.ready, *probe_says),
+        tuple(endpoints),
+        ports,
+        priority,
+        scrape_port=scrape_port,
+    )
 
 
 @dataclass(frozen=True)
@@ -218,6 +247,10 @@ class LocalStack:
     @property
     def supervisord_config(self) -> Path:
         return self.run_dir / "supervisord.conf"
+
+    @property
+    def supervisor_socket(self) -> Path:
+        return self.run_dir / "supervisor.sock"
 
     @property
     def prometheus_config(self) -> Path:
@@ -293,48 +326,43 @@ class LocalStack:
         )
         mlflow = localinfra.mlflow(s.mlflow_port, self.data_dir / "mlflow", h)
         infra = [
-            Component(
-                "kafka",
-                "infrastructure",
-                tuple(kafka.command),
-                kafka.env,
-                _probe(kafka.ready, "metadata answers", "no metadata answer"),
-                (Endpoint("Kafka bootstrap (Tansu)", f"{h}:{s.kafka_port}"),),
+            _infrastructure(
+                kafka,
+                ("metadata answers", "no metadata answer"),
+                [Endpoint("Kafka bootstrap (Tansu)", f"{h}:{s.kafka_port}")],
                 (s.kafka_port,),
                 priority=10,
             ),
-            Component(
-                "redis",
-                "infrastructure",
-                # Redis rewrites its process title over its environment by default, which
-                # would erase the stack's markers (stack_processes could not see it)
-                (*redis.command, "--set-proc-title", "no"),
-                redis.env,
-                _probe(redis.ready, "PONG", "no PONG"),
-                (Endpoint("Redis (Feast online store)", f"{h}:{s.redis_port}"),),
+            _infrastructure(
+                redis,
+                ("PONG", "no PONG"),
+                [Endpoint("Redis (Feast online store)", f"{h}:{s.redis_port}")],
                 (s.redis_port,),
                 priority=10,
+                # Redis rewrites its process title over its environment by default, which
+                # would erase the stack's markers (stack_processes could not see it)
+                command=(*redis.command, "--set-proc-title", "no"),
             ),
-            Component(
-                "triton",
-                "infrastructure",
-                tuple(triton.command),
-                triton.env,
-                _probe(triton.ready, "/v2/health/ready 200", "not ready"),
-                (
+            _infrastructure(
+                triton,
+                ("/v2/health/ready 200", "not ready"),
+                [
                     Endpoint("Triton HTTP", f"http://{h}:{s.triton_http_port}"),
                     Endpoint("Triton gRPC", f"{h}:{s.triton_grpc_port}"),
                     Endpoint("Triton metrics", f"http://{h}:{s.triton_metrics_port}/metrics"),
-                ),
+                ],
                 (s.triton_http_port, s.triton_grpc_port, s.triton_metrics_port),
                 priority=20,
                 scrape_port=s.triton_metrics_port,
             ),
-            Component(
-                "mlflow",
-                "infrastructure",
+            _infrastructure(
+                mlflow,
+                ("/health OK", "no /health answer"),
+                [Endpoint("MLflow tracking", f"http://{h}:{s.mlflow_port}")],
+                (s.mlflow_port,),
+                priority=20,
                 # a restart must first end the uvicorn child a killed server leaves on the port
-                (
+                command=(
                     str(self.python),
                     "-m",
                     "services.cli.replace_previous",
@@ -345,11 +373,6 @@ class LocalStack:
                     "--",
                     *mlflow.command,
                 ),
-                mlflow.env,
-                _probe(mlflow.ready, "/health OK", "no /health answer"),
-                (Endpoint("MLflow tracking", f"http://{h}:{s.mlflow_port}"),),
-                (s.mlflow_port,),
-                priority=20,
             ),
         ]
         services = []
@@ -374,18 +397,19 @@ class LocalStack:
                     scrape_port=metrics_port,
                 )
             )
-        jobs = [c.name for c in [*infra, *services] if c.scrape_port is not None]
+        jobs = ["prometheus", *(c.name for c in [*infra, *services] if c.scrape_port)]
         infra.append(
-            Component(
-                "prometheus",
-                "infrastructure",
-                tuple(prometheus.command),
-                prometheus.env,
-                lambda: _prometheus_health(h, s.prometheus_port, ["prometheus", *jobs]),
-                (Endpoint("Prometheus", f"http://{h}:{s.prometheus_port}"),),
-                (s.prometheus_port,),
-                priority=30,
-                scrape_port=s.prometheus_port,
+            replace(
+                _infrastructure(
+                    prometheus,
+                    ("ready", "not ready"),
+                    [Endpoint("Prometheus", f"http://{h}:{s.prometheus_port}")],
+                    (s.prometheus_port,),
+                    priority=30,
+                    scrape_port=s.prometheus_port,
+                ),
+                # healthy once every target it scrapes is up
+                probe=partial(_prometheus_health, h, s.prometheus_port, jobs),
             )
         )
         return [*infra, *services]
@@ -400,7 +424,7 @@ class LocalStack:
         lines = [
             "; Generated by `mlops stack up` (services/cli/localstack.py). Do not edit.",
             "[unix_http_server]",
-            f"file={self.run_dir / 'supervisor.sock'}",
+            f"file={self.supervisor_socket}",
             "chmod=0700",
             "",
             "[supervisord]",
@@ -416,7 +440,7 @@ class LocalStack:
             "supervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface",
             "",
             "[supervisorctl]",
-            f"serverurl=unix://{self.run_dir / 'supervisor.sock'}",
+            f"serverurl=unix://{self.supervisor_socket}",
         ]
         for c in self.components():
             env = {**c.env, STACK_MARKER: str(self.var_dir), PROGRAM_MARKER: c.name}
@@ -478,7 +502,8 @@ class LocalStack:
         return self.token_file.read_text().strip()
 
     def prepare(self) -> None:
-        """Create the directories, the token and the configuration files."""
+        """Create the directories, the registry token, the saved settings and Prometheus'
+        configuration (supervisord's is written by ``write_supervisord_config``)."""
         for directory in (
             self.run_dir,
             self.log_dir,
@@ -544,12 +569,11 @@ class LocalStack:
 def load_stack(settings: StackSettings | None = None) -> LocalStack:
     """The stack as configured by the environment; for a stack that has been started, the
     settings it was started with (so `status` and `down` work from any shell)."""
-    settings = settings or StackSettings()
-    saved = settings.var_dir / "run" / "stack.json"
-    if saved.exists():
+    stack = LocalStack(settings or StackSettings())
+    if stack.settings_file.exists():
         with contextlib.suppress(ValueError):
-            settings = StackSettings.model_validate_json(saved.read_text())
-    return LocalStack(settings)
+            return LocalStack(StackSettings.model_validate_json(stack.settings_file.read_text()))
+    return stack
 
 
 def _write_private(path: Path, text: str) -> None:
@@ -636,7 +660,7 @@ class Supervisor:
 
     def __init__(self, stack: LocalStack) -> None:
         self.stack = stack
-        self.socket = stack.run_dir / "supervisor.sock"
+        self.socket = stack.supervisor_socket
         self.pidfile = stack.run_dir / "supervisord.pid"
 
     @contextlib.contextmanager

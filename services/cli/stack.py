@@ -11,6 +11,7 @@ import os
 import shlex
 import shutil
 import time
+import urllib.request
 from collections.abc import Callable
 from dataclasses import replace
 from functools import wraps
@@ -196,8 +197,6 @@ def _check_binaries() -> None:
 
 
 def _reload_prometheus(stack: LocalStack) -> None:
-    import urllib.request
-
     url = f"http://{stack.settings.host}:{stack.settings.prometheus_port}/-/reload"
     try:
         urllib.request.urlopen(urllib.request.Request(url, method="POST"), timeout=5).close()
@@ -206,8 +205,9 @@ def _reload_prometheus(stack: LocalStack) -> None:
         console.print(f"[yellow]![/] Prometheus reload failed ({exc}); it restarts with them")
 
 
-def _fail_if_fatal(supervisor: Supervisor, names: list[str]) -> None:
-    programs = supervisor.programs()
+def _fail_if_fatal(
+    supervisor: Supervisor, names: list[str], programs: dict[str, ProgramState]
+) -> None:
     for name in names:
         state = programs[name].state if name in programs else "not loaded"
         if state in ("FATAL", "STOPPED", "not loaded"):
@@ -235,8 +235,8 @@ def _wait_healthy(
                     del pending[name]
             if not pending:
                 break
-            _fail_if_fatal(supervisor, list(pending))
             programs = supervisor.programs()
+            _fail_if_fatal(supervisor, list(pending), programs)
             if time.monotonic() > deadline:
                 lines = "\n".join(
                     f"  {n}: {programs[n].state}, {health[n].detail}; "
