@@ -25,12 +25,14 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow.parquet as pq
+import pytest
 from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.structs import ConsumerRecord
 from prometheus_client import REGISTRY
 
 from services.cli.simulate import publish, record_value
 from services.ingestion.archive import OfflineArchive
+from services.ingestion.claims import RedisClaims, connect
 from services.ingestion.main import serve
 from services.ingestion.settings import IngestionSettings
 from services.shared import localinfra
@@ -623,3 +625,62 @@ async def test_kill_9_mid_stream_loses_nothing_and_archives_each_event_once(
 
 async def _over(kafka: KafkaSettings, topics: list[str], threshold: int) -> bool:
     return await _count(kafka, topics) >= threshold
+
+
+# ------------------------------------------------------------------- the claim store
+
+
+async def test_redis_claims_remember_the_first_position_with_a_ttl(
+    redis_server: RedisSettings,
+) -> None:
+    client = connect(redis_server)
+    claims = RedisClaims(client, ttl_s=600)
+    ns = f"test-{uuid.uuid4().hex[:8]}"
+    try:
+        keys = [(f"{ns}:t:tx-{n}", f"t/0/{n}") for n in range(3)]
+        odd = (f"{ns}:t:ü:/ id", "t/1/9")  # ids may hold colons, slashes, spaces, non-ASCII
+        assert await claims.claim([*keys, odd]) == [None, None, None, None]
+        again = await claims.claim([keys[0], (keys[1][0], "t/0/77"), odd, keys[0]])
+        assert again == ["t/0/0", "t/0/1", "t/1/9", "t/0/0"]
+        assert 0 < await client.ttl(keys[0][0]) <= 600
+        assert await claims.claim([]) == []
+    finally:
+        await client.close()
+
+
+async def test_mlops_data_dlq_shows_what_was_dead_lettered(
+    kafka: KafkaSettings,
+    redis_server: RedisSettings,
+    storage: StorageSettings,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from typer.testing import CliRunner
+
+    from services.cli.data import app
+
+    topics = Topics.from_settings(kafka)
+    await ensure_topics(kafka)
+    producer = AIOKafkaProducer(bootstrap_servers=kafka.bootstrap, acks="all")
+    await producer.start()
+    try:
+        await producer.send_and_wait(topics.transactions, _tx("tx-d1", currency="EURO"))
+        await producer.send_and_wait(topics.transactions, b"{oops")
+        await producer.send_and_wait(topics.transactions, _tx("tx-d2"))
+    finally:
+        await producer.stop()
+    settings = _settings(kafka, redis_server, storage)
+    async with _running(settings):
+        await _wait_processed(kafka, settings.group_id, [topics.transactions])
+    for name, value in {
+        "MLOPS_KAFKA_BOOTSTRAP": kafka.bootstrap,
+        "MLOPS_KAFKA_TOPIC_PREFIX": kafka.topic_prefix,
+        "MLOPS_KAFKA_BROKER_FLAVOR": kafka.broker_flavor,
+    }.items():
+        monkeypatch.setenv(name, value)
+    result = await asyncio.to_thread(
+        CliRunner().invoke, app, ["dlq", "--last", "5"], terminal_width=200
+    )
+    assert result.exit_code == 0, result.output
+    assert "2 dead letters" in result.output
+    assert "invalid_value" in result.output and "currency" in result.output
+    assert "malformed_json" in result.output and "{oops" in result.output

@@ -119,3 +119,31 @@ def test_an_unknown_snapshot_is_not_found(storage: StorageSettings) -> None:
     with pytest.raises(NotFound):
         load_snapshot(storage, "snap-nope")
     assert list_snapshots(storage) == []
+
+
+def test_the_data_commands_snapshot_list_and_verify(
+    filled: StorageSettings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from typer.testing import CliRunner
+
+    from services.cli.data import app
+
+    monkeypatch.setenv("MLOPS_STORAGE_DATA_DIR", str(filled.data_dir))
+    runner = CliRunner()
+    made = runner.invoke(app, ["snapshot"])
+    assert made.exit_code == 0, made.output
+    (snapshot_id,) = list_snapshots(filled)
+    assert snapshot_id in made.output and "transactions: 2 files, 15 rows" in made.output
+    listed = runner.invoke(app, ["snapshots"], terminal_width=200)
+    assert (
+        snapshot_id in listed.output and "transactions" in listed.output and "15" in listed.output
+    )
+    shown = runner.invoke(app, ["show", snapshot_id, "--verify"], terminal_width=200)
+    assert shown.exit_code == 0 and "matches its sha256" in shown.output
+    target = load_snapshot(filled, snapshot_id).paths(filled, LABELS)[0]
+    target.unlink()
+    target.write_bytes(b"PAR1 forged")
+    refused = runner.invoke(app, ["show", snapshot_id, "--verify"], terminal_width=200)
+    assert refused.exit_code == 1 and "altered" in refused.output
+    unknown = runner.invoke(app, ["show", "snap-nope"])
+    assert unknown.exit_code == 1 and "does not exist" in unknown.output
