@@ -1,17 +1,18 @@
 """``mlops``: the operator's command line.
 
-mlops stack up|down|status|logs    run the platform locally (what `make up` calls)
+mlops stack up|down|status|logs|env  run the platform locally (what `make up` calls)
 mlops simulate ...                 publish realistic traffic, as product services would
 mlops train ...                    ask for (or run) a training
 mlops models list|show|promote|rollback|lineage|reproduce
 mlops bootstrap                    first production model: simulated history, train, register
+mlops data snapshot|snapshots|show|dlq  dataset snapshots of the offline store, the DLQ
 """
 
 from __future__ import annotations
 
 import typer
 
-from services.cli import bootstrap, models, simulate, stack, train
+from services.cli import bootstrap, data, models, simulate, stack, train
 
 app = typer.Typer(
     name="mlops",
@@ -21,6 +22,7 @@ app = typer.Typer(
 )
 app.add_typer(stack.app, name="stack")
 app.add_typer(models.app, name="models")
+app.add_typer(data.app, name="data")
 app.command(name="simulate")(simulate.simulate)
 app.command(name="train")(train.train)
 app.command(name="bootstrap")(bootstrap.bootstrap)
