@@ -62,6 +62,7 @@ ROUTING = Gauge(
     "mlops_serving_route_traffic_percent",
     "The routing table: traffic share of each served version by alias",
     ["model_version", "alias"],
+    multiprocess_mode="max",  # with several workers: they all follow the same table
 )
 ROUTING_UPDATES = Counter(
     "mlops_serving_routing_updates_total", "Routing tables applied, by source", ["source"]

@@ -43,6 +43,8 @@ def apply_table(router: CanaryRouter, table: RoutingTable, source: str) -> None:
     router.update(table)
     if previous is not None:
         for model in previous.entries():
+            # zero first: with several workers the value lives on in a shared file
+            metrics.ROUTING.labels(str(model.version), model.alias).set(0)
             metrics.ROUTING.remove(str(model.version), model.alias)
     for model in table.entries():
         share = model.traffic_percent

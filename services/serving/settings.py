@@ -26,6 +26,16 @@ class ServingSettings(ServiceSettings):
     port: int = Field(50051, description="gRPC port of mlops.v1.Predictor.")
     metrics_port: int = Field(9105, description="Port of /metrics.")
 
+    workers: int = Field(
+        1,
+        ge=1,
+        description="Serving processes sharing the gRPC port (SO_REUSEPORT), one per core "
+        "worth using; with more than one, the started process supervises them and serves "
+        "their summed metrics (services/serving/workers.py).",
+    )
+    worker_index: int = Field(
+        -1, description="Set by the supervising process for each worker; -1: not a worker."
+    )
     batch_max_size: int = Field(
         256, ge=1, description="Most requests coalesced into one feature read and Triton call."
     )

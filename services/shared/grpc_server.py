@@ -138,12 +138,15 @@ class GrpcServer:
         port: int,
         service_names: Iterable[str],
         auth: BearerTokenAuth | None = None,
+        reuse_port: bool = False,
     ) -> None:
+        """``reuse_port``: several processes may bind the same port (SO_REUSEPORT) and the
+        kernel spreads connections over them; off, a second server on the port fails."""
         self._names = list(service_names)
         self.server = grpc.aio.server(
             interceptors=[_EdgeInterceptor(auth)],
             options=[
-                ("grpc.so_reuseport", 0),
+                ("grpc.so_reuseport", 1 if reuse_port else 0),
                 ("grpc.max_receive_message_length", 16 * 1024 * 1024),
                 ("grpc.keepalive_permit_without_calls", 1),
                 ("grpc.http2.min_ping_interval_without_data_ms", 10_000),

@@ -14,7 +14,9 @@ import asyncio
 import io
 import os
 import signal
+import sys
 import time
+import urllib.request
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -36,7 +38,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from prometheus_client import REGISTRY
 
 from services.registry.triton_repository import TritonModelRepository, sha256_hex
-from services.serving.main import ServingApp, load_feature_layout
+from services.serving.app import ServingApp, load_feature_layout
 from services.serving.online_features import OnlineFeatureLayout, OnlineFeatureReader
 from services.serving.settings import ServingSettings
 from services.shared import localinfra
@@ -1017,3 +1019,88 @@ async def test_serving_follows_the_real_registry_through_canary_promotion_and_ro
         if serving is not None:
             await stop_serving(serving)
         registry.stop()
+
+
+async def test_python_m_services_serving_with_two_workers_on_one_port(
+    kafka: KafkaSettings,
+    redis_server: RedisSettings,
+    triton_server: TritonSettings,
+    feast_settings: FeastSettings,
+    storage: StorageSettings,
+    store: FeatureStore,
+    shared_model: str,
+    registry: tuple[StandInRegistry, str],
+) -> None:
+    """The service as deployed: ``python -m services.serving`` configured by environment,
+    here with two worker processes sharing the gRPC port and one metrics endpoint."""
+    servicer, address = registry
+    servicer.set("production", 1, THRESHOLD_V1)
+    await ensure_topics(kafka)
+    port, metrics_port = localinfra.free_port(), localinfra.free_port()
+    env = {
+        **os.environ,
+        "MLOPS_SERVING_PORT": str(port),
+        "MLOPS_SERVING_METRICS_PORT": str(metrics_port),
+        "MLOPS_SERVING_WORKERS": "2",
+        "MLOPS_KAFKA_BOOTSTRAP": kafka.bootstrap,
+        "MLOPS_KAFKA_TOPIC_PREFIX": kafka.topic_prefix,
+        "MLOPS_KAFKA_BROKER_FLAVOR": "tansu",
+        "MLOPS_REDIS_PORT": str(redis_server.port),
+        "MLOPS_TRITON_GRPC_PORT": str(triton_server.grpc_port),
+        "MLOPS_FEAST_PROJECT": feast_settings.project,
+        "MLOPS_STORAGE_DATA_DIR": str(storage.data_dir),
+        "MLOPS_REGISTRY_CLIENT_ADDRESS": address,
+        "MLOPS_REGISTRY_CLIENT_MODEL_NAME": shared_model,
+        "MLOPS_SERVING_HEALTH_INTERVAL_S": "0.2",
+    }
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "services.serving", env=env, start_new_session=True
+    )
+    try:
+
+        async def serving_on_fresh_connections() -> bool:
+            for _ in range(6):  # the kernel may hand each connection to either worker
+                async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                    try:
+                        reply = await health_pb2_grpc.HealthStub(channel).Check(
+                            health_pb2.HealthCheckRequest(service="mlops.v1.Predictor"),
+                            timeout=1,
+                        )
+                    except grpc.aio.AioRpcError:
+                        return False
+                    if reply.status != health_pb2.HealthCheckResponse.SERVING:
+                        return False
+            return True
+
+        await wait_for(serving_on_fresh_connections, 90, "both workers serving", interval_s=0.3)
+        channels = [grpc.aio.insecure_channel(f"127.0.0.1:{port}") for _ in range(8)]
+        try:
+            answers = await asyncio.gather(
+                *(
+                    predictor_pb2_grpc.PredictorStub(channels[i % 8]).Predict(
+                        predictor_pb2.PredictRequest(transaction=transaction(f"pm-{i}")),
+                        timeout=5,
+                    )
+                    for i in range(80)
+                )
+            )
+        finally:
+            for channel in channels:
+                await channel.close()
+        assert all(a.model_version == 1 for a in answers)
+
+        def scrape() -> dict[str, float]:
+            with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics") as reply:
+                text = reply.read().decode()
+            samples: dict[str, float] = {}
+            for line in text.splitlines():
+                if line.startswith("mlops_serving_predictions_total{"):
+                    samples[line.split("{")[1].split("}")[0]] = float(line.rsplit(" ", 1)[1])
+            return samples
+
+        samples = await asyncio.to_thread(scrape)
+        assert sum(samples.values()) == 80  # both workers' counts, summed
+    finally:
+        if process.returncode is None:
+            process.terminate()
+        assert await asyncio.wait_for(process.wait(), 30) == 0
