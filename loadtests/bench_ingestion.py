@@ -11,8 +11,9 @@ duplicates, JSON as product services send it) is published to fresh topics, then
    and producer settings as the service; no decoding, validation, duplicate check or archive.
 2. Ingestion (validator): ``python -m services.ingestion`` with ``role=validator``: decode,
    validate, deduplicate in Redis, produce validated protobuf / dead letters, commit.
-3. The same with the archive running beside it in a second process (``role=archive``).
-4. Both in one process (``role=all``, the default): the archive competes for its core.
+3. Two validator processes in the group (the service scales by partitions).
+4. The validator with the archive beside it in a second process (``role=archive``).
+5. Both in one process (``role=all``, the default): the archive competes for its core.
 
 Throughput is the records consumed divided by the time between the first and the last output
 record (producer timestamps), so process start-up and group joins are not counted. CPU per
@@ -48,13 +49,14 @@ from services.shared.settings import KafkaSettings  # noqa: E402
 from services.shared.topics import Topics  # noqa: E402
 from services.shared.usecase.simulator import SimulationConfig, TrafficSimulator  # noqa: E402
 
-REPETITIONS = 5
+REPETITIONS = 3
 BATCH = 1000  # records per poll, as the service's default batch_max_records
 PARTITIONS = 4
 TARGET = 0.7
 # service processes of each target (MLOPS_INGESTION_ROLE of each)
 TARGETS = {
     "ingestion (validator)": ["validator"],
+    "ingestion (2 validator processes)": ["validator", "validator"],
     "ingestion + archive (2 processes)": ["validator", "archive"],
     "ingestion + archive (1 process)": ["all"],
 }
