@@ -42,7 +42,7 @@ class MicroBatcher(Generic[T, R]):
         *,
         max_size: int,
         max_delay_s: float,
-        max_in_flight: int = 2,
+        max_in_flight: int = 1,
         name: str = "batch",
     ) -> None:
         if max_size < 1:

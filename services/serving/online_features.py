@@ -35,6 +35,7 @@ from feast.infra.online_stores.helpers import _mmh3, _redis_key
 from feast.protos.feast.types.EntityKey_pb2 import EntityKey as EntityKeyProto
 from feast.protos.feast.types.Value_pb2 import Value as ValueProto
 from redis.exceptions import NoScriptError, RedisError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from services.shared.errors import Unavailable
 from services.shared.logging import get_logger
@@ -190,12 +191,16 @@ class EntityKeys:
 
 
 class OnlineFeatureReader:
-    """Reads every view of the layout for a batch of entity rows with one Redis pipeline.
+    """Reads every view of the layout for a batch of entity rows in one Redis command.
 
-    After a failed read it does not try Redis again for ``retry_interval_s``: requests in
-    between fail fast (the caller degrades to defaults) instead of each waiting for a
-    connection attempt; the next read after the interval finds out whether Redis is back.
+    When Redis refuses or drops connections (or a read times out ``TIMEOUTS_TO_OPEN`` times
+    in a row) it does not try Redis again for ``retry_interval_s``: requests in between
+    fail fast (the caller degrades to defaults) instead of each waiting for a connection
+    attempt; the next read after the interval finds out whether Redis is back. A single slow
+    read (this process was busy, not Redis) fails only its own batch.
     """
+
+    TIMEOUTS_TO_OPEN = 3
 
     def __init__(
         self,
@@ -211,6 +216,8 @@ class OnlineFeatureReader:
         self._retry_interval_s = retry_interval_s
         self._fields = {v.name: v.hash_fields for v in layout.views}
         self._retry_at = 0.0
+        self._timeouts_in_a_row = 0
+        self._last_warning = 0.0
         self._address = settings.connection_string
         pool = aioredis.BlockingConnectionPool(
             host=settings.host,
@@ -255,9 +262,9 @@ class OnlineFeatureReader:
             async with asyncio.timeout(budget):
                 replies = await self._fetch(plan)
         except (RedisError, OSError, TimeoutError) as exc:
-            self._retry_at = time.monotonic() + self._retry_interval_s
-            log.warning("online_store_unavailable", address=self._address, error=repr(exc))
+            self._failed(exc)
             raise Unavailable(f"online store {self._address} unavailable: {exc!r}") from exc
+        self._timeouts_in_a_row = 0
         columns: dict[str, list[Any]] = {}
         decode = self._decode
         for (view, _, row_index), hashes in zip(plan, replies, strict=True):
@@ -267,6 +274,24 @@ class OnlineFeatureReader:
                 column = [row[position] for row in decoded]
                 columns[name] = [column[i] for i in row_index]
         return columns
+
+    def _failed(self, exc: BaseException) -> None:
+        now = time.monotonic()
+        if isinstance(exc, TimeoutError | RedisTimeoutError):
+            self._timeouts_in_a_row += 1
+            opened = self._timeouts_in_a_row >= self.TIMEOUTS_TO_OPEN
+        else:
+            opened = True
+        if opened:
+            self._retry_at = now + self._retry_interval_s
+        if opened or now - self._last_warning >= 1.0:  # at most a line a second otherwise
+            self._last_warning = now
+            log.warning(
+                "online_store_unavailable",
+                address=self._address,
+                error=repr(exc),
+                retry_in_ms=round(self._retry_interval_s * 1000) if opened else 0,
+            )
 
     def _decode(self, raw: bytes | None) -> Any:
         """``decode_value`` through a cache: counts, rates and countries repeat endlessly."""

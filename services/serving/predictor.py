@@ -107,7 +107,7 @@ class Predictor:
         prediction_log: PredictionLog,
         batch_max_size: int = 256,
         batch_max_delay_s: float = 0.001,
-        batch_max_in_flight: int = 2,
+        batch_max_in_flight: int = 1,
         default_timeout_s: float = 1.0,
         deadline_margin_s: float = 0.005,
         deadline_margin_fraction: float = 0.05,
@@ -250,7 +250,8 @@ class Predictor:
         timeout_s: float,
     ) -> None:
         deadline = asyncio.get_running_loop().time() + timeout_s
-        online, degraded, failure = await self._online_features(rows, timeout_s)
+        # at most half the time left: the model still needs its share
+        online, degraded, failure = await self._online_features(rows, timeout_s / 2)
         if failure is not None:
             for i in live:
                 results[i] = failure

@@ -46,7 +46,7 @@ class ServingSettings(ServiceSettings):
         "event-loop turn only).",
     )
     batch_max_in_flight: int = Field(
-        2,
+        1,
         ge=1,
         description="Batches scored at once; while they run, new requests gather into the "
         "next batch (bigger batches under load, fixed costs shared).",

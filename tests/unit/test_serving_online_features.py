@@ -87,3 +87,26 @@ def test_values_decode_as_feast_returns_them(value: Value, expected: object) -> 
 def test_an_absent_field_is_none() -> None:
     assert decode_value(None) is None
     assert decode_value(b"") is None
+
+
+def test_refused_connections_open_the_circuit_at_once_slow_reads_only_when_repeated() -> None:
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    from services.serving.online_features import OnlineFeatureReader
+    from services.shared.settings import RedisSettings
+
+    reader = OnlineFeatureReader(
+        RedisSettings(port=1), layout(), timeout_s=0.1, retry_interval_s=60.0, pool_size=1
+    )
+    assert reader.available
+    for _ in range(OnlineFeatureReader.TIMEOUTS_TO_OPEN - 1):
+        reader._failed(TimeoutError())
+    assert reader.available  # a busy moment is not an outage
+    reader._failed(TimeoutError())
+    assert not reader.available
+
+    refused = OnlineFeatureReader(
+        RedisSettings(port=1), layout(), timeout_s=0.1, retry_interval_s=60.0, pool_size=1
+    )
+    refused._failed(RedisConnectionError("Connection refused"))
+    assert not refused.available
