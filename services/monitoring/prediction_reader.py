@@ -61,9 +61,8 @@ class PredictionLogReader:
             if batches:
                 try:
                     await self._consumer.commit()
-                except (
-                    KafkaError
-                ) as exc:  # a rebalance: the next owner re-reads from the last commit
+                except KafkaError as exc:
+                    # a rebalance: the next owner of the partitions re-reads from the last commit
                     log.warning("commit_failed", group=self._group, error=repr(exc))
             if time.monotonic() >= next_lag_report:
                 await self._report_lag()
