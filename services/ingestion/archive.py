@@ -30,7 +30,7 @@ import re
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -80,9 +80,8 @@ def _micros(ts: Any) -> int:
     return int(ts.seconds) * 1_000_000 + int(ts.nanos) // 1000
 
 
-@dataclass(frozen=True)
-class ArchiveRow:
-    """One validated event as a row of its dataset."""
+class ArchiveRow(NamedTuple):
+    """One validated event as a row of its dataset (a NamedTuple: one per archived event)."""
 
     dataset: str
     event_id: str
@@ -248,8 +247,7 @@ class ArchiveBatcher:
         )
 
 
-@dataclass(frozen=True)
-class ValidatedRecord:
+class ValidatedRecord(NamedTuple):
     """A record read from a validated stream."""
 
     topic: str
