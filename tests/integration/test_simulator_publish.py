@@ -45,9 +45,9 @@ async def test_published_traffic_is_keyed_json_as_product_services_send_it(
     await ensure_topics(kafka)
     topics = Topics.from_settings(kafka)
     config = SimulationConfig(
-        seed=1, users=50, merchants=20, invalid_fraction=0.1, duplicate_fraction=0.1
+        seed=1, users=200, merchants=20, invalid_fraction=0.1, duplicate_fraction=0.1
     )
-    end = datetime.now(UTC)
+    end = datetime(2025, 3, 10, tzinfo=UTC)  # a fixed window: the same events every run
     events = list(TrafficSimulator(config).history(end - timedelta(hours=6), end))
     progress: list[int] = []
     stats = await publish(events, kafka, rate=None, progress=lambda s: progress.append(s.records))
