@@ -150,11 +150,11 @@ demo: up ## Start the platform, run simulated card payments through it for a min
 USERS ?= 50
 SPAWN_RATE ?= 10
 DURATION ?= 1m
-loadtest: install ## Load the running serving API with locust (loadtests/locustfile.py), headless
+loadtest: install ## Load the running serving API with locust, headless (USERS=50 DURATION=1m)
 	@[ -f loadtests/locustfile.py ] || { echo "loadtests/locustfile.py does not exist yet (the serving work adds it)"; exit 1; }
 	@[ -x $(VENV)/bin/locust ] || { echo "locust is not installed: add it to requirements.txt and run make lock"; exit 1; }
-	$(VENV)/bin/locust -f loadtests/locustfile.py --headless --users $(USERS) \
-		--spawn-rate $(SPAWN_RATE) --run-time $(DURATION) --only-summary
+	eval "$$($(MLOPS) stack env)" && $(VENV)/bin/locust -f loadtests/locustfile.py --headless \
+		--users $(USERS) --spawn-rate $(SPAWN_RATE) --run-time $(DURATION) --only-summary
 
 # ----------------------------------------------------------------------------- cleaning
 

@@ -297,6 +297,9 @@ class LocalStack:
             "MLOPS_STORAGE_DATA_DIR": str(self.data_dir),
             "MLOPS_REGISTRY_CLIENT_ADDRESS": f"{s.host}:{s.registry_grpc_port}",
             "MLOPS_REGISTRY_CLIENT_TOKEN_FILE": str(self.token_file),
+            # where Predict is served (serving binds it; clients such as the load test call it)
+            "MLOPS_SERVING_HOST": s.host,
+            "MLOPS_SERVING_PORT": str(s.serving_grpc_port),
         }
 
     def service_environment(self, service: str) -> dict[str, str]:
