@@ -364,6 +364,7 @@ def load(
     mode: str,
     accounted: dict[str, list[int]],
     concurrency: int = CONCURRENCY,
+    channels: int = 1,
     rate: float = 0.0,
     seconds: float = CLOSED_SECONDS,
 ) -> LoadResult:
@@ -381,7 +382,7 @@ def load(
         f"--concurrency={concurrency}",
         f"--rate={rate}",
         f"--seconds={seconds}",
-        f"--channels={CHANNELS}",
+        f"--channels={channels}",
     ]
     before = {name: cpu_seconds(groups) for name, groups in accounted.items()}
     output = subprocess.run(command, check=False, capture_output=True, text=True, cwd=ROOT)
@@ -535,7 +536,7 @@ def wait_serving(address: str, timeout_s: float, process: subprocess.Popen[bytes
 
     deadline = time.monotonic() + timeout_s
     in_a_row = 0
-    while in_a_row < 2 * CHANNELS:
+    while in_a_row < 16:
         if process.poll() is not None:
             raise RuntimeError(f"{address}: the server exited ({process.returncode})")
         if time.monotonic() > deadline:
@@ -737,6 +738,7 @@ def run_benchmark(args: argparse.Namespace) -> None:
                             address,
                             payloads,
                             mode="closed",
+                            channels=args.channels,
                             seconds=args.seconds,
                             accounted={g: groups[g] for g in charged},
                         )
@@ -760,6 +762,7 @@ def run_benchmark(args: argparse.Namespace) -> None:
                         address,
                         payloads,
                         mode="open",
+                        channels=args.channels,
                         rate=rate,
                         seconds=args.seconds,
                         accounted={g: groups[g] for g in charged},
@@ -924,7 +927,10 @@ def main() -> None:
     )
     parser.add_argument("--skip-open", action="store_true", help="closed loop only")
     parser.add_argument(
-        "--serving-workers", type=int, default=2, help="MLOPS_SERVING_WORKERS of the service"
+        "--serving-workers", type=int, default=1, help="MLOPS_SERVING_WORKERS of the service"
+    )
+    parser.add_argument(
+        "--channels", type=int, default=CHANNELS, help="client connections of the generator"
     )
     args = parser.parse_args()
     if args.command == "generate":

@@ -127,6 +127,7 @@ class Predictor:
         self._degrade = degrade_without_features
         self._shadow_max_inflight = shadow_max_inflight
         self._switch_wait_s = switch_wait_s
+        self._unserved_since: dict[int, float] = {}  # version -> when a wait for it failed
         self._shadow_tasks: set[asyncio.Task[None]] = set()
         self._request_ids = RequestIds()
         self._join_keys = features.layout.join_keys
@@ -330,8 +331,20 @@ class Predictor:
             return final
         # stop waiting a little before the deadline, so rows still get the real error
         wait_s = min(self._switch_wait_s, deadline - loop.time() - 0.005)
-        if table is not None and all(o.model.version in table.versions() for o in gone):
-            await self.router.changed(table, wait_s)
+        waited_in_vain = [
+            o.model.version
+            for o in gone
+            if loop.time() - self._unserved_since.get(o.model.version, -1e9) < self._switch_wait_s
+        ]
+        if (
+            table is not None
+            and not waited_in_vain  # an earlier batch already waited for this version
+            and all(o.model.version in table.versions() for o in gone)
+            and not await self.router.changed(table, wait_s)
+        ):
+            # no new table came: later batches fail at once instead of each waiting
+            for outcome in gone:
+                self._unserved_since[outcome.model.version] = loop.time()
         current = self.router.table
         retry: dict[int, tuple[ServedModel, list[int]]] = {}
         for outcome in gone:

@@ -357,3 +357,14 @@ async def test_a_full_prediction_log_drops_and_counts_instead_of_waiting() -> No
     assert log.dropped == 2
     assert len(pending(log)) == 3
     assert REGISTRY.get_sample_value("mlops_serving_prediction_log_dropped_total") == before + 2
+
+
+async def test_after_one_vain_wait_an_unserved_version_fails_at_once() -> None:
+    predictor, _, scorer, _ = make()
+    scorer.unloaded.add(1)
+    with pytest.raises(Unavailable):
+        await predictor.predict(txn(), timeout_s=0.2)
+    started = time.monotonic()
+    with pytest.raises(Unavailable, match="version 1 is not loaded"):
+        await predictor.predict(txn(), timeout_s=1.0)
+    assert time.monotonic() - started < 0.1  # no second wait: the slot stays free
