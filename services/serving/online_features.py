@@ -340,11 +340,5 @@ class OnlineFeatureReader:
         finally:
             await pool.release(connection)
 
-    async def ping(self) -> bool:
-        try:
-            return bool(await asyncio.wait_for(self._redis.ping(), self._timeout_s))
-        except (RedisError, OSError, TimeoutError):
-            return False
-
     async def close(self) -> None:
         await self._redis.close(close_connection_pool=True)

@@ -97,10 +97,6 @@ class PredictionLog:
             self.dropped += 1
             metrics.PREDICTION_LOG_DROPPED.inc()
 
-    @property
-    def buffered(self) -> int:
-        return self._queue.qsize()
-
     def start(self) -> None:
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._run())

@@ -129,6 +129,7 @@ class Predictor:
         self._switch_wait_s = switch_wait_s
         self._unserved_since: dict[int, float] = {}  # version -> when a wait for it failed
         self._shadow_tasks: set[asyncio.Task[None]] = set()
+        self._shadow_warned = 0.0
         self._request_ids = RequestIds()
         self._join_keys = features.layout.join_keys
         unknown = [
@@ -466,7 +467,10 @@ class Predictor:
         timeout_s = max(0.05, self._default_timeout_s)
         scored = await self._score(model, positions, matrix, timeout_s)
         if scored.error is not None:
-            log.info("shadow_failed", version=model.version, error=scored.error.message)
+            now = time.monotonic()
+            if now - self._shadow_warned >= 1.0:  # counted in the metrics; logged sparingly
+                self._shadow_warned = now
+                log.warning("shadow_failed", version=model.version, error=scored.error.message)
             return
         throwaway: list[Prediction | BaseException | None] = [None] * len(rows)
         self._answer(rows, scored, matrix, degraded, time.time(), list(range(len(rows))), throwaway)

@@ -78,16 +78,5 @@ class TritonScorer:
             raise Unavailable(f"Triton answered {self.model_name} v{version} without scores")
         return scores.reshape(-1)
 
-    async def version_ready(self, version: int, timeout_s: float) -> bool:
-        """Triton reports the version ready (its stub may still be dead: see ``score``)."""
-        try:
-            return bool(
-                await self._client.is_model_ready(
-                    self.model_name, str(version), client_timeout=timeout_s
-                )
-            )
-        except InferenceServerException:
-            return False
-
     async def close(self) -> None:
         await self._client.close()

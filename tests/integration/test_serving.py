@@ -3,9 +3,13 @@
 Each test publishes TorchScript FraudMLP versions to Triton's repository with the registry's
 ``TritonModelRepository`` (under a model name of its own when it changes what Triton serves),
 pushes online features with the Feast SDK into a Feast project of its own, starts the serving
-app in-process on a free port and calls it over gRPC. The start-up routing read goes to a
-small in-test ModelRegistry servicer (GetModelVersion by alias); routing changes are
-published to models.lifecycle as the registry would.
+app in-process on a free port (or ``python -m services.serving`` itself) and calls it over
+gRPC. ``test_serving_follows_the_real_registry...`` runs the real registry (models trained by
+the trainer, gated, published by the registry) for the start-up read, the canary share, a
+promotion and a rollback under load. The other tests, which need a routing table of their
+choosing in seconds, answer serving's start-up read from a small ModelRegistry servicer
+(GetModelVersion by alias, as the registry answers it) and publish lifecycle events the way
+the registry does.
 """
 
 from __future__ import annotations
