@@ -97,6 +97,8 @@ async def baseline_loop(kafka: KafkaSettings, expected: int) -> None:
     try:
         while done < expected:
             batch = await consumer.getmany(timeout_ms=200, max_records=BATCH)
+            if not batch:
+                continue
             futures = [
                 await producer.send(topics.validated, r.value, key=r.key, headers=r.headers)
                 for records in batch.values()
@@ -124,7 +126,12 @@ async def _end_offsets(kafka: KafkaSettings, topics: list[str]) -> dict[TopicPar
         await consumer.stop()
 
 
-async def _wait_committed(kafka: KafkaSettings, group: str, topics: list[str]) -> None:
+async def _wait_committed(
+    kafka: KafkaSettings,
+    group: str,
+    topics: list[str],
+    processes: list[subprocess.Popen[bytes]],
+) -> None:
     ends = await _end_offsets(kafka, topics)
     consumer = AIOKafkaConsumer(bootstrap_servers=kafka.bootstrap, group_id=group)
     await consumer.start()
@@ -136,6 +143,8 @@ async def _wait_committed(kafka: KafkaSettings, group: str, topics: list[str]) -
                 return
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{group} did not finish")
+            if any(p.poll() is not None for p in processes):
+                raise RuntimeError(f"a process of {group} exited; see its log")
             await asyncio.sleep(0.2)
     finally:
         await consumer.stop()
@@ -251,7 +260,7 @@ async def run_target(
     sampler = CpuSampler(pids)
     sampling = asyncio.create_task(sampler.run())
     try:
-        await _wait_committed(kafka, group, [topics.transactions, topics.labels])
+        await _wait_committed(kafka, group, [topics.transactions, topics.labels], processes)
         await asyncio.sleep(0.2)  # one more CPU sample after the last output
     finally:
         sampling.cancel()
