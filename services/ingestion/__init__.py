@@ -1,0 +1,1 @@
+"""Ingestion: validates product events, routes them (validated streams / DLQ), archives them."""
