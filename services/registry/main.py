@@ -1,11 +1,14 @@
 """Wires the registry from its settings: MLflow store, Triton repository, domain service,
-Kafka lifecycle publisher, gRPC server with bearer-token auth, and the reconcile loop."""
+Kafka lifecycle publisher, the coordinator (one change at a time, events retried until
+acknowledged, retired versions unloaded after their grace period), gRPC server with
+bearer-token auth, and the reconcile loop."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 
+from services.registry.coordinator import RegistryCoordinator
 from services.registry.lifecycle import LifecycleEventPublisher
 from services.registry.mlflow_store import MlflowModelStore
 from services.registry.service import ModelRegistryService
@@ -43,7 +46,13 @@ class RegistryApp:
             TritonModelRepository(settings.triton, settings.model_name),
         )
         self.events = LifecycleEventPublisher(settings.kafka)
-        self.servicer = ModelRegistryServicer(self.service, self.events)
+        self.coordinator = RegistryCoordinator(
+            self.service,
+            self.events,
+            publish_wait_s=settings.publish_wait_s,
+            retry_s=settings.publish_retry_s,
+        )
+        self.servicer = ModelRegistryServicer(self.service, self.coordinator)
         self.server = GrpcServer(
             host=settings.host,
             port=settings.port,
@@ -63,25 +72,29 @@ class RegistryApp:
             self.settings.kafka, [Topics.from_settings(self.settings.kafka).lifecycle]
         )
         await self.events.start()
-        await self.reconcile_once()  # after a Triton restart nothing is loaded: serve first
+        await self.coordinator.start()
+        # after a Triton restart nothing is loaded: serve first; then tell consumers the
+        # routing table (events of the previous process may have been lost)
+        await self.reconcile_once(announce=True)
         await self.server.start()
         self._reconciler = asyncio.create_task(self._reconcile_loop())
 
-    async def reconcile_once(self) -> None:
+    async def reconcile_once(self, *, announce: bool = False) -> None:
         try:
-            report = await self.servicer.reconcile()
+            report = await self.servicer.reconcile(announce=announce)
         except PlatformError as exc:
             log.warning("reconcile_failed", error=type(exc).__name__, detail=exc.message)
             return
         except Exception as exc:  # the loop must outlive any one failure
             log.exception("reconcile_crashed", error=type(exc).__name__)
             return
-        if report.published or report.reloaded:
+        if report.published or report.reloaded or report.retiring:
             log.info(
                 "reconciled",
                 desired=",".join(map(str, report.desired)),
                 ready_before=",".join(map(str, report.ready_before)),
                 reloaded=",".join(map(str, report.reloaded)),
+                retiring=",".join(str(r.version) for r in report.retiring),
             )
 
     async def _reconcile_loop(self) -> None:
@@ -95,7 +108,9 @@ class RegistryApp:
         self._stop.set()
         if self._reconciler is not None:
             await self._reconciler
+        await self.coordinator.stop_retiring()
         await self.server.stop()
+        await self.coordinator.stop()
         await self.events.stop()
 
 

@@ -1,23 +1,36 @@
 """The model registry's domain logic: versions, the evaluation gate, aliases, rollback, lineage.
 
 ``ModelRegistryService`` is blocking (MLflow over HTTP, Triton's model control, torch for the
-gate); the gRPC servicer runs it in a worker thread, one mutation at a time. Every mutation
-returns the ``ModelEvent``s it caused, which the caller publishes on ``models.lifecycle``
+gate); ``RegistryCoordinator`` runs it in a worker thread, one change at a time. Every change
+returns the ``ModelEvent``s it caused, which the coordinator publishes on ``models.lifecycle``
 *after* the method returned, i.e. after the change is durable.
 
-Order of a change that moves traffic: (1) Triton: the version's files are written (sha256
-verified) and config.pbtxt lists exactly the versions the new aliases serve, then Triton loads
-them; (2) MLflow: aliases, then version tags and the production history; (3) events. If Triton
-refuses, nothing in MLflow changes and the previous configuration is restored. If the process
-dies between (1) and (2), the reconcile loop makes Triton match the aliases again.
+A change that moves traffic is zero-gap (serving routes by the lifecycle events, so it keeps
+naming the old versions until the event reaches it):
+
+1. Triton serves the union of the old and the new versions: new versions' files are written
+   (sha256 verified), config.pbtxt lists both sets, Triton loads them. If Triton refuses,
+   nothing else changes and the previous configuration is restored.
+2. MLflow: aliases, then version tags and the production history (durable from here on).
+3. The events, each carrying the new complete routing table (``served``).
+4. Versions that left the routing table are *retiring*: once the events announcing the switch
+   were acknowledged (``start_grace``) and ``retire_grace_s`` has passed (``retire_due``),
+   Triton serves exactly the routing table and each gets an UNPUBLISHED event.
+
+Retiring versions are tracked here, so the reconcile pass keeps them loaded. Versions loaded
+in Triton that are neither routed nor retiring (the process died during a grace period or in
+the middle of a switch) are retired the same way by ``reconcile``, after an announcement of
+the current routing table, never unloaded at once.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import threading
+import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -68,12 +81,28 @@ _STAGE_OF_ALIAS = {
 }
 
 
+@dataclass(eq=False)
+class Retirement:
+    """A version that left the routing table and stays loaded in Triton for a grace period.
+
+    ``deadline`` (on the service's clock) is unset until the events announcing the switch
+    were acknowledged: the grace counts from the moment consumers can know.
+    """
+
+    version: int
+    reason: str
+    actor: str
+    deadline: float | None = None
+
+
 @dataclass
 class Transition:
-    """The result of a mutation: the version it concerns and the events to publish."""
+    """The result of a mutation: the version it concerns, the events to publish, and the
+    versions whose grace period starts once those events are acknowledged."""
 
     version: models_pb2.ModelVersion
     events: list[models_pb2.ModelEvent] = field(default_factory=list)
+    retiring: list[Retirement] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -82,6 +111,9 @@ class ReconcileReport:
     ready_before: list[int]
     reloaded: list[int]  # versions whose probe failed and were unloaded + loaded
     published: bool  # config rewritten and loaded because Triton differed from the aliases
+    # the routing table announced (start-up, or loaded versions nothing routes to were found)
+    events: list[models_pb2.ModelEvent] = field(default_factory=list)
+    retiring: list[Retirement] = field(default_factory=list)  # found loaded, routed nowhere
 
 
 def _stage_name(stage: models_pb2.ModelStage.ValueType) -> str:
@@ -123,12 +155,19 @@ class ModelRegistryService:
         settings: RegistrySettings,
         store: MlflowModelStore,
         triton: TritonModelRepository,
+        *,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.settings = settings
         self.model_name = settings.model_name
         self.store = store
         self.triton = triton
         self.policy = GatePolicy(settings.gate_metric_margin, settings.gate_calibration_tolerance)
+        self._clock = clock
+        # version -> its retirement; changed by mutations (worker thread) and by start_grace
+        # (the event loop, when the broker acknowledged), hence the lock
+        self._retiring: dict[int, Retirement] = {}
+        self._retiring_lock = threading.Lock()
 
     # ------------------------------------------------------------------ reading
 
@@ -290,16 +329,18 @@ class ModelRegistryService:
             )
         return widths.pop()
 
-    def _serve(self, aliases: Mapping[str, int], previous: Mapping[str, int]) -> list[int]:
-        """Make Triton serve exactly the versions of ``aliases``; returns newly served ones."""
-        wanted = sorted(set(aliases.values()))
-        before = sorted(set(previous.values()))
+    def _serve(self, target: Collection[int], before: Collection[int]) -> list[int]:
+        """Make Triton serve exactly ``target`` (files verified, written when missing).
+
+        ``before`` is what Triton serves now; returns the versions of ``target`` not in it.
+        """
+        wanted = sorted(set(target))
         if (
-            wanted == before
+            set(wanted) == set(before)
             and all(self.triton.verify_version(v) for v in wanted)
             and set(wanted) <= set(self.triton.ready_versions())
         ):
-            return []  # only a traffic share changed: Triton already serves these
+            return []  # e.g. only a traffic share changed: Triton already serves these
         views = {v: self.store.version(self.model_name, v) for v in wanted}
         for version, view in views.items():
             if not self.triton.verify_version(version):
@@ -317,14 +358,106 @@ class ModelRegistryService:
                 )
         except Unavailable:
             if before:  # Triton keeps the old versions serving; keep the files saying so
-                self.triton.write_config(before, n_inputs)
+                self.triton.write_config(sorted(set(before)), n_inputs)
                 try:
                     self.triton.load()
                 except Unavailable as exc:
                     log.error("config_restore_failed", model=self.model_name, error=str(exc))
             raise
         log.info("triton_serving", model=self.model_name, versions=",".join(map(str, wanted)))
-        return [v for v in wanted if v not in before]
+        return [v for v in wanted if v not in set(before)]
+
+    # ------------------------------------------------------------------ retirement
+
+    def retiring(self) -> dict[int, float | None]:
+        """Versions kept loaded for their grace period -> when it ends (None: not started)."""
+        with self._retiring_lock:
+            return {v: r.deadline for v, r in self._retiring.items()}
+
+    def _retire_later(self, versions: Collection[int], reason: str, actor: str) -> list[Retirement]:
+        with self._retiring_lock:
+            added = []
+            for version in sorted(versions):
+                retirement = Retirement(version, reason, actor)
+                self._retiring[version] = retirement
+                added.append(retirement)
+        if added:
+            log.info(
+                "versions_retiring",
+                model=self.model_name,
+                versions=",".join(str(r.version) for r in added),
+                reason=reason,
+            )
+        return added
+
+    def start_grace(self, retirements: Collection[Retirement]) -> None:
+        """The switch that retired these was announced: their grace period starts now."""
+        deadline = self._clock() + self.settings.retire_grace_s
+        with self._retiring_lock:
+            for retirement in retirements:
+                current = self._retiring.get(retirement.version)
+                if current is retirement and current.deadline is None:
+                    current.deadline = deadline
+
+    def next_retirement_at(self) -> float | None:
+        """When the earliest started grace period ends (the service's clock), if any."""
+        with self._retiring_lock:
+            deadlines = [r.deadline for r in self._retiring.values() if r.deadline is not None]
+        return min(deadlines) if deadlines else None
+
+    def retire_due(self) -> list[models_pb2.ModelEvent]:
+        """Unload the retiring versions whose grace period is over; their UNPUBLISHED events.
+
+        Triton then serves exactly the routing table plus the versions still in their grace
+        period. On failure (``Unavailable``) they stay retiring and a later call tries again.
+        """
+        now = self._clock()
+        with self._retiring_lock:
+            due = {
+                v: r
+                for v, r in self._retiring.items()
+                if r.deadline is not None and r.deadline <= now
+            }
+            waiting = {v for v, r in self._retiring.items() if v not in due}
+        if not due:
+            return []
+        aliases = self._aliases()
+        served = set(aliases.values())
+        keep = sorted(served | waiting)
+        if keep:
+            views = {v: self.store.version(self.model_name, v) for v in keep}
+            self.triton.write_config(keep, self._n_inputs(views))
+            self.triton.load()
+            ready = set(self.triton.ready_versions())
+            if not served <= ready:
+                raise Unavailable(
+                    f"Triton serves {sorted(ready)} after unloading {sorted(due)} of "
+                    f"{self.model_name}, not all of {sorted(served)}"
+                )
+        else:  # no alias left at all: nothing may serve
+            self.triton.unload()
+        with self._retiring_lock:
+            for version, retirement in due.items():
+                if self._retiring.get(version) is retirement:
+                    del self._retiring[version]
+        gone = sorted(v for v in due if v not in served)
+        log.info(
+            "versions_retired",
+            model=self.model_name,
+            versions=",".join(map(str, gone)),
+            serving=",".join(map(str, keep)),
+        )
+        table = self._routing(aliases)
+        return [
+            self._event(
+                EventType.MODEL_EVENT_TYPE_UNPUBLISHED,
+                version,
+                reason=due[version].reason,
+                actor=due[version].actor,
+                served=table,
+            )
+            for version in gone
+        ]
 
     def _tag(self, version: int, **tags: str) -> None:
         self.store.set_version_tags(self.model_name, version, tags)
@@ -342,10 +475,15 @@ class ModelRegistryService:
         gate: GateDecision | None = None,
         history: list[int] | None = None,
         archive_reason: str = "",
-    ) -> list[models_pb2.ModelEvent]:
-        """Apply a new alias table: Triton, then MLflow aliases, tags, history; the events."""
+    ) -> tuple[list[models_pb2.ModelEvent], list[Retirement]]:
+        """Apply a new alias table: Triton serves old and new, then MLflow aliases, tags,
+        history; the events. Versions that leave the table are retiring (still loaded)."""
         old = self._aliases()
-        published = self._serve(new, old)
+        wanted = set(new.values())
+        with self._retiring_lock:
+            still_loaded = set(old.values()) | set(self._retiring)
+        published = self._serve(wanted | still_loaded, still_loaded)
+        published = [v for v in published if v in wanted]
         for name, target in new.items():
             if old.get(name) != target:
                 self.store.set_alias(self.model_name, name, target)
@@ -367,6 +505,10 @@ class ModelRegistryService:
             )
         if history is not None:
             self.store.set_production_history(self.model_name, history)
+        with self._retiring_lock:  # back in the table before its grace ended: stays loaded
+            for back in wanted:
+                self._retiring.pop(back, None)
+        retiring = self._retire_later(retired, reason, actor)
         served = self.routing()
         events = [
             self._event(
@@ -388,13 +530,7 @@ class ModelRegistryService:
                 served=served,
             )
         )
-        events += [
-            self._event(
-                EventType.MODEL_EVENT_TYPE_UNPUBLISHED, v, reason=reason, actor=actor, served=served
-            )
-            for v in retired
-        ]
-        return events
+        return events, retiring
 
     # ------------------------------------------------------------------ mutations
 
@@ -517,7 +653,7 @@ class ModelRegistryService:
             )
         )
         if not production_version:
-            events += self._move_traffic(
+            moved, retiring = self._move_traffic(
                 {**aliases, PRODUCTION: version},
                 kind=EventType.MODEL_EVENT_TYPE_PROMOTED,
                 version=version,
@@ -529,7 +665,7 @@ class ModelRegistryService:
             )
         else:
             share = canary_traffic_percent or self.settings.default_canary_percent
-            events += self._move_traffic(
+            moved, retiring = self._move_traffic(
                 {**aliases, CANARY: version},
                 kind=EventType.MODEL_EVENT_TYPE_ALIAS_SET,
                 version=version,
@@ -540,7 +676,7 @@ class ModelRegistryService:
                 gate=decision,
                 archive_reason=f"replaced as canary by v{version}",
             )
-        return Transition(self._proto(version), events)
+        return Transition(self._proto(version), events + moved, retiring)
 
     def set_alias(
         self,
@@ -568,7 +704,7 @@ class ModelRegistryService:
             if current is None:
                 raise NotFound(f"{self.model_name} has no {alias} version")
             new = {k: v for k, v in aliases.items() if k != alias}
-            events = self._move_traffic(
+            events, retiring = self._move_traffic(
                 new,
                 kind=EventType.MODEL_EVENT_TYPE_ALIAS_SET,
                 version=0,
@@ -577,7 +713,7 @@ class ModelRegistryService:
                 actor=actor,
                 archive_reason=reason or f"{alias} removed",
             )
-            return Transition(self._proto(current), events)
+            return Transition(self._proto(current), events, retiring)
 
         view = self.store.version(self.model_name, version)  # NotFound for unknown versions
         stage = _stage_value(view.tags.get(TAG_STAGE, ""))
@@ -593,7 +729,7 @@ class ModelRegistryService:
             history = self.store.production_history(self.model_name) if current else []
             new = {k: v for k, v in aliases.items() if v != version}
             new[PRODUCTION] = version
-            events = self._move_traffic(
+            events, retiring = self._move_traffic(
                 new,
                 kind=EventType.MODEL_EVENT_TYPE_PROMOTED,
                 version=version,
@@ -603,7 +739,7 @@ class ModelRegistryService:
                 history=[*history, version],
                 archive_reason=f"replaced in production by v{version}",
             )
-            return Transition(self._proto(version), events)
+            return Transition(self._proto(version), events, retiring)
 
         if aliases.get(PRODUCTION) == version:
             raise FailedPrecondition(f"v{version} is production; it cannot also be {alias}")
@@ -617,7 +753,7 @@ class ModelRegistryService:
         share = traffic_percent or default
         new = {k: v for k, v in aliases.items() if v != version}
         new[alias] = version
-        events = self._move_traffic(
+        events, retiring = self._move_traffic(
             new,
             kind=EventType.MODEL_EVENT_TYPE_ALIAS_SET,
             version=version,
@@ -627,7 +763,7 @@ class ModelRegistryService:
             traffic_percent=share,
             archive_reason=f"replaced as {alias} by v{version}",
         )
-        return Transition(self._proto(version), events)
+        return Transition(self._proto(version), events, retiring)
 
     def rollback(self, model_name: str, *, reason: str = "", actor: str = "") -> Transition:
         """Production goes back to the previous production version; the current is archived."""
@@ -646,7 +782,7 @@ class ModelRegistryService:
         previous = history[-1]
         new = {k: v for k, v in aliases.items() if v not in (previous, current)}
         new[PRODUCTION] = previous
-        events = self._move_traffic(
+        events, retiring = self._move_traffic(
             new,
             kind=EventType.MODEL_EVENT_TYPE_ROLLED_BACK,
             version=previous,
@@ -656,29 +792,41 @@ class ModelRegistryService:
             history=history,
             archive_reason=f"rolled back: {reason}" if reason else "rolled back",
         )
-        return Transition(self._proto(previous), events)
+        return Transition(self._proto(previous), events, retiring)
 
     # ------------------------------------------------------------------ reconciliation
 
-    def reconcile(self) -> ReconcileReport:
-        """Make Triton serve exactly what the aliases say, and reload versions that fail a
-        tiny inference (a dead Python-backend stub still reports ready)."""
+    def reconcile(self, *, announce: bool = False) -> ReconcileReport:
+        """Make Triton serve what the aliases say (plus the retiring versions), and reload
+        versions that fail a tiny inference (a dead Python-backend stub still reports ready).
+
+        Nothing is unloaded here: a loaded version that is neither routed nor retiring (the
+        process died in a grace period or in the middle of a switch, so some consumer may still
+        route to it) becomes retiring, and the current routing table is announced; its grace
+        period starts once that announcement is acknowledged. ``announce`` announces the
+        routing table in any case (start-up: a consumer that missed events converges).
+        """
         aliases = self._aliases()
         desired = sorted(set(aliases.values()))
         if not desired:
             return ReconcileReport([], [], [], False)
+        with self._retiring_lock:
+            retiring = set(self._retiring)
         ready = self.triton.ready_versions()
-        intact = all(self.triton.verify_version(v) for v in desired)
+        unrouted = set(ready) - set(desired) - retiring
+        keep = set(desired) | retiring | unrouted
+        intact = all(self.triton.verify_version(v) for v in keep)
         published = False
-        if not intact or set(ready) != set(desired):
+        if not intact or set(ready) != keep:
             log.info(
                 "triton_out_of_date",
                 model=self.model_name,
                 desired=",".join(map(str, desired)),
+                retiring=",".join(map(str, sorted(retiring | unrouted))),
                 ready=",".join(map(str, ready)),
                 files_intact=intact,
             )
-            self._serve(aliases, {})
+            self._serve(keep, set())
             published = True
         n_inputs = self._n_inputs({v: self.store.version(self.model_name, v) for v in desired})
         reloaded = [v for v in desired if not self.triton.probe(v, n_inputs)]
@@ -686,4 +834,22 @@ class ModelRegistryService:
             log.warning("triton_reloading", model=self.model_name, versions=reloaded)
             self.triton.unload()
             self.triton.load()
-        return ReconcileReport(desired, ready, reloaded, published)
+        found = self._retire_later(
+            unrouted, "loaded in Triton but in no alias (a switch that did not finish)", ""
+        )
+        events = []
+        if announce or found:
+            table = self._routing(aliases)
+            events.append(
+                self._event(
+                    EventType.MODEL_EVENT_TYPE_ROUTING_ANNOUNCED,
+                    aliases.get(PRODUCTION, 0),
+                    alias=PRODUCTION if PRODUCTION in aliases else "",
+                    traffic_percent=next(
+                        (s.traffic_percent for s in table if s.alias == PRODUCTION), 0
+                    ),
+                    reason="registry started" if announce else "reconciled with Triton",
+                    served=table,
+                )
+            )
+        return ReconcileReport(desired, ready, reloaded, published, events, found)

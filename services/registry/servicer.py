@@ -1,31 +1,20 @@
 """The gRPC face of the registry: converts messages and calls ``ModelRegistryService``.
 
-The domain is blocking (MLflow over HTTP, Triton, torch), so every call runs in a worker thread;
-mutations (and the reconcile loop) hold one lock, so the registry changes one thing at a time.
-A mutation's ModelEvents are published after the domain call returned, i.e. once the change is
-durable in MLflow and Triton.
+The domain is blocking (MLflow over HTTP, Triton, torch), so every call runs in a worker thread.
+Mutations go through ``RegistryCoordinator`` (one change at a time; events published once the
+change is durable, retried until acknowledged; retired versions unloaded after a grace period).
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Sequence
-from typing import Protocol
 
 import grpc
-from aiokafka.errors import KafkaError
 
 from services.registry.client import ACTOR_METADATA
-from services.registry.service import ModelRegistryService, ReconcileReport, Transition
-from services.shared.errors import Unavailable
-from services.shared.logging import get_logger
+from services.registry.coordinator import RegistryCoordinator
+from services.registry.service import ModelRegistryService, ReconcileReport
 from services.shared.proto.mlops.v1 import models_pb2, registry_pb2, registry_pb2_grpc
-
-log = get_logger("registry.servicer")
-
-
-class EventSink(Protocol):
-    async def publish(self, events: Sequence[models_pb2.ModelEvent]) -> None: ...
 
 
 def _actor(context: grpc.aio.ServicerContext) -> str:
@@ -37,29 +26,12 @@ def _actor(context: grpc.aio.ServicerContext) -> str:
 
 
 class ModelRegistryServicer(registry_pb2_grpc.ModelRegistryServicer):
-    def __init__(self, service: ModelRegistryService, events: EventSink) -> None:
+    def __init__(self, service: ModelRegistryService, coordinator: RegistryCoordinator) -> None:
         self.service = service
-        self.events = events
-        self.lock = asyncio.Lock()
+        self.coordinator = coordinator
 
-    async def _mutate(self, call: Callable[[], Transition]) -> models_pb2.ModelVersion:
-        async with self.lock:
-            transition = await asyncio.to_thread(call)
-            try:
-                await self.events.publish(transition.events)
-            except KafkaError as exc:
-                # the change is durable (MLflow, Triton); only its announcement failed
-                ids = ",".join(e.event_id for e in transition.events)
-                log.error("lifecycle_publish_failed", event_ids=ids, error=str(exc))
-                raise Unavailable(
-                    f"v{transition.version.version}: the change was applied but its lifecycle "
-                    f"events could not be published ({exc}); consumers see it on the next event"
-                ) from exc
-        return transition.version
-
-    async def reconcile(self) -> ReconcileReport:
-        async with self.lock:
-            return await asyncio.to_thread(self.service.reconcile)
+    async def reconcile(self, *, announce: bool = False) -> ReconcileReport:
+        return await self.coordinator.reconcile(announce=announce)
 
     async def ListModelVersions(
         self, request: registry_pb2.ListModelVersionsRequest, context: grpc.aio.ServicerContext
@@ -83,7 +55,7 @@ class ModelRegistryServicer(registry_pb2_grpc.ModelRegistryServicer):
         context: grpc.aio.ServicerContext,
     ) -> models_pb2.ModelVersion:
         actor = _actor(context)
-        return await self._mutate(
+        return await self.coordinator.mutate(
             lambda: self.service.register(
                 request.model_name,
                 request.run_id,
@@ -98,7 +70,7 @@ class ModelRegistryServicer(registry_pb2_grpc.ModelRegistryServicer):
         self, request: registry_pb2.SetAliasRequest, context: grpc.aio.ServicerContext
     ) -> models_pb2.ModelVersion:
         actor = _actor(context)
-        return await self._mutate(
+        return await self.coordinator.mutate(
             lambda: self.service.set_alias(
                 request.model_name,
                 request.alias,
@@ -113,7 +85,7 @@ class ModelRegistryServicer(registry_pb2_grpc.ModelRegistryServicer):
         self, request: registry_pb2.RollbackRequest, context: grpc.aio.ServicerContext
     ) -> models_pb2.ModelVersion:
         actor = _actor(context)
-        return await self._mutate(
+        return await self.coordinator.mutate(
             lambda: self.service.rollback(request.model_name, reason=request.reason, actor=actor)
         )
 

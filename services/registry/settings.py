@@ -48,5 +48,25 @@ class RegistrySettings(ServiceSettings):
         description="How often Triton is checked against the aliases (and probed with a tiny "
         "inference; a version that fails is reloaded).",
     )
+    retire_grace_s: float = Field(
+        10.0,
+        ge=0,
+        description="How long a version that stops being served stays loaded in Triton after "
+        "the lifecycle event announcing the switch was acknowledged, so every consumer "
+        "(serving) has moved its traffic before Triton unloads it.",
+    )
+    publish_wait_s: float = Field(
+        5.0,
+        ge=0,
+        description="How long a mutating call waits for its lifecycle events to be acknowledged "
+        "before it answers; events not acknowledged by then are retried in the background, "
+        "in order, until the broker takes them.",
+    )
+    publish_retry_s: float = Field(
+        1.0,
+        gt=0,
+        description="First pause between attempts to publish a lifecycle event the broker "
+        "refused (doubling up to 10 s).",
+    )
     mlflow: MlflowSettings = Field(default_factory=MlflowSettings)
     triton: TritonSettings = Field(default_factory=TritonSettings)

@@ -6,10 +6,12 @@ true labels, so the gate judges it on real outcomes). The scenario:
 
 1. worse model -> v1, production (first model, nothing to compare with);
 2. good model -> v2: beats v1 on v2's held-out set -> canary at the default share; its share
-   is widened, then the canary is removed;
-3. v2 promoted -> production, v1 archived, Triton serves v2 only;
+   is widened, then the canary is removed (Triton keeps it for the grace period, then not);
+3. v2 promoted -> production, v1 archived; v1 keeps answering for the grace period, then
+   Triton serves v2 only;
 4. worse model again -> v3: does not beat v2 -> rejected, reason recorded, not in Triton;
-5. rollback -> v1 production again, v2 archived, Triton answers from v1.
+5. rollback -> v1 production again, v2 archived, Triton answers from v1 (and v2 until its
+   grace period ends).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from registry_harness import (
 
 from services.registry.client import RegistryClient
 from services.registry.triton_repository import TritonModelRepository
+from services.shared import localinfra
 from services.shared.errors import FailedPrecondition
 from services.shared.proto.mlops.v1 import models_pb2
 from services.shared.settings import (
@@ -47,6 +50,7 @@ from services.training.tracking import ExperimentTracker
 Stage = models_pb2.ModelStage
 EventType = models_pb2.ModelEventType
 SHUFFLE_BEFORE = datetime(2026, 3, 8, tzinfo=UTC)  # the test period starts on day ~6.4 of 8
+GRACE_S = 3.0  # how long a retired version stays loaded after its switch was announced
 
 
 @pytest.fixture
@@ -54,7 +58,13 @@ def registry(
     kafka: KafkaSettings, mlflow_server: MlflowSettings, triton_server: TritonSettings
 ) -> Iterator[RegistryInThread]:
     running = RegistryInThread(
-        registry_settings(kafka, mlflow_server, triton_server, default_canary_percent=15)
+        registry_settings(
+            kafka,
+            mlflow_server,
+            triton_server,
+            default_canary_percent=15,
+            retire_grace_s=GRACE_S,
+        )
     ).start()
     try:
         yield running
@@ -80,6 +90,16 @@ def _train(
 def _scores_of(mlflow: MlflowSettings, version: models_pb2.ModelVersion, rows: np.ndarray):  # type: ignore[no-untyped-def]
     payload = ExperimentTracker(mlflow).download(version.run_id, "model/model.pt")
     return scores(load_torchscript(payload), rows)
+
+
+def _wait_until_served(repository: TritonModelRepository, versions: list[int]) -> None:
+    """Retired versions are unloaded once their grace period is over."""
+    localinfra.wait_until(
+        lambda: repository.ready_versions() == versions,
+        GRACE_S + 30,
+        f"Triton serving exactly {versions}",
+        interval_s=0.1,
+    )
 
 
 async def test_gate_promotion_and_rollback(
@@ -120,13 +140,20 @@ async def test_gate_promotion_and_rollback(
     assert client.get_version(alias="production").traffic_percent == 70
     removed = client.set_alias("canary", 0, reason="pause the canary")
     assert removed.version == 2 and removed.stage == Stage.MODEL_STAGE_ARCHIVED
-    assert repository.ready_versions() == [1]
+    assert repository.ready_versions() == [1, 2]  # until its grace period ends
+    _wait_until_served(repository, [1])
 
-    # 3. promotion (of the now archived v2): v2 production, v1 archived and no longer served
+    # 3. promotion (of the now archived v2): v2 production, v1 archived, still answering
+    # for the grace period (serving may not have heard yet), then no longer served
+    rows = np.random.default_rng(0).normal(size=(16, len(v1.feature_names))).astype(np.float32)
     promoted = client.set_alias("production", 2, reason="canary looked good")
     assert promoted.stage == Stage.MODEL_STAGE_PRODUCTION and promoted.traffic_percent == 100
+    assert repository.ready_versions() == [1, 2]
+    np.testing.assert_allclose(
+        repository.infer(1, rows), _scores_of(mlflow_server, v1, rows), rtol=0, atol=1e-6
+    )
     assert client.get_version(version=1).stage == Stage.MODEL_STAGE_ARCHIVED
-    assert repository.ready_versions() == [2]
+    _wait_until_served(repository, [2])
 
     # 4. a worse candidate is rejected with the reason recorded, and never served
     v3 = _train(registry, worse, feast, mlflow_server)
@@ -143,11 +170,11 @@ async def test_gate_promotion_and_rollback(
         client.set_alias("canary", 3)
 
     # 5. rollback: v1 back in production (Triton answers from it), v2 archived
-    rows = np.random.default_rng(0).normal(size=(16, len(v1.feature_names))).astype(np.float32)
     rolled = client.rollback("test rollback")
     assert rolled.version == 1 and rolled.stage == Stage.MODEL_STAGE_PRODUCTION
     assert client.get_version(version=2).stage == Stage.MODEL_STAGE_ARCHIVED
-    assert repository.ready_versions() == [1]
+    assert repository.ready_versions() == [1, 2]
+    _wait_until_served(repository, [1])
     np.testing.assert_allclose(
         repository.infer(1, rows), _scores_of(mlflow_server, v1, rows), rtol=0, atol=1e-6
     )
@@ -189,9 +216,9 @@ async def test_gate_promotion_and_rollback(
     assert table(events[8]) == [(1, "production", 70), (2, "canary", 30)]
     assert events[9].alias == "canary" and events[9].previous_version == 2
     assert table(events[9]) == table(events[10]) == [(1, "production", 100)]
-    assert table(events[12]) == [(2, "production", 100)]
+    assert table(events[12]) == table(events[13]) == [(2, "production", 100)]
     assert events[12].previous_version == 1 and events[12].reason == "canary looked good"
     assert events[15].gate.reason == v3.gate.reason and table(events[15]) == table(events[12])
-    assert table(events[17]) == [(1, "production", 100)]
+    assert table(events[17]) == table(events[18]) == [(1, "production", 100)]
     assert events[17].previous_version == 2 and events[17].reason == "test rollback"
     assert all(e.served[0].threshold > 0 for e in events if e.served)

@@ -77,6 +77,9 @@ class _ModelEventTypeEnumTypeWrapper(google.protobuf.internal.enum_type_wrapper.
     """became production"""
     MODEL_EVENT_TYPE_ROLLED_BACK: _ModelEventType.ValueType  # 7
     MODEL_EVENT_TYPE_UNPUBLISHED: _ModelEventType.ValueType  # 8
+    """unloaded from Triton (a grace period after the switch)"""
+    MODEL_EVENT_TYPE_ROUTING_ANNOUNCED: _ModelEventType.ValueType  # 9
+    """nothing changed: the current routing table again"""
 
 class ModelEventType(_ModelEventType, metaclass=_ModelEventTypeEnumTypeWrapper): ...
 
@@ -92,6 +95,9 @@ MODEL_EVENT_TYPE_PROMOTED: ModelEventType.ValueType  # 6
 """became production"""
 MODEL_EVENT_TYPE_ROLLED_BACK: ModelEventType.ValueType  # 7
 MODEL_EVENT_TYPE_UNPUBLISHED: ModelEventType.ValueType  # 8
+"""unloaded from Triton (a grace period after the switch)"""
+MODEL_EVENT_TYPE_ROUTING_ANNOUNCED: ModelEventType.ValueType  # 9
+"""nothing changed: the current routing table again"""
 global___ModelEventType = ModelEventType
 
 @typing.final
