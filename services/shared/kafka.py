@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterable
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 
@@ -109,3 +109,42 @@ async def ensure_topics(
             await asyncio.sleep(1.0)
         finally:
             await admin.close()
+
+
+async def consumer_group_lag(
+    settings: KafkaSettings, group_id: str, topics: Iterable[str]
+) -> dict[TopicPartition, int]:
+    """Records not yet committed by ``group_id``, per partition of ``topics``.
+
+    A partition the group never committed counts in full. End offsets come from the broker
+    (through ``broker_compat`` on Tansu, whose ListOffsets answer is wrong).
+    """
+    activate_broker_workarounds(settings)
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=settings.bootstrap, request_timeout_ms=settings.request_timeout_ms
+    )
+    admin = AIOKafkaAdminClient(
+        bootstrap_servers=settings.bootstrap, request_timeout_ms=settings.request_timeout_ms
+    )
+    await consumer.start()
+    await admin.start()
+    try:
+        await consumer.topics()  # fetches cluster metadata
+        partitions = [
+            TopicPartition(topic, p)
+            for topic in topics
+            for p in sorted(consumer.partitions_for_topic(topic) or ())
+        ]
+        if not partitions:
+            return {}
+        committed = await admin.list_consumer_group_offsets(group_id, partitions=partitions)
+        ends = await consumer.end_offsets(partitions)
+        lag: dict[TopicPartition, int] = {}
+        for tp in partitions:
+            position = committed.get(tp)
+            done = position.offset if position is not None and position.offset >= 0 else 0
+            lag[tp] = max(ends[tp] - done, 0)
+        return lag
+    finally:
+        await admin.close()
+        await consumer.stop()

@@ -14,7 +14,12 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from services.shared.errors import InvalidArgument, NotFound
 from services.shared.grpc_server import BearerTokenAuth, GrpcServer
-from services.shared.kafka import create_consumer, create_producer, ensure_topics
+from services.shared.kafka import (
+    consumer_group_lag,
+    create_consumer,
+    create_producer,
+    ensure_topics,
+)
 from services.shared.proto.mlops.v1 import models_pb2, registry_pb2, registry_pb2_grpc
 from services.shared.settings import KafkaSettings
 from services.shared.topics import Topics
@@ -153,3 +158,29 @@ async def test_health_and_reflection(registry_channel: grpc.aio.Channel) -> None
     async for response in reflection.ServerReflectionInfo(requests()):
         names |= {s.name for s in response.list_services_response.service}
     assert {"mlops.v1.ModelRegistry", "grpc.health.v1.Health"} <= names
+
+
+async def test_consumer_group_lag_counts_uncommitted_records(kafka: KafkaSettings) -> None:
+    topic = f"{kafka.topic_prefix}lag"
+    group = f"{topic}-g"
+    producer = create_producer(kafka, client_id="test")
+    await producer.start()
+    try:
+        for i in range(7):
+            await producer.send_and_wait(topic, b"r%d" % i, partition=0)
+    finally:
+        await producer.stop()
+    assert sum((await consumer_group_lag(kafka, group, [topic])).values()) == 7
+    consumer = create_consumer(kafka, topic, group_id=group, client_id="test")
+    await consumer.start()
+    try:
+        seen = 0
+        while seen < 5:
+            batch = await consumer.getmany(timeout_ms=5_000, max_records=5 - seen)
+            seen += sum(len(r) for r in batch.values())
+        await consumer.commit({TopicPartition(topic, 0): 5})
+    finally:
+        await consumer.stop()
+    lag = await consumer_group_lag(kafka, group, [topic])
+    assert lag[TopicPartition(topic, 0)] == 2
+    assert sum(lag.values()) == 2
