@@ -61,6 +61,7 @@ class RegistryApp:
         )
         registry_pb2_grpc.add_ModelRegistryServicer_to_server(self.servicer, self.server.server)
         self._reconciler: asyncio.Task[None] | None = None
+        self._announced = False  # the routing table was announced since this process started
         self._stop = asyncio.Event()
 
     @property
@@ -75,19 +76,21 @@ class RegistryApp:
         await self.coordinator.start()
         # after a Triton restart nothing is loaded: serve first; then tell consumers the
         # routing table (events of the previous process may have been lost)
-        await self.reconcile_once(announce=True)
+        await self.reconcile_once()
         await self.server.start()
         self._reconciler = asyncio.create_task(self._reconcile_loop())
 
-    async def reconcile_once(self, *, announce: bool = False) -> None:
+    async def reconcile_once(self) -> None:
+        """One pass; until one succeeded, it also announces the routing table."""
         try:
-            report = await self.servicer.reconcile(announce=announce)
+            report = await self.servicer.reconcile(announce=not self._announced)
         except PlatformError as exc:
             log.warning("reconcile_failed", error=type(exc).__name__, detail=exc.message)
             return
         except Exception as exc:  # the loop must outlive any one failure
             log.exception("reconcile_crashed", error=type(exc).__name__)
             return
+        self._announced = True
         if report.published or report.reloaded or report.retiring:
             log.info(
                 "reconciled",
