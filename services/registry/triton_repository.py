@@ -9,8 +9,9 @@ Layout (the same here and in NVIDIA's Triton container on a GPU)::
 
 Versions are written atomically (a temporary directory renamed into place) after their
 checksum is verified; ``config.pbtxt``'s ``version_policy`` lists exactly the versions Triton
-must serve (production, canary, shadow), and ``load`` asks Triton (explicit model control) to
-apply it. Triton keeps serving the old versions until the new set is ready.
+must serve (production, canary, shadow, and versions in the grace period after a switch), and
+``load`` asks Triton (explicit model control) to apply it. Triton keeps serving the old versions
+until the new set is ready.
 """
 
 from __future__ import annotations
