@@ -16,9 +16,10 @@ the in-memory indexes and are rebuilt from the tables after every recovery. Reco
 restart replays the changelogs (on the local Tansu broker, ``broker_compat`` makes faust see
 their true end offsets).
 
-Delivery: at-least-once with idempotent state. Forwarded facts and changelog writes are
-flushed by faust before it commits input offsets; the two row-producing agents acknowledge
-their events only after ``FeatureSink`` has written the rows online and offline.
+Delivery: at-least-once with idempotent state. Every agent hands its events' acknowledgements
+to ``FeatureSink``, which runs them only once the rows are online and in the offline log and
+the batch's changelog records and re-keyed facts (``OutboundRecords``) are acknowledged by
+the broker; faust commits only acknowledged offsets.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Hashable, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Hashable, Iterable
 from functools import partial
 from pathlib import Path
 from typing import Any, cast
@@ -42,9 +43,13 @@ from services.features.events import (
     TransactionRef,
     UndecodableEvent,
     decode_label,
+    decode_merchant_facts,
+    decode_refs,
     decode_transaction,
+    fact_position,
 )
 from services.features.label_join import TransactionLabelJoin
+from services.features.outbound import OutboundRecords
 from services.features.settings import FeaturesSettings
 from services.features.sink import FeatureSink
 from services.features.windows import (
@@ -68,12 +73,10 @@ class FactTable(faust.Table):
 
     faust's own ``table[key] = value`` takes the partition from the stream's current event,
     which in a batch (``take``) is not the event that produced the fact, and is unusable from
-    a timer; facts carry their partition, so writes name it. The changelog records are
-    produced by ``send_changelog_records`` at the end of each batch straight through the
-    app's producer (faust's per-record ``send_soon`` path cost more than the rest of the
-    processing); faust flushes that producer before it commits input offsets, as before.
-    Records are JSON, exactly as faust's own json serializer writes them, so faust's
-    recovery reads them back.
+    a timer; facts carry their partition, so writes name it. The changelog records go out
+    batched with the other records of the batch (``OutboundRecords``; faust's per-record
+    ``send_soon`` path cost more than the rest of the processing). They are JSON, exactly as
+    faust's own json serializer writes them, so faust's recovery reads them back.
     """
 
     # mode names a service's logger after its module; faust's loggers are the quiet ones
@@ -82,22 +85,20 @@ class FactTable(faust.Table):
     def __init__(self, *args: Any, rebuild: Rebuild | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._rebuild = rebuild
-        self._unsent: list[tuple[int, bytes, bytes | None]] = []
+        self.outbound: OutboundRecords | None = None
         self.active_partitions: set[int] = set()
 
     def put(self, key: tuple[str, ...], value: list[Any], partition: int) -> None:
         self.data[key] = value
-        self._unsent.append((partition, _json(key), _json(value)))
+        self._changelog(partition, _json(key), _json(value))
 
     def remove(self, key: tuple[str, ...], partition: int) -> None:
         self.data.pop(key, None)
-        self._unsent.append((partition, _json(key), None))  # a tombstone
+        self._changelog(partition, _json(key), None)  # a tombstone
 
-    async def send_changelog_records(self) -> None:
-        unsent, self._unsent = self._unsent, []
-        producer, topic = self.app.producer, self.changelog_topic_name
-        for partition, key, value in unsent:
-            await producer.send(topic, key, value, partition, None, None)
+    def _changelog(self, partition: int, key: bytes, value: bytes | None) -> None:
+        assert self.outbound is not None, "FactTable used before the pipeline wired it"
+        self.outbound.add(self.changelog_topic_name, partition, key, value)
 
     async def on_recovery_completed(self, active_tps: set[TP], standby_tps: set[TP]) -> None:
         await super().on_recovery_completed(active_tps, standby_tps)
@@ -114,35 +115,61 @@ class FactTable(faust.Table):
             )
 
 
-def rewind_uncommitted_inputs(consumer: Any, input_topics: set[str]) -> None:
-    """Make the consumer start input partitions that have no committed offset from the start.
+class InputPositions:
+    """Puts every input partition back at its committed offset (or its beginning) after a
+    rebalance, at the one moment faust cannot lose records any more.
 
-    faust 0.15.3 keeps fetching while it restores tables and drops what it fetched for the
-    input partitions, relying on the seek to the committed offsets that follows. aiokafka's
-    ``seek_to_committed`` does not seek a partition with no committed offset (nor one
-    committed at 0), so a worker that had not committed yet (a first start, or a restart
-    before the first commit) silently skipped every record fetched during recovery (seen
-    in the kill -9 test: ~500 events lost). After faust's seek, such partitions are
-    rewound to their earliest offset; the state's dedup makes any re-read harmless.
+    faust 0.15.3 keeps the consumer's flow on while it restores tables: its fetches hand over
+    records of input partitions too, which it drops, relying on the seek to the committed
+    offsets that follows. But aiokafka's ``seek_to_committed`` does not seek a partition with
+    no committed offset (nor one committed at 0), and faust clears the stream buffers (and
+    with them records already handed over after that seek) only later, when it turns the flow
+    back on. A worker that had not committed yet (a first start, a restart before its first
+    commit) therefore skipped records: the kill -9 test lost up to hundreds of events.
+
+    Here the positions are worked out once the changelogs are read (``on_rebalance_complete``)
+    and applied right before faust resumes the flow, after it cleared its buffers: from then
+    on nothing is dropped. The seek is the one faust itself uses (aiokafka's, from the main
+    thread, with faust's read offset reset in the same step). Re-reading is harmless: the
+    state deduplicates.
     """
-    seek_to_committed = consumer.seek_to_committed
 
-    async def seek_to_committed_or_earliest() -> Mapping[TP, int]:
-        committed: Mapping[TP, int] = await seek_to_committed()
-        uncommitted = [
-            tp for tp, offset in committed.items() if tp.topic in input_topics and not offset
-        ]
-        if uncommitted:
-            earliest = await consumer.earliest_offsets(*uncommitted)
-            for tp in uncommitted:
-                await consumer.seek(tp, earliest[tp])
+    def __init__(self, app: faust.App, input_topics: set[str]) -> None:
+        self._consumer = app.consumer
+        self._thread = self._consumer._thread  # type: ignore[attr-defined]  # faust's consumer thread
+        self._input_topics = input_topics
+        self._targets: dict[Any, int] | None = None
+        self._resume_flow = self._consumer.resume_flow
+        self._consumer.resume_flow = self._reposition_then_resume  # type: ignore[method-assign]
+        app.on_rebalance_complete.connect(self._plan)
+
+    async def _targets_in_consumer_thread(self) -> dict[Any, int]:
+        consumer = self._thread._ensure_consumer()
+        targets = {}
+        for tp in consumer.assignment():
+            if tp.topic in self._input_topics:
+                committed = await consumer.committed(tp)
+                targets[tp] = committed
+        missing = [tp for tp, offset in targets.items() if not offset]
+        if missing:
+            earliest = await consumer.beginning_offsets(missing)
+            targets.update({tp: earliest[tp] for tp in missing})
+        return targets
+
+    async def _plan(self, *_: Any, **__: Any) -> None:
+        self._targets = await self._thread.call_thread(self._targets_in_consumer_thread)
+
+    def _reposition_then_resume(self) -> None:
+        targets, self._targets = self._targets, None
+        if targets:
+            for tp, offset in targets.items():
+                self._thread.seek(tp, offset)
+                self._consumer._read_offset[TP(tp.topic, tp.partition)] = None  # type: ignore[attr-defined]
             log.info(
-                "inputs_rewound",
-                partitions=",".join(f"{tp.topic}:{tp.partition}" for tp in uncommitted),
+                "inputs_positioned",
+                partitions=",".join(f"{tp.topic}:{tp.partition}@{o}" for tp, o in targets.items()),
             )
-        return committed
-
-    consumer.seek_to_committed = seek_to_committed_or_earliest
+        self._resume_flow()
 
 
 def faust_settings(settings: FeaturesSettings) -> dict[str, Any]:
@@ -168,15 +195,21 @@ def faust_settings(settings: FeaturesSettings) -> dict[str, Any]:
         "producer_linger_ms": 2,
         "consumer_auto_offset_reset": "earliest",
         "table_standby_replicas": settings.table_standby_replicas,
+        # events stay unacknowledged until their rows are in the offline log (FeatureSink);
+        # faust must not wait for them on a rebalance or stop: they are redelivered instead
+        "stream_wait_empty": False,
     }
 
 
 class FeaturePipeline:
     """Builds the faust app and wires the domain objects and the sink into its agents."""
 
-    def __init__(self, settings: FeaturesSettings, sink: FeatureSink) -> None:
+    def __init__(
+        self, settings: FeaturesSettings, sink: FeatureSink, outbound: OutboundRecords
+    ) -> None:
         self.settings = settings
         self.sink = sink
+        self.outbound = outbound
         self.topics = Topics.from_settings(settings.kafka)
         partitions = settings.kafka.partitions
         options = faust_settings(settings)
@@ -208,15 +241,19 @@ class FeaturePipeline:
             label_hold_us=int(settings.label_hold_s * 1e6),
             max_pending=settings.max_held_labels,
         )
-        self.user_facts._rebuild = self.users.rebuild
-        self.merchant_fact_table._rebuild = self.merchants.rebuild
-        self.join_table._rebuild = self.join.rebuild
+        for table, domain in (
+            (self.user_facts, self.users),
+            (self.merchant_fact_table, self.merchants),
+            (self.join_table, self.join),
+        ):
+            table._rebuild = domain.rebuild
+            table.outbound = outbound
 
         app.agent(self.validated, name=f"{group}.user_activity")(self._user_activity)
         app.agent(self.join_input, name=f"{group}.label_join")(self._label_join)
         app.agent(self.merchant_facts, name=f"{group}.merchant_activity")(self._merchant_activity)
-        rewind_uncommitted_inputs(
-            app.consumer,
+        self.input_positions = InputPositions(
+            app,
             {
                 self.topics.validated,
                 self.topics.validated_labels,
@@ -268,14 +305,14 @@ class FeaturePipeline:
                     rows.append(update.row)
                 # every transaction goes on, whatever the user state made of it: the merchant
                 # and the join have their own clocks and deduplicate by transaction_id
-                await self._forward(
+                self.outbound.add_fact(
                     self.transaction_refs_topic,
-                    txn.transaction_id,
-                    TransactionRef(txn.transaction_id, txn.merchant_id, txn.event_time_us).encode(),
+                    txn.transaction_id.encode(),
+                    TransactionRef(txn.transaction_id, txn.merchant_id, txn.event_time_us),
                 )
-                await self._forward(
+                self.outbound.add_fact(
                     self.merchant_facts_topic,
-                    txn.merchant_id,
+                    txn.merchant_id.encode(),
                     MerchantFact(
                         "txn",
                         txn.merchant_id,
@@ -283,38 +320,45 @@ class FeaturePipeline:
                         txn.event_time_us,
                         trigger_event_us=txn.event_time_us,
                         trigger_ingested_us=txn.ingested_us,
-                    ).encode(),
+                    ),
                 )
-            await self.user_facts.send_changelog_records()
+            await self.outbound.send()
             await self.sink.publish(rows, [partial(stream.ack, e) for e in events])
 
     async def _label_join(self, stream: StreamT[Any]) -> None:
         settings = self.settings
-        async for events in cast(Stream[Any], stream).take_events(
-            settings.batch_max_events, settings.batch_within_ms / 1000
+        async for events in _unacked_batches(
+            stream, settings.batch_max_events, settings.batch_within_ms / 1000
         ):
             for event in events:
                 partition = event.message.partition
                 is_ref = event.message.topic == self.transaction_refs_topic
                 try:
                     if is_ref:
-                        result = self.join.on_transaction(
-                            TransactionRef.decode(event.key, event.value), partition
-                        )
+                        results = [
+                            self.join.on_transaction(ref, partition)
+                            for ref in decode_refs(event.value)
+                        ]
                     else:
-                        result = self.join.on_label(decode_label(event.value), partition)
+                        results = [self.join.on_label(decode_label(event.value), partition)]
                 except UndecodableEvent as exc:
                     await self._dead_letter(event, "refs" if is_ref else "labels", exc)
                     continue
-                if not is_ref:
-                    metrics.EVENTS.labels("labels", "held" if result.held else "joined").inc()
-                if result.evicted:
-                    metrics.JOIN_EXPIRED.labels("evicted_label").inc(result.evicted)
-                if result.fact is not None:
-                    await self._forward(
-                        self.merchant_facts_topic, result.fact.merchant_id, result.fact.encode()
-                    )
-            await self.join_table.send_changelog_records()
+                for result in results:
+                    if not is_ref:
+                        outcome = "held" if result.held else "joined"
+                        metrics.labelled(metrics.EVENTS, "labels", outcome).inc()
+                    if result.evicted:
+                        metrics.JOIN_EXPIRED.labels("evicted_label").inc(result.evicted)
+                    if result.fact is not None:
+                        self.outbound.add_fact(
+                            self.merchant_facts_topic,
+                            result.fact.merchant_id.encode(),
+                            result.fact,
+                        )
+            await self.outbound.send()
+            # acknowledged with the other agents' events, once the outbound records are durable
+            await self.sink.publish([], [partial(stream.ack, e) for e in events])
 
     async def _merchant_activity(self, stream: StreamT[Any]) -> None:
         settings = self.settings
@@ -324,26 +368,27 @@ class FeaturePipeline:
             rows = []
             for event in events:
                 try:
-                    fact = MerchantFact.decode(event.key, event.value)
+                    facts = decode_merchant_facts(event.value)
                 except UndecodableEvent as exc:
                     await self._dead_letter(event, "merchant_facts", exc)
                     continue
-                update = self.merchants.apply(fact, event.message.offset, event.message.partition)
-                self._count(f"merchant_{fact.kind}s", MERCHANT_VIEW, update.outcome, update.evicted)
-                if update.row is not None:
-                    rows.append(update.row)
-            await self.merchant_fact_table.send_changelog_records()
+                for index, fact in enumerate(facts):
+                    # a fact's position orders it within its partition: offset, then index
+                    position = fact_position(event.message.offset, index)
+                    update = self.merchants.apply(fact, position, event.message.partition)
+                    self._count(
+                        f"merchant_{fact.kind}s", MERCHANT_VIEW, update.outcome, update.evicted
+                    )
+                    if update.row is not None:
+                        rows.append(update.row)
+            await self.outbound.send()
             await self.sink.publish(rows, [partial(stream.ack, e) for e in events])
-
-    async def _forward(self, topic: str, key: str, value: bytes) -> None:
-        """Re-key a fact onto an internal topic (the default partitioner, like Kafka's)."""
-        await self.app.producer.send(topic, key.encode(), value, None, None, None)
 
     @staticmethod
     def _count(stream: str, view: str, outcome: Outcome, evicted: int) -> None:
-        metrics.EVENTS.labels(stream, outcome.value).inc()
+        metrics.labelled(metrics.EVENTS, stream, outcome.value).inc()
         if outcome is Outcome.LATE:
-            metrics.LATE_DROPPED.labels(view).inc()
+            metrics.labelled(metrics.LATE_DROPPED, view).inc()
         if evicted:
             metrics.EVICTED.labels(view).inc(evicted)
 
@@ -389,8 +434,7 @@ class FeaturePipeline:
         users = self.users.expire_idle(self.user_facts.active_partitions)
         merchants = self.merchants.expire_idle(self.merchant_fact_table.active_partitions)
         expired = self.join.expire(self.join_table.active_partitions)
-        for table in (self.user_facts, self.merchant_fact_table, self.join_table):
-            await table.send_changelog_records()
+        await self.outbound.send()
         metrics.JOIN_EXPIRED.labels("transaction").inc(expired.transactions)
         metrics.JOIN_EXPIRED.labels("unmatched_label").inc(expired.unmatched_labels)
         if users or merchants or expired.transactions or expired.unmatched_labels:
@@ -402,6 +446,12 @@ class FeaturePipeline:
                 unmatched_labels=expired.unmatched_labels,
             )
 
+    def drop_faust_monitor(self) -> None:
+        """Stop faust's Monitor sensor: it updates in-memory stats (for faust's own web
+        pages, which are off) on every message; our metrics are Prometheus'."""
+        if self.app.monitor in set(self.app.sensors):
+            self.app.sensors.remove(self.app.monitor)
+
     def update_gauges(self) -> None:
         metrics.TABLE_ENTRIES.labels("user_facts").set(self.users.fact_count)
         metrics.TABLE_ENTRIES.labels("merchant_facts").set(self.merchants.fact_count)
@@ -411,8 +461,11 @@ class FeaturePipeline:
         metrics.ENTITIES.labels(MERCHANT_VIEW).set(self.merchants.entity_count)
 
 
+_JSON = json.JSONEncoder(separators=(",", ":"))
+
+
 def _json(data: Any) -> bytes:
-    return json.dumps(data, separators=(",", ":")).encode()
+    return _JSON.encode(data).encode()
 
 
 def _unacked_batches(

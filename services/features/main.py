@@ -8,14 +8,17 @@ import time
 from functools import partial
 from pathlib import Path
 
+from aiokafka import AIOKafkaProducer
+
 from services.features.app import FeaturePipeline, writer_id
 from services.features.offline_log import FeatureLogWriter
+from services.features.outbound import OutboundRecords
 from services.features.settings import FeaturesSettings
 from services.features.sink import FeastOnlineStore, FeatureSink
 from services.shared import broker_compat
 from services.shared.errors import Unavailable
 from services.shared.featurestore import load_definitions_module, open_store
-from services.shared.kafka import ensure_topics
+from services.shared.kafka import create_producer, ensure_topics
 from services.shared.logging import get_logger
 from services.shared.runtime import SERVICE_READY, run_service
 from services.shared.topics import Topics
@@ -57,20 +60,37 @@ async def wait_for_registry(online: FeastOnlineStore, timeout_s: float) -> None:
 async def serve(settings: FeaturesSettings, stop: asyncio.Event) -> None:
     # before any consumer exists: faust's table recovery must see Tansu's true end offsets
     broker_compat.activate(settings.kafka)
-    topics = Topics.from_settings(settings.kafka)
     writers = feature_log_writers(settings)
     for writer in writers.values():
         writer.remove_stale_temporaries()
     store = await asyncio.to_thread(open_store, settings.feast, settings.redis, settings.storage)
     online = FeastOnlineStore(store, writers)
     await wait_for_registry(online, settings.registry_wait_s)
+    producer = create_producer(settings.kafka, client_id=f"{settings.group_id}-outbound")
+    await producer.start()
+    try:
+        await run_pipeline(settings, stop, online, writers, producer)
+    finally:
+        await producer.stop()
+
+
+async def run_pipeline(
+    settings: FeaturesSettings,
+    stop: asyncio.Event,
+    online: FeastOnlineStore,
+    writers: dict[str, FeatureLogWriter],
+    producer: AIOKafkaProducer,
+) -> None:
+    topics = Topics.from_settings(settings.kafka)
+    outbound = OutboundRecords(producer, settings.kafka.partitions)
     sink = FeatureSink(
         online,
         writers,
         flush_interval_s=settings.offline_flush_interval_s,
         flush_max_rows=settings.offline_flush_max_rows,
+        before_ack=outbound.flush,
     )
-    pipeline = FeaturePipeline(settings, sink)
+    pipeline = FeaturePipeline(settings, sink, outbound)
     # the inputs and internal topics exist with the same partition count (co-partitioning)
     await ensure_topics(
         settings.kafka,
@@ -85,21 +105,25 @@ async def serve(settings: FeaturesSettings, stop: asyncio.Event) -> None:
     app = pipeline.app
 
     async def ready() -> None:
+        pipeline.drop_faust_monitor()
         SERVICE_READY.labels(SERVICE).set(1)
         log.info("features_ready", group=settings.group_id, partitions=settings.kafka.partitions)
 
     app.on_startup_finished = ready
-    await app.start()
+    sink.start()
     try:
+        await app.start()
         while not stop.is_set() and not app.should_stop:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=1.0)
     finally:
         SERVICE_READY.labels(SERVICE).set(0)
-        if not app.crashed:
-            await sink.flush()  # graceful stop: nothing left for redelivery
+        try:
+            # graceful stop: push and log what is queued, so its offsets get committed
+            await asyncio.wait_for(sink.close(drain=not app.crashed), timeout=30)
+        except TimeoutError:
+            log.warning("sink_not_drained", note="unacknowledged events will be redelivered")
         await app.stop()
-        sink.close()
     if app.crashed:
         raise RuntimeError(f"faust app crashed: {app.crash_reason!r}")
 

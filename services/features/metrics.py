@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+from typing import Any
+
 from prometheus_client import Counter, Gauge, Histogram
 
 FRESHNESS_BUCKETS = (
@@ -84,3 +87,9 @@ DEAD_LETTERS = Counter(
     "Records the features service could not read, sent to the dead-letter topic.",
     ["stream", "reason_code"],
 )
+
+
+@functools.cache
+def labelled(metric: Any, *values: str) -> Any:
+    """``metric.labels(*values)``, looked up once (it costs ~10 µs; it runs per event)."""
+    return metric.labels(*values)

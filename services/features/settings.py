@@ -39,7 +39,7 @@ class FeaturesSettings(ServiceSettings):
         1000, ge=1, description="Most events processed (and pushed to Feast) as one batch."
     )
     batch_within_ms: int = Field(
-        50, ge=1, description="Longest wait for a batch to fill before it is processed."
+        20, ge=1, description="Longest wait for a batch to fill before it is processed."
     )
     offline_flush_interval_s: float = Field(
         2.0,

@@ -17,7 +17,11 @@ from services.features.events import (
     TransactionRef,
     UndecodableEvent,
     decode_label,
+    decode_merchant_facts,
+    decode_refs,
     decode_transaction,
+    encode_facts,
+    fact_position,
 )
 from services.features.offline_log import (
     CreatedClock,
@@ -25,7 +29,7 @@ from services.features.offline_log import (
     StampedRow,
     event_date,
 )
-from services.features.sink import FeatureSink, feature_frame
+from services.features.sink import FeatureSink
 from services.features.windows import FeatureRow
 from services.shared.proto.mlops.v1 import events_pb2
 from services.shared.usecase.features import MERCHANT_FEATURES, USER_FEATURES
@@ -85,15 +89,32 @@ def test_unreadable_transactions_say_why(payload: bytes, code: str) -> None:
     assert caught.value.reason_code == code
 
 
-def test_internal_messages_round_trip() -> None:
-    ref = TransactionRef("t1", "m1", T0)
-    assert TransactionRef.decode(b"t1", ref.encode()) == ref
-    fact = MerchantFact("label", "m1", "t1", T0, True, T0 + 5, T0 + 6)
-    assert MerchantFact.decode(b"m1", fact.encode()) == fact
-    with pytest.raises(UndecodableEvent):
-        MerchantFact.decode(b"m1", b'{"k": "txn"}')
-    with pytest.raises(UndecodableEvent):
-        TransactionRef.decode(None, ref.encode())
+def test_facts_travel_in_batches_and_round_trip() -> None:
+    refs = [TransactionRef("t1", "m1", T0), TransactionRef("t2", "m2", T0 + 1)]
+    assert decode_refs(encode_facts(refs)) == refs
+    facts = [
+        MerchantFact("txn", "m1", "t1", T0, False, T0, T0 + 2),
+        MerchantFact("label", "m1", "t1", T0, True, T0 + 5, T0 + 6),
+    ]
+    assert decode_merchant_facts(encode_facts(facts)) == facts
+    assert fact_position(7, 1) > fact_position(7, 0) and fact_position(8, 0) > fact_position(
+        7, 9999
+    )
+    with pytest.raises(UndecodableEvent) as caught:
+        decode_merchant_facts(b'[["fraud", "m1", "t1", 1, 0, 1, 1]]')
+    assert caught.value.reason_code == "invalid_field"
+    with pytest.raises(UndecodableEvent) as caught:
+        decode_refs(b"{not json")
+    assert caught.value.reason_code == "malformed_json"
+
+
+def test_facts_are_routed_like_kafkas_default_partitioner() -> None:
+    from aiokafka.partitioner import DefaultPartitioner
+
+    from services.features.outbound import partition_for_key
+
+    for key in (b"t1", b"merchant-42", "ü-ser".encode()):
+        assert partition_for_key(key, 4) == DefaultPartitioner()(key, [0, 1, 2, 3], [0, 1, 2, 3])
 
 
 # ------------------------------------------------------------------------------- offline log
@@ -161,26 +182,18 @@ def test_created_clock_is_strictly_increasing() -> None:
     assert all(b > a for a, b in itertools.pairwise(stamps))
 
 
-def test_feature_frame_has_feast_columns() -> None:
-    frame = feature_frame("user_id", list(USER_FEATURES), [StampedRow(user_row("u1", T0), T0 + 9)])
-    assert list(frame.columns) == [
-        "user_id",
-        *USER_FEATURES,
-        "event_timestamp",
-        "created_timestamp",
-    ]
-    assert str(frame["event_timestamp"].dtype) == "datetime64[ns, UTC]"
-    assert frame["event_timestamp"].iloc[0].value == T0 * 1000
-
-
 # ------------------------------------------------------------------------------------ sink
 
 
 class RecordingOnlineStore:
-    def __init__(self) -> None:
+    def __init__(self, failures: int = 0) -> None:
         self.pushes: list[tuple[str, list[StampedRow]]] = []
+        self.failures = failures
 
     def push(self, view: str, rows: Sequence[StampedRow]) -> None:
+        if self.failures:
+            self.failures -= 1
+            raise ConnectionError("redis down")
         self.pushes.append((view, list(rows)))
 
 
@@ -194,6 +207,16 @@ class FlakyWriter(FeatureLogWriter):
         return super().write(rows)
 
 
+def recorder(acked: list[int]) -> Callable[[int], Callable[[], Awaitable[None]]]:
+    def ack(n: int) -> Callable[[], Awaitable[None]]:
+        async def done() -> None:
+            acked.append(n)
+
+        return done
+
+    return ack
+
+
 async def test_sink_pushes_latest_rows_and_acks_only_after_the_offline_write(
     tmp_path: Path,
 ) -> None:
@@ -203,16 +226,13 @@ async def test_sink_pushes_latest_rows_and_acks_only_after_the_offline_write(
         online, {"user_activity": writer}, flush_interval_s=3600, flush_max_rows=1000
     )
     acked: list[int] = []
-
-    def ack(n: int) -> Callable[[], Awaitable[None]]:
-        async def done() -> None:
-            acked.append(n)
-
-        return done
-
+    ack = recorder(acked)
+    sink.start()
     try:
-        rows = [user_row("u1", T0), user_row("u2", T0), user_row("u1", T0 + 1, 2)]
-        await sink.publish(rows, [ack(1), ack(2), ack(3)])
+        # two batches queued before the pusher runs go out as one push
+        await sink.publish([user_row("u1", T0), user_row("u2", T0)], [ack(1), ack(2)])
+        await sink.publish([user_row("u1", T0 + 1, 2)], [ack(3)])
+        await sink.drain()
         assert len(online.pushes) == 1
         view, pushed = online.pushes[0]
         assert view == "user_activity"
@@ -234,7 +254,30 @@ async def test_sink_pushes_latest_rows_and_acks_only_after_the_offline_write(
         created = table.column("created_timestamp").cast(pa.int64()).to_pylist()
         assert created == sorted(created) and len(set(created)) == 3
     finally:
-        sink.close()
+        await sink.close()
+
+
+async def test_a_failed_push_is_retried_and_nothing_is_acked_before(tmp_path: Path) -> None:
+    online = RecordingOnlineStore(failures=2)
+    writer = FeatureLogWriter(tmp_path, "user_id", USER_FEATURES, "w1")
+    sink = FeatureSink(
+        online,
+        {"user_activity": writer},
+        flush_interval_s=3600,
+        flush_max_rows=1000,
+        retry_after_s=0.01,
+    )
+    acked: list[int] = []
+    sink.start()
+    try:
+        await sink.publish([user_row("u1", T0)], [recorder(acked)(1)])
+        await sink.drain()
+        assert online.failures == 0 and len(online.pushes) == 1
+        assert acked == []
+    finally:
+        await sink.close()  # drains and writes the offline log: now acked
+    assert acked == [1]
+    assert len(list(tmp_path.rglob("*.parquet"))) == 1
 
 
 async def test_sink_flushes_early_when_many_rows_wait(tmp_path: Path) -> None:
@@ -247,10 +290,13 @@ async def test_sink_flushes_early_when_many_rows_wait(tmp_path: Path) -> None:
     async def ack() -> None:
         acked.set()
 
+    sink.start()
     try:
         await sink.publish([user_row("u1", T0)], [])
+        await sink.drain()
         assert sink.pending_rows == 1
         await sink.publish([user_row("u2", T0)], [ack])
-        assert acked.is_set() and sink.pending_rows == 0
+        await asyncio.wait_for(acked.wait(), timeout=5)
+        assert sink.pending_rows == 0
     finally:
-        sink.close()
+        await sink.close()
