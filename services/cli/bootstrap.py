@@ -3,11 +3,14 @@
 1. If the registry already has a production version, nothing to do (``--force`` trains anyway;
    the gate then decides as for any candidate).
 2. Simulated history (``TrafficSimulator.history``: ``--days`` of backdated transactions and
-   their labels) is published to Kafka, as product services would.
+   their labels) is published to Kafka, as product services would; by default only when the
+   offline store holds no transactions yet, so a re-run after a timeout does not publish twice.
 3. Wait, with progress and a deadline, until the platform has processed it: the ingestion
-   archive holds every transaction and label, and the features service has logged a feature
-   row for every transaction (user and merchant views). Counts are compared with the offline
-   store's counts from before the publication, so earlier data does not fool the check.
+   archive holds every transaction and label published (counted against the offline store's
+   counts from before, so earlier data does not fool the check), and the consumer groups of
+   ingestion and features have no lag on any of their topics (both commit an offset only once
+   its outputs are durable). Feature rows are not counted against transactions: events that
+   arrive later than the allowed lateness are dropped by design, and reported.
 4. Snapshot the offline store, train in this process (progress shown), register: the first
    version passes the gate and becomes production.
 5. Check that Triton serves it: the version is ready and answers a tiny inference.
@@ -32,11 +35,15 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from services.cli.train import console, retrain_request, run_local
+from services.features.settings import FeaturesSettings
+from services.ingestion.settings import IngestionSettings
 from services.registry.client import RegistryClient
 from services.registry.triton_repository import TritonModelRepository
 from services.shared.datasets import LABELS, TRANSACTIONS, create_snapshot
 from services.shared.errors import NotFound, PlatformError
+from services.shared.kafka import consumer_group_lag
 from services.shared.settings import StorageSettings, TritonSettings
+from services.shared.topics import Topics
 from services.shared.usecase.features import MERCHANT_VIEW, MODEL_INPUTS, USER_VIEW
 from services.training.settings import TrainingSettings
 
@@ -71,53 +78,95 @@ def offline_rows(storage: StorageSettings) -> dict[str, int]:
 
 @dataclass(frozen=True)
 class CatchUp:
-    """How many new rows each dataset must gain for the published history to be processed."""
+    """How many new rows the archive must gain for the published history to be archived."""
 
     baseline: dict[str, int]
     expected: dict[str, int]
 
     @classmethod
     def for_history(cls, baseline: dict[str, int], transactions: int, labels: int) -> CatchUp:
-        # one feature row per transaction in each view at least (merchants also get one per label)
-        return cls(
-            baseline,
-            {
-                TRANSACTIONS: transactions,
-                LABELS: labels,
-                USER_ROWS: transactions,
-                MERCHANT_ROWS: transactions,
-            },
-        )
+        # ingestion archives exactly once: the counts are exact
+        return cls(baseline, {TRANSACTIONS: transactions, LABELS: labels})
+
+    @classmethod
+    def nothing_new(cls, baseline: dict[str, int]) -> CatchUp:
+        return cls(baseline, {})
 
     def gained(self, now: dict[str, int]) -> dict[str, int]:
-        return {d: now.get(d, 0) - self.baseline.get(d, 0) for d in self.expected}
+        return {d: now.get(d, 0) - self.baseline.get(d, 0) for d in TRACKED}
 
     def missing(self, now: dict[str, int]) -> dict[str, int]:
         gained = self.gained(now)
         return {d: n - gained[d] for d, n in self.expected.items() if gained[d] < n}
 
 
+@dataclass(frozen=True)
+class Backlog:
+    """Records the consumers between Kafka and the offline store have not processed yet.
+
+    Both services commit an input offset only once what it produced is durable (archive files,
+    validated records, feature rows online and offline, re-keyed facts), so a group with no
+    lag has finished with everything published before the lag was read.
+    """
+
+    ingestion: int
+    features: int
+
+    @property
+    def total(self) -> int:
+        return self.ingestion + self.features
+
+
+async def read_backlog(ingestion: IngestionSettings, features: FeaturesSettings) -> Backlog:
+    """Ingestion's lag first, then the features service's: ingestion feeds features, so with
+    no ingestion lag the features lag read afterwards covers everything ingestion produced."""
+    topics = Topics.from_settings(ingestion.kafka)
+    validator = await consumer_group_lag(
+        ingestion.kafka, ingestion.group_id, [topics.transactions, topics.labels]
+    )
+    archive = await consumer_group_lag(
+        ingestion.kafka, ingestion.archive_group_id, [topics.validated, topics.validated_labels]
+    )
+    features_lag = await consumer_group_lag(
+        features.kafka, features.group_id, features.input_topics()
+    )
+    return Backlog(
+        ingestion=sum(validator.values()) + sum(archive.values()),
+        features=sum(features_lag.values()),
+    )
+
+
 def wait_for_catch_up(
     storage: StorageSettings,
     target: CatchUp,
+    backlog: Callable[[], Backlog],
     timeout_s: float,
-    on_poll: Callable[[dict[str, int]], None] | None = None,
+    on_poll: Callable[[dict[str, int], Backlog], None] | None = None,
     interval_s: float = 1.0,
 ) -> dict[str, int]:
-    """Poll the offline store until ``target`` is met; raises TimeoutError naming what lags."""
+    """Poll until the archive holds ``target`` and no consumer group has a backlog.
+
+    Returns the offline store's row counts; raises TimeoutError naming what lags.
+    """
     deadline = time.monotonic() + timeout_s
     while True:
         now = offline_rows(storage)
-        if on_poll is not None:
-            on_poll(target.gained(now))
         missing = target.missing(now)
-        if not missing:
+        behind = backlog()
+        if on_poll is not None:
+            on_poll(target.gained(now), behind)
+        if not missing and not behind.total:
             return now
         if time.monotonic() > deadline:
-            detail = ", ".join(f"{_LABELS[d]}: {n} missing" for d, n in missing.items())
+            detail = [f"{_LABELS[d]}: {n} missing" for d, n in missing.items()]
+            if behind.ingestion:
+                detail.append(f"ingestion: {behind.ingestion} records not processed")
+            if behind.features:
+                detail.append(f"features: {behind.features} records not processed")
             raise TimeoutError(
-                f"the platform did not process the history within {timeout_s:.0f}s ({detail}); "
-                "are the ingestion and features services running? (mlops stack status)"
+                f"the platform did not process the history within {timeout_s:.0f}s "
+                f"({', '.join(detail)}); are the ingestion and features services running? "
+                "(mlops stack status)"
             )
         time.sleep(interval_s)
 
@@ -160,6 +209,48 @@ def _publish_history(
     return valid, stats.labels
 
 
+def _wait_for_pipeline(
+    settings: TrainingSettings, target: CatchUp, timeout_s: float
+) -> dict[str, int]:
+    ingestion, features = IngestionSettings(), FeaturesSettings()
+
+    def backlog() -> Backlog:
+        return asyncio.run(read_backlog(ingestion, features))
+
+    with _progress() as bar:
+        archived = {d: bar.add_task(_LABELS[d], total=n) for d, n in target.expected.items()}
+        processing = bar.add_task("ingestion and features backlog (records)", total=None)
+
+        def show(gained: dict[str, int], behind: Backlog) -> None:
+            for dataset, task in archived.items():
+                bar.update(task, completed=min(gained[dataset], target.expected[dataset]))
+            bar.update(processing, completed=behind.total)
+
+        try:
+            now = wait_for_catch_up(settings.storage, target, backlog, timeout_s, show)
+        except TimeoutError as exc:
+            console.print(f"[bold red]✗[/] {exc}")
+            raise typer.Exit(1) from None
+        except (PlatformError, OSError) as exc:
+            console.print(f"[bold red]✗[/] could not read consumer lag: {exc}")
+            raise typer.Exit(1) from None
+    console.print("[green]✓[/] ingestion archive and feature logs have caught up")
+    return now
+
+
+def _report_feature_rows(gained: dict[str, int]) -> None:
+    """One user and one merchant row per transaction unless some arrived too late."""
+    transactions = gained[TRANSACTIONS]
+    for dataset in (USER_ROWS, MERCHANT_ROWS):
+        if gained[dataset] < transactions:
+            console.print(
+                f"[yellow]![/] {_LABELS[dataset]}: {gained[dataset]} for {transactions} "
+                "transactions; the others arrived later than the features service's allowed "
+                "lateness (MLOPS_FEATURES_ALLOWED_LATENESS_S) and were dropped "
+                "(mlops_features_late_events_dropped_total)"
+            )
+
+
 def _production_version(settings: TrainingSettings) -> int:
     with RegistryClient(settings.registry) as registry:
         try:
@@ -179,12 +270,14 @@ def bootstrap(
         float, typer.Option(help="Seconds to wait for ingestion and features to catch up.")
     ] = 900.0,
     simulate: Annotated[
-        bool,
+        bool | None,
         typer.Option(
-            help="Publish simulated history first (--no-simulate: train on what the "
-            "offline store already holds)."
+            help="Publish simulated history first. Default: only when the offline store holds "
+            "no transactions yet (a re-run after a timeout does not publish it twice); "
+            "--no-simulate trains on what the platform already has.",
+            show_default=False,
         ),
-    ] = True,
+    ] = None,
     force: Annotated[
         bool, typer.Option(help="Train even if a production model exists (the gate decides).")
     ] = False,
@@ -204,27 +297,24 @@ def bootstrap(
         console.print(f"[green]✓[/] {model} v{existing} is in production: nothing to bootstrap")
         return
 
+    baseline = offline_rows(settings.storage)
+    if simulate is None:
+        simulate = baseline[TRANSACTIONS] == 0
+        if not simulate:
+            console.print(
+                f"• the offline store holds {baseline[TRANSACTIONS]} transactions: training on "
+                "them (--simulate publishes simulated history anyway)"
+            )
+    target = CatchUp.nothing_new(baseline)
     if simulate:
-        baseline = offline_rows(settings.storage)
         try:
             transactions, labels = _publish_history(settings, days, users, seed, fraud_rate)
         except (PlatformError, OSError) as exc:
             console.print(f"[bold red]✗[/] could not publish to {settings.kafka.bootstrap}: {exc}")
             raise typer.Exit(1) from None
         target = CatchUp.for_history(baseline, transactions, labels)
-        with _progress() as bar:
-            tasks = {d: bar.add_task(_LABELS[d], total=n) for d, n in target.expected.items()}
-
-            def show(gained: dict[str, int]) -> None:
-                for dataset, task in tasks.items():
-                    bar.update(task, completed=min(gained[dataset], target.expected[dataset]))
-
-            try:
-                wait_for_catch_up(settings.storage, target, timeout, show)
-            except TimeoutError as exc:
-                console.print(f"[bold red]✗[/] {exc}")
-                raise typer.Exit(1) from None
-        console.print("[green]✓[/] ingestion archive and feature logs have caught up")
+    now = _wait_for_pipeline(settings, target, timeout)
+    _report_feature_rows(target.gained(now))
 
     snapshot = create_snapshot(settings.storage)
     console.print(

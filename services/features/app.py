@@ -217,8 +217,8 @@ class FeaturePipeline:
         self.app = faust.App(settings.group_id, **options)
         app = self.app
         group = settings.group_id
-        self.transaction_refs_topic = f"{group}.transaction-refs"
-        self.merchant_facts_topic = f"{group}.merchant-facts"
+        self.transaction_refs_topic = settings.transaction_refs_topic
+        self.merchant_facts_topic = settings.merchant_facts_topic
 
         self.validated = self._raw_topic(self.topics.validated)
         self.merchant_facts = self._raw_topic(self.merchant_facts_topic, internal=partitions)

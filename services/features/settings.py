@@ -11,6 +11,7 @@ from services.shared.settings import (
     ServiceSettings,
     StorageSettings,
 )
+from services.shared.topics import Topics
 
 
 class FeaturesSettings(ServiceSettings):
@@ -94,3 +95,23 @@ class FeaturesSettings(ServiceSettings):
     @property
     def group_id(self) -> str:
         return f"{self.kafka.topic_prefix}{self.app_id}"
+
+    @property
+    def transaction_refs_topic(self) -> str:
+        """Internal topic: transactions re-keyed by transaction_id (to meet their labels)."""
+        return f"{self.group_id}.transaction-refs"
+
+    @property
+    def merchant_facts_topic(self) -> str:
+        """Internal topic: transactions and joined labels re-keyed by merchant_id."""
+        return f"{self.group_id}.merchant-facts"
+
+    def input_topics(self) -> list[str]:
+        """Every topic the service consumes: its group's lag over these is its backlog."""
+        topics = Topics.from_settings(self.kafka)
+        return [
+            topics.validated,
+            topics.validated_labels,
+            self.transaction_refs_topic,
+            self.merchant_facts_topic,
+        ]
