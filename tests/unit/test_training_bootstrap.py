@@ -53,7 +53,7 @@ def test_waiting_needs_the_archive_and_no_backlog_and_times_out_naming_what_lags
     def poll(gained: dict[str, int], behind: Backlog) -> None:
         polled.append((gained, behind))
 
-    with pytest.raises(TimeoutError, match="transactions archived: 1 missing.*ingestion: 4 rec"):
+    with pytest.raises(TimeoutError, match=r"transactions archived: 1 missing.*ingestion: 4 rec"):
         wait_for_catch_up(storage, target, lambda: next(backlogs), 0.0, poll, interval_s=0)
     assert polled == [({**_ZERO, "transactions": 2}, Backlog(4, 9))]
 
