@@ -322,8 +322,10 @@ class FeaturePipeline:
                         trigger_ingested_us=txn.ingested_us,
                     ),
                 )
-            await self.outbound.send()
+            # rows go online first; the broker's acknowledgement of what the batch produced
+            # is awaited only before its events are acknowledged (FeatureSink.flush)
             await self.sink.publish(rows, [partial(stream.ack, e) for e in events])
+            await self.outbound.send()
 
     async def _label_join(self, stream: StreamT[Any]) -> None:
         settings = self.settings
@@ -381,8 +383,8 @@ class FeaturePipeline:
                     )
                     if update.row is not None:
                         rows.append(update.row)
-            await self.outbound.send()
             await self.sink.publish(rows, [partial(stream.ack, e) for e in events])
+            await self.outbound.send()
 
     @staticmethod
     def _count(stream: str, view: str, outcome: Outcome, evicted: int) -> None:

@@ -124,6 +124,7 @@ async def run_pipeline(
         except TimeoutError:
             log.warning("sink_not_drained", note="unacknowledged events will be redelivered")
         await app.stop()
+        await outbound.close()
     if app.crashed:
         raise RuntimeError(f"faust app crashed: {app.crash_reason!r}")
 

@@ -16,12 +16,13 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Protocol
 
 from services.features import metrics
 from services.features.offline_log import CreatedClock, FeatureLogWriter, StampedRow
 from services.features.windows import FeatureRow
+from services.shared.feast_online import EventTimeRedisOnlineStore, encode_value, entity_redis_key
+from services.shared.featurestore import ONLINE_STORE_TYPE
 from services.shared.logging import get_logger
 
 if TYPE_CHECKING:
@@ -37,11 +38,7 @@ class OnlineStore(Protocol):
         """Write rows (at most one per entity) to the online store; blocking."""
 
 
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-
-
-def _utc(epoch_us: int) -> datetime:
-    return _EPOCH + timedelta(microseconds=epoch_us)
+_MAX_CACHED_KEYS = 1_000_000  # Redis keys remembered per view (~100 bytes each)
 
 
 class FeastOnlineStore:
@@ -49,18 +46,21 @@ class FeastOnlineStore:
 
     What ``store.push(f"{view}_push", frame, to=PushMode.ONLINE)`` does, minus its detour:
     the same feature views (those whose stream source is the push source, looked up in the
-    registry), the same online store (the configured one), the same protos and event
-    timestamps, but the protos are built straight from the rows. ``store.push`` goes
-    DataFrame -> Arrow -> protos first: py-spy put that conversion at ~20 % of the service's
-    CPU at 2,000 events/s, more than computing the features; the push baseline in
-    loadtests/bench_features.py measures ``store.push`` itself.
+    registry), the same online store (the configured one), the same bytes in Redis and event
+    timestamps, but written straight from the rows. ``store.push`` goes DataFrame -> Arrow ->
+    protos first: py-spy put that conversion at ~20 % of the service's CPU at 2,000 events/s,
+    more than computing the features; the push baseline in loadtests/bench_features.py
+    measures ``store.push`` itself. The rows are not even turned into protos: the values are
+    encoded directly (``encode_value``) and each entity's Redis key is computed once; building
+    a proto per value, an EntityKey and datetimes per row cost ~15 % of the worker's CPU.
     """
 
     def __init__(self, store: FeatureStore, writers: Mapping[str, FeatureLogWriter]) -> None:
         self._store = store
         self._layout = {view: (w.entity_key, dict(w.features)) for view, w in writers.items()}
         self._views: dict[str, list[Any]] = {}
-        self._online: Any = None
+        self._online: EventTimeRedisOnlineStore | None = None
+        self._redis_keys: dict[str, dict[str, bytes]] = {}
 
     def push_sources_registered(self) -> bool:
         """Whether the registry (applied by the stack) has every push source and its views."""
@@ -83,31 +83,34 @@ class FeastOnlineStore:
         }
         if not all(views.values()):
             return False
+        online = get_online_store_from_config(self._store.config.online_store)
+        if not isinstance(online, EventTimeRedisOnlineStore):
+            raise TypeError(
+                f"the online store must be {ONLINE_STORE_TYPE} (feature_store.yaml), "
+                f"not {type(online).__name__}"
+            )
         self._views = views
-        self._online = get_online_store_from_config(self._store.config.online_store)
+        self._online = online
         return True
 
     def push(self, view: str, rows: Sequence[StampedRow]) -> None:
-        from feast.protos.feast.types.EntityKey_pb2 import EntityKey
-        from feast.protos.feast.types.Value_pb2 import Value
-
         entity_key, features = self._layout[view]
-        data = []
+        config = self._store.config
+        keys = self._redis_keys.setdefault(view, {})
+        encoded_rows = []
         for stamped in rows:
             row = stamped.row
-            values = {}
-            for name, kind in features.items():
-                feature = row.features[name]
-                if kind == "int64":
-                    values[name] = Value(int64_val=int(feature))
-                elif kind == "float64":
-                    values[name] = Value(double_val=float(feature))
-                else:
-                    values[name] = Value(string_val=str(feature))
-            key = EntityKey(join_keys=[entity_key], entity_values=[Value(string_val=row.entity_id)])
-            data.append((key, values, _utc(row.event_time_us), _utc(stamped.created_us)))
+            key = keys.get(row.entity_id)
+            if key is None:
+                if len(keys) >= _MAX_CACHED_KEYS:  # a bound, not an LRU: refilling is cheap
+                    keys.clear()
+                key = keys[row.entity_id] = entity_redis_key(config, entity_key, row.entity_id)
+            values = row.features
+            encoded = [(name, encode_value(kind, values[name])) for name, kind in features.items()]
+            encoded_rows.append((key, row.event_time_us, encoded))
+        assert self._online is not None, "push before push_sources_registered()"
         for feature_view in self._views[view]:
-            self._online.online_write_batch(self._store.config, feature_view, data, None)
+            self._online.online_write_encoded(config, feature_view.name, encoded_rows)
 
 
 class FeatureSink:

@@ -16,6 +16,7 @@ script over keys of different slots, so there the two-step pipeline is used.
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -80,10 +81,50 @@ return written
 """
 
 
-def _timestamp(when: datetime) -> Timestamp:
-    """A protobuf Timestamp, exact to the microsecond (cheaper than FromDatetime per row)."""
-    delta = utils.make_tzaware(when) - _EPOCH
-    return Timestamp(seconds=delta.days * 86_400 + delta.seconds, nanos=delta.microseconds * 1000)
+# ------------------------------------------------------------------ pre-encoded rows
+#
+# A writer that knows its rows' types (the features service) skips the protos per value:
+# ``encode_value`` writes the bytes ``Value(<kind>_val=v).SerializeToString()`` writes (a
+# unit test holds them equal), ``entity_redis_key`` the key Feast's ``_redis_key`` makes.
+# The Redis layout is the same either way.
+
+_DOUBLE = struct.Struct("<d")
+
+
+def _varint(value: int) -> bytes:
+    value &= 0xFFFFFFFFFFFFFFFF  # protobuf writes a negative int64 as its 64-bit two's complement
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def encode_value(kind: str, value: Any) -> bytes:
+    """The serialized feast ``Value`` of a feature of type ``kind`` (int64/float64/string)."""
+    if kind == "int64":
+        return b"\x20" + _varint(int(value))  # field 4 (int64_val), varint
+    if kind == "float64":
+        return b"\x29" + _DOUBLE.pack(float(value))  # field 5 (double_val), fixed64
+    data = str(value).encode()
+    return b"\x12" + _varint(len(data)) + data  # field 2 (string_val), length-delimited
+
+
+def entity_redis_key(config: RepoConfig, join_key: str, entity_value: str) -> bytes:
+    """Feast's Redis key of a single-key string entity (``_redis_key`` of its EntityKey)."""
+    entity_key = EntityKeyProto(
+        join_keys=[join_key], entity_values=[ValueProto(string_val=entity_value)]
+    )
+    return _redis_key(
+        config.project,
+        entity_key,
+        entity_key_serialization_version=config.entity_key_serialization_version,
+    )
+
+
+# (redis key, event time in epoch microseconds, [(feature name, encoded Value)])
+EncodedRow = tuple[bytes, int, list[tuple[str, bytes]]]
 
 
 class EventTimeRedisOnlineStore(RedisOnlineStore):
@@ -103,30 +144,39 @@ class EventTimeRedisOnlineStore(RedisOnlineStore):
         data: list[tuple[EntityKeyProto, dict[str, ValueProto], datetime, datetime | None]],
         progress: Callable[[int], Any] | None,
     ) -> None:
-        store_config = config.online_store
-        client = self._get_client(store_config)
-        ts_key = f"_ts:{table.name}"
-        keys = [
-            _redis_key(
+        rows: list[EncodedRow] = []
+        for entity_key, values, event_time, _ in data:
+            key = _redis_key(
                 config.project,
                 entity_key,
                 entity_key_serialization_version=config.entity_key_serialization_version,
             )
-            for entity_key, _, _, _ in data
-        ]
-        if store_config.redis_type == RedisType.redis_cluster:
-            self._write_in_two_steps(client, store_config, table.name, keys, data)
-        else:
-            args: list[Any] = [ts_key, store_config.key_ttl_seconds or 0]
-            for _, values, event_time, _ in data:
-                ts = _timestamp(event_time)
-                args += [ts.seconds, ts.nanos, ts.SerializeToString(), len(values)]
-                for name, value in values.items():
-                    args += [self._field(table.name, name), value.SerializeToString()]
-            if keys:
-                self._script(client)(keys=keys, args=args)
+            delta = utils.make_tzaware(event_time) - _EPOCH
+            event_us = (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+            encoded = [(name, value.SerializeToString()) for name, value in values.items()]
+            rows.append((key, event_us, encoded))
+        self.online_write_encoded(config, table.name, rows)
         if progress:
             progress(len(data))
+
+    def online_write_encoded(self, config: RepoConfig, view: str, rows: list[EncodedRow]) -> None:
+        """Write pre-encoded rows of ``view`` (at most one per key), unless strictly older."""
+        if not rows:
+            return
+        store_config = config.online_store
+        client = self._get_client(store_config)
+        if store_config.redis_type == RedisType.redis_cluster:
+            self._write_in_two_steps(client, store_config, view, rows)
+            return
+        field = self._field
+        args: list[Any] = [f"_ts:{view}", store_config.key_ttl_seconds or 0]
+        for _, event_us, values in rows:
+            seconds, micros = divmod(event_us, 1_000_000)
+            ts = Timestamp(seconds=seconds, nanos=micros * 1000)
+            args += [seconds, micros * 1000, ts.SerializeToString(), len(values)]
+            for name, value in values:
+                args += [field(view, name), value]
+        self._script(client)(keys=[key for key, _, _ in rows], args=args)
 
     def _script(self, client: Any) -> Any:
         script = getattr(self, "_write_script", None)
@@ -135,28 +185,24 @@ class EventTimeRedisOnlineStore(RedisOnlineStore):
         return script
 
     def _write_in_two_steps(
-        self,
-        client: Any,
-        store_config: Any,
-        view: str,
-        keys: list[bytes],
-        data: list[tuple[EntityKeyProto, dict[str, ValueProto], datetime, datetime | None]],
+        self, client: Any, store_config: Any, view: str, rows: list[EncodedRow]
     ) -> None:
         ts_key = f"_ts:{view}"
         with client.pipeline(transaction=False) as pipe:
-            for key in keys:
+            for key, _, _ in rows:
                 pipe.hget(key, ts_key)
             previous = pipe.execute()
-            for key, prev, (_, values, event_time, _) in zip(keys, previous, data, strict=True):
-                ts = _timestamp(event_time)
+            for (key, event_us, values), prev in zip(rows, previous, strict=True):
+                seconds, micros = divmod(event_us, 1_000_000)
+                ts = Timestamp(seconds=seconds, nanos=micros * 1000)
                 if prev:
                     prev_ts = Timestamp()
                     prev_ts.ParseFromString(prev)
                     if (ts.seconds, ts.nanos) < (prev_ts.seconds, prev_ts.nanos):
                         continue  # an older state than the stored one: keep the newer
                 mapping: dict[str | bytes, bytes] = {ts_key: ts.SerializeToString()}
-                for name, value in values.items():
-                    mapping[self._field(view, name)] = value.SerializeToString()
+                for name, value in values:
+                    mapping[self._field(view, name)] = value
                 pipe.hset(key, mapping=mapping)
                 if store_config.key_ttl_seconds:
                     pipe.expire(name=key, time=store_config.key_ttl_seconds)
