@@ -324,7 +324,7 @@ class FeaturePipeline:
                 )
             # rows go online first; the broker's acknowledgement of what the batch produced
             # is awaited only before its events are acknowledged (FeatureSink.flush)
-            await self.sink.publish(rows, [partial(stream.ack, e) for e in events])
+            await self.sink.publish(rows, [partial(_ack_all, stream, events)])
             await self.outbound.send()
 
     async def _label_join(self, stream: StreamT[Any]) -> None:
@@ -360,7 +360,7 @@ class FeaturePipeline:
                         )
             await self.outbound.send()
             # acknowledged with the other agents' events, once the outbound records are durable
-            await self.sink.publish([], [partial(stream.ack, e) for e in events])
+            await self.sink.publish([], [partial(_ack_all, stream, events)])
 
     async def _merchant_activity(self, stream: StreamT[Any]) -> None:
         settings = self.settings
@@ -383,7 +383,7 @@ class FeaturePipeline:
                     )
                     if update.row is not None:
                         rows.append(update.row)
-            await self.sink.publish(rows, [partial(stream.ack, e) for e in events])
+            await self.sink.publish(rows, [partial(_ack_all, stream, events)])
             await self.outbound.send()
 
     @staticmethod
@@ -477,6 +477,13 @@ def _unacked_batches(
     ``noack_take`` as yielding values; it yields the events)."""
     batches = cast(Stream[Any], stream).noack_take(max_events, within_s)
     return cast(AsyncIterator[list[EventT]], batches)
+
+
+async def _ack_all(stream: StreamT[Any], events: list[EventT]) -> None:
+    """Acknowledge a batch's events (one callable per batch, not one per event)."""
+    ack = stream.ack
+    for event in events:
+        await ack(event)
 
 
 def _headers(headers: Any) -> list[tuple[str, bytes]]:

@@ -40,7 +40,12 @@ class FeaturesSettings(ServiceSettings):
         1000, ge=1, description="Most events processed (and pushed to Feast) as one batch."
     )
     batch_within_ms: int = Field(
-        20, ge=1, description="Longest wait for a batch to fill before it is processed."
+        50,
+        ge=1,
+        description="Longest wait for a batch to fill before it is processed. Most of the "
+        "worker's costs are per batch (broker requests, pushes, faust's batching): at "
+        "2,000 events/s, 60 ms instead of 20 ms measured 463 instead of 525-598 µs of CPU per "
+        "event (loaded machine), for a longer wait in freshness.",
     )
     offline_flush_interval_s: float = Field(
         2.0,
