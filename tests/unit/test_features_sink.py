@@ -119,6 +119,70 @@ def test_facts_are_routed_like_kafkas_default_partitioner() -> None:
         assert partition_for_key(key, 4) == DefaultPartitioner()(key, [0, 1, 2, 3], [0, 1, 2, 3])
 
 
+class SlowBroker:
+    """Stands in for aiokafka's producer: ``send_batch`` returns once the previous batch of
+    the partition has left (here: when the test says so), the future when acknowledged."""
+
+    def __init__(self) -> None:
+        self.leave = asyncio.Event()
+        self.sent: list[tuple[str, int, list[bytes | None]]] = []
+        self.acks: list[asyncio.Future[None]] = []
+        self.sent_more = asyncio.Condition()
+
+    async def wait_sent(self, count: int) -> None:
+        async with self.sent_more:
+            await self.sent_more.wait_for(lambda: len(self.acks) >= count)
+
+    def create_batch(self) -> Any:
+        from aiokafka.producer.message_accumulator import BatchBuilder
+
+        return BatchBuilder(16384, 0, is_transactional=False)
+
+    async def send_batch(self, batch: Any, topic: str, partition: int) -> asyncio.Future[None]:
+        await self.leave.wait()
+        self.sent.append((topic, partition, [None] * batch.record_count()))
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.acks.append(future)
+        async with self.sent_more:
+            self.sent_more.notify_all()
+        return future
+
+
+def test_outbound_send_hands_over_without_waiting_and_flush_waits_for_the_broker() -> None:
+    from services.features.outbound import OutboundRecords
+
+    async def scenario() -> None:
+        broker = SlowBroker()
+        outbound = OutboundRecords(broker, 4)
+        outbound.add("changelog", 1, b"k1", b"v1")
+        outbound.add("changelog", 1, b"k2", None)
+        await asyncio.wait_for(outbound.send(), 1)  # returns although nothing could leave yet
+        outbound.add("changelog", 2, b"k3", b"v3")
+        flushed = asyncio.ensure_future(outbound.flush())
+        await asyncio.wait({flushed}, timeout=0.05)  # nothing can leave: flush must not end
+        assert not flushed.done() and broker.sent == []
+        broker.leave.set()
+        await asyncio.wait_for(broker.wait_sent(2), 1)
+        assert [(t, p, len(r)) for t, p, r in broker.sent] == [
+            ("changelog", 1, 2),
+            ("changelog", 2, 1),
+        ]  # in the order of the sends
+        assert not flushed.done()  # sent, not acknowledged yet
+        for ack in broker.acks:
+            ack.set_result(None)
+        await asyncio.wait_for(flushed, 1)
+        # a failed delivery is raised by the next flush (nothing gets acknowledged)
+        outbound.add("changelog", 3, b"k4", b"v4")
+        flushed = asyncio.ensure_future(outbound.flush())
+        await asyncio.wait_for(broker.wait_sent(3), 1)
+        broker.acks[-1].set_exception(RuntimeError("broker said no"))
+        with pytest.raises(RuntimeError, match="broker said no"):
+            await asyncio.wait_for(flushed, 1)
+        await outbound.close()
+
+    asyncio.run(scenario())
+
+
 # ------------------------------------------------------------------------------- offline log
 
 
