@@ -32,7 +32,6 @@ from services.shared.topics import Topics
 log = get_logger("serving")
 
 SERVICE = "serving"
-_GC_YOUNG_THRESHOLD = 20_000
 
 
 async def load_feature_layout(
@@ -149,12 +148,6 @@ async def serve(settings: ServingSettings, stop: asyncio.Event) -> None:
     # keep it out of the garbage collector's generations, so collections stay short
     gc.collect()
     gc.freeze()
-    # every call allocates a few hundred short-lived containers (protobuf wrappers, futures,
-    # dicts), freed by reference counting; at the default threshold (700) the cyclic
-    # collector ran every couple of calls for nothing. Young collections stay cheap at a
-    # larger threshold because almost nothing survives in generation 0.
-    _, older, oldest = gc.get_threshold()
-    gc.set_threshold(_GC_YOUNG_THRESHOLD, older, oldest)
     await app.start()
     try:
         await stop.wait()
