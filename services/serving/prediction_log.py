@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from services.serving import metrics
 from services.shared.codecs import protobuf_headers
 from services.shared.logging import get_logger
 from services.shared.proto.mlops.v1 import events_pb2, monitoring_pb2
+from services.shared.protowire import DOUBLE, length_delimited, varint
 from services.shared.usecase.features import MODEL_INPUTS
 
 log = get_logger("serving.prediction_log")
@@ -68,23 +68,6 @@ class PredictionEntry:
         )
 
 
-def _varint(value: int) -> bytes:
-    value &= (1 << 64) - 1  # int64 fields: negatives as their two's complement, as protobuf
-    out = bytearray()
-    while value > 0x7F:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
-def _length_delimited(tag: int, payload: bytes) -> bytes:
-    return bytes((tag,)) + _varint(len(payload)) + payload
-
-
-_DOUBLE = struct.Struct("<d")
-
-
 class RecordEncoder:
     """``PredictionRecord`` wire bytes for many entries, without building the messages.
 
@@ -99,9 +82,9 @@ class RecordEncoder:
         fields: list[tuple[str, str]] = []
         self._prefixes: list[bytes] = []
         for i, name in enumerate(MODEL_INPUTS):
-            key = _length_delimited(0x0A, name.encode())  # map entry field 1: the name
+            key = length_delimited(0x0A, name.encode())  # map entry field 1: the name
             entry_size = len(key) + 1 + 8  # field 2: the value, a fixed64 double
-            prefix = bytes((0x1A,)) + _varint(entry_size) + key + bytes((0x11,))
+            prefix = bytes((0x1A,)) + varint(entry_size) + key + bytes((0x11,))
             self._prefixes.append(prefix)
             fields += [(f"key{i}", f"V{len(prefix)}"), (f"value{i}", "<f8")]
         self._rows = np.dtype(fields)  # packed: one row's map entries, back to back
@@ -126,9 +109,9 @@ class RecordEncoder:
             encoded = self._middles[key] = b"".join(
                 (
                     b"\x28\x01" if entry.flagged else b"",
-                    _length_delimited(0x32, entry.model_name.encode()),
-                    b"\x38" + _varint(entry.model_version),
-                    b"\x40" + _varint(entry.route),
+                    length_delimited(0x32, entry.model_name.encode()),
+                    b"\x38" + varint(entry.model_version),
+                    b"\x40" + varint(entry.route),
                     b"\x48\x01" if entry.degraded else b"",
                 )
             )
@@ -139,7 +122,7 @@ class RecordEncoder:
         if not entries:
             return []
         out = []
-        pack = _DOUBLE.pack
+        pack = DOUBLE.pack
         seconds_of: dict[int, bytes] = {}
         for entry, features in zip(entries, self._features(entries), strict=True):
             seconds = int(entry.predicted_at)
@@ -147,19 +130,19 @@ class RecordEncoder:
             encoded_seconds = seconds_of.get(seconds)
             if encoded_seconds is None:
                 encoded_seconds = seconds_of[seconds] = (
-                    b"\x08" + _varint(seconds) if seconds else b""
+                    b"\x08" + varint(seconds) if seconds else b""
                 )
-            timestamp = encoded_seconds + (b"\x10" + _varint(nanos) if nanos else b"")
+            timestamp = encoded_seconds + (b"\x10" + varint(nanos) if nanos else b"")
             request_id = entry.request_id.encode()
             transaction = entry.transaction.SerializeToString()
             out.append(
                 b"".join(
                     (
                         b"\x0a",
-                        _varint(len(request_id)),
+                        varint(len(request_id)),
                         request_id,
                         b"\x12",
-                        _varint(len(transaction)),
+                        varint(len(transaction)),
                         transaction,
                         features,
                         b"\x21",

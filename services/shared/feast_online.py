@@ -16,7 +16,6 @@ script over keys of different slots, so there the two-step pipeline is used.
 
 from __future__ import annotations
 
-import struct
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -27,6 +26,8 @@ from feast.infra.online_stores.redis import RedisOnlineStore, RedisOnlineStoreCo
 from feast.protos.feast.types.EntityKey_pb2 import EntityKey as EntityKeyProto
 from feast.protos.feast.types.Value_pb2 import Value as ValueProto
 from google.protobuf.timestamp_pb2 import Timestamp
+
+from services.shared.protowire import DOUBLE, length_delimited, varint
 
 
 class EventTimeRedisOnlineStoreConfig(RedisOnlineStoreConfig):
@@ -88,27 +89,15 @@ return written
 # unit test holds them equal), ``entity_redis_key`` the key Feast's ``_redis_key`` makes.
 # The Redis layout is the same either way.
 
-_DOUBLE = struct.Struct("<d")
-
-
-def _varint(value: int) -> bytes:
-    value &= 0xFFFFFFFFFFFFFFFF  # protobuf writes a negative int64 as its 64-bit two's complement
-    out = bytearray()
-    while value > 0x7F:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
 
 def encode_value(kind: str, value: Any) -> bytes:
     """The serialized feast ``Value`` of a feature of type ``kind`` (int64/float64/string)."""
     if kind == "int64":
-        return b"\x20" + _varint(int(value))  # field 4 (int64_val), varint
+        return b"\x20" + varint(int(value))  # field 4 (int64_val), varint
     if kind == "float64":
-        return b"\x29" + _DOUBLE.pack(float(value))  # field 5 (double_val), fixed64
+        return b"\x29" + DOUBLE.pack(float(value))  # field 5 (double_val), fixed64
     data = str(value).encode()
-    return b"\x12" + _varint(len(data)) + data  # field 2 (string_val), length-delimited
+    return length_delimited(0x12, data)  # field 2 (string_val)
 
 
 def entity_redis_key(config: RepoConfig, join_key: str, entity_value: str) -> bytes:
