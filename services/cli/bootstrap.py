@@ -41,7 +41,7 @@ from services.registry.client import RegistryClient
 from services.registry.triton_repository import TritonModelRepository
 from services.shared.datasets import LABELS, TRANSACTIONS, create_snapshot
 from services.shared.errors import NotFound, PlatformError
-from services.shared.kafka import consumer_group_lag
+from services.shared.kafka import consumer_groups_lag
 from services.shared.settings import StorageSettings, TritonSettings
 from services.shared.topics import Topics
 from services.shared.usecase.features import MERCHANT_VIEW, MODEL_INPUTS, USER_VIEW
@@ -118,21 +118,22 @@ class Backlog:
 
 
 async def read_backlog(ingestion: IngestionSettings, features: FeaturesSettings) -> Backlog:
-    """Ingestion's lag first, then the features service's: ingestion feeds features, so with
-    no ingestion lag the features lag read afterwards covers everything ingestion produced."""
+    """Ingestion's groups first, then the features service's (one connection; the end offsets
+    are read after every group's commits): ingestion feeds features, so with no ingestion lag
+    a zero features lag covers everything ingestion produced."""
     topics = Topics.from_settings(ingestion.kafka)
-    validator = await consumer_group_lag(
-        ingestion.kafka, ingestion.group_id, [topics.transactions, topics.labels]
-    )
-    archive = await consumer_group_lag(
-        ingestion.kafka, ingestion.archive_group_id, [topics.validated, topics.validated_labels]
-    )
-    features_lag = await consumer_group_lag(
-        features.kafka, features.group_id, features.input_topics()
+    lag = await consumer_groups_lag(
+        ingestion.kafka,
+        {
+            ingestion.group_id: [topics.transactions, topics.labels],
+            ingestion.archive_group_id: [topics.validated, topics.validated_labels],
+            features.group_id: features.input_topics(),
+        },
     )
     return Backlog(
-        ingestion=sum(validator.values()) + sum(archive.values()),
-        features=sum(features_lag.values()),
+        ingestion=sum(lag[ingestion.group_id].values())
+        + sum(lag[ingestion.archive_group_id].values()),
+        features=sum(lag[features.group_id].values()),
     )
 
 

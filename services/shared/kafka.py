@@ -8,7 +8,7 @@ service commits an offset only after what it produced from that record is acknow
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -119,6 +119,18 @@ async def consumer_group_lag(
     A partition the group never committed counts in full. End offsets come from the broker
     (through ``broker_compat`` on Tansu, whose ListOffsets answer is wrong).
     """
+    return (await consumer_groups_lag(settings, {group_id: topics}))[group_id]
+
+
+async def consumer_groups_lag(
+    settings: KafkaSettings, groups: Mapping[str, Iterable[str]]
+) -> dict[str, dict[TopicPartition, int]]:
+    """``consumer_group_lag`` of several groups over one connection.
+
+    The groups' committed offsets are read in the order given, and the end offsets after all
+    of them: when a group feeds the next one (listed after it), a lag of zero for both means
+    the second has processed everything the first produced.
+    """
     activate_broker_workarounds(settings)
     consumer = AIOKafkaConsumer(
         bootstrap_servers=settings.bootstrap, request_timeout_ms=settings.request_timeout_ms
@@ -130,20 +142,27 @@ async def consumer_group_lag(
     await admin.start()
     try:
         await consumer.topics()  # fetches cluster metadata
-        partitions = [
-            TopicPartition(topic, p)
-            for topic in topics
-            for p in sorted(consumer.partitions_for_topic(topic) or ())
-        ]
-        if not partitions:
-            return {}
-        committed = await admin.list_consumer_group_offsets(group_id, partitions=partitions)
-        ends = await consumer.end_offsets(partitions)
-        lag: dict[TopicPartition, int] = {}
-        for tp in partitions:
-            position = committed.get(tp)
-            done = position.offset if position is not None and position.offset >= 0 else 0
-            lag[tp] = max(ends[tp] - done, 0)
+        partitions = {
+            group: [
+                TopicPartition(topic, p)
+                for topic in topics
+                for p in sorted(consumer.partitions_for_topic(topic) or ())
+            ]
+            for group, topics in groups.items()
+        }
+        committed = {
+            group: await admin.list_consumer_group_offsets(group, partitions=tps) if tps else {}
+            for group, tps in partitions.items()
+        }
+        every = sorted({tp for tps in partitions.values() for tp in tps})
+        ends = await consumer.end_offsets(every) if every else {}
+        lag: dict[str, dict[TopicPartition, int]] = {}
+        for group, tps in partitions.items():
+            lag[group] = {}
+            for tp in tps:
+                position = committed[group].get(tp)
+                done = position.offset if position is not None and position.offset >= 0 else 0
+                lag[group][tp] = max(ends[tp] - done, 0)
         return lag
     finally:
         await admin.close()
