@@ -578,4 +578,9 @@ if __name__ == "__main__":
     parser.add_argument("--repetitions", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=30.0)
     parser.add_argument("--warmup", type=float, default=10.0)
-    asyncio.run(main(parser.parse_args()))
+    parser.add_argument(
+        "--rate", type=int, default=RATE, help="events/s (the target is set at 2,000)"
+    )
+    arguments = parser.parse_args()
+    RATE = arguments.rate
+    asyncio.run(main(arguments))

@@ -106,6 +106,7 @@ async def run_pipeline(
 
     async def ready() -> None:
         pipeline.drop_faust_monitor()
+        pipeline.freeze_heap()  # imports, the Feast registry, the recovered state
         SERVICE_READY.labels(SERVICE).set(1)
         log.info("features_ready", group=settings.group_id, partitions=settings.kafka.partitions)
 
