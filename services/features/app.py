@@ -38,6 +38,7 @@ from faust.streams import Stream
 from faust.types import TP, EventT, StreamT, TopicT
 
 from services.features import metrics
+from services.features.consumer import FeaturesTransport
 from services.features.events import (
     MerchantFact,
     TransactionRef,
@@ -216,6 +217,8 @@ class FeaturePipeline:
         options = faust_settings(settings)
         Path(options["datadir"]).parent.mkdir(parents=True, exist_ok=True)  # faust: no parents
         self.app = faust.App(settings.group_id, **options)
+        # faust's consumer, with one hand-over of each fetch to the streams (consumer.py)
+        self.app.transport = FeaturesTransport(self.app.conf.broker_consumer, self.app)
         app = self.app
         group = settings.group_id
         self.transaction_refs_topic = settings.transaction_refs_topic
