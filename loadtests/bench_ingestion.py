@@ -274,14 +274,14 @@ async def run_target(
     return records / (last - first), cpu_us
 
 
-def _table(results: dict[str, list[tuple[float, float]]], records: int) -> str:
+def _table(results: dict[str, list[tuple[float, float]]], records: int, repetitions: int) -> str:
     baseline = results["baseline"]
     lines = [
         "## Ingestion throughput",
         "",
         f"{records:,} input records (JSON transactions and labels, ~2 % invalid, ~1 % duplicates) "
         f"per run, {PARTITIONS} partitions, Tansu broker and Redis on this machine, "
-        f"{REPETITIONS} repetitions, each running every target in turn. Throughput ratio: the "
+        f"{repetitions} repetitions, each running every target in turn. Throughput ratio: the "
         "target's records/s over the baseline's in the same repetition (the baseline is a raw "
         "aiokafka consume-and-produce loop); median over repetitions; target >= "
         f"{TARGET} for ingestion. CPU: user+system CPU of the target's processes (for ingestion "
@@ -306,7 +306,7 @@ def _table(results: dict[str, list[tuple[float, float]]], records: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-async def main() -> None:
+async def main(repetitions: int, only: list[str] | None) -> None:
     work = Path(tempfile.mkdtemp(prefix="bench-ingestion-"))
     kafka_port, redis_port = localinfra.free_port(), localinfra.free_port()
     progress("starting Tansu and Redis")
@@ -319,11 +319,11 @@ async def main() -> None:
         end = datetime.now(UTC) - timedelta(minutes=1)
         events = list(TrafficSimulator(config).history(end - timedelta(days=3), end))
         progress(f"workload: {len(events):,} records")
-        targets = ["baseline", *TARGETS]
+        targets = ["baseline", *(only or TARGETS)]
         results: dict[str, list[tuple[float, float]]] = {t: [] for t in targets}
         with Progress(transient=True) as bar:
-            task = bar.add_task("benchmark runs", total=REPETITIONS * len(targets))
-            for repetition in range(REPETITIONS):
+            task = bar.add_task("benchmark runs", total=repetitions * len(targets))
+            for repetition in range(repetitions):
                 for target in targets:
                     rate, cpu_us = await run_target(
                         target,
@@ -335,11 +335,11 @@ async def main() -> None:
                     )
                     results[target].append((rate, cpu_us))
                     progress(
-                        f"run {repetition + 1}/{REPETITIONS} {target}: {rate:,.0f} records/s, "
+                        f"run {repetition + 1}/{repetitions} {target}: {rate:,.0f} records/s, "
                         f"{cpu_us:.0f} us CPU/record"
                     )
                     bar.advance(task)
-        table = _table(results, len(events))
+        table = _table(results, len(events), repetitions)
         print(table)
         out = ROOT / "var" / "bench" / "ingestion.md"
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -353,6 +353,18 @@ async def main() -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--baseline-worker", nargs=3, metavar=("BOOTSTRAP", "PREFIX", "RECORDS"))
+    parser.add_argument(
+        "--repetitions",
+        type=int,
+        default=REPETITIONS,
+        help=f"repetitions of every target (default {REPETITIONS}; fewer while iterating)",
+    )
+    parser.add_argument(
+        "--target",
+        action="append",
+        choices=list(TARGETS),
+        help="run only this target beside the baseline (repeatable; default: all of them)",
+    )
     args = parser.parse_args()
     if args.baseline_worker:
         bootstrap, prefix, expected = args.baseline_worker
@@ -360,4 +372,4 @@ if __name__ == "__main__":
 
         uvloop.run(baseline_loop(_kafka(bootstrap, prefix), int(expected)))
     else:
-        asyncio.run(main())
+        asyncio.run(main(args.repetitions, args.target))
