@@ -1,17 +1,31 @@
 """Duplicate detection state in Redis, so that it survives restarts of the service.
 
-One key per event id (``<namespace>:<source topic>:<id>``) holds the source position of the
-first record forwarded with that id, for ``ttl_s`` (8 days by default: longer than any
-producer retries or replays we expect). ``SET key position NX GET EX ttl`` claims and reads in
-one atomic step (Redis >= 7.0); a Lua script does it for a whole batch in one command.
+A claim maps a key (``<namespace>:<source topic>:<id>``, or ``<namespace>:archive:...`` for
+the archive) to the source position of the first record that claimed it. Claims live in hashes
+per time bucket, ``<namespace>:claims:<bucket>`` (field: the key without ``<namespace>:``,
+value: the position), ``bucket = claim time // ttl_s``. A claim looks in the current and the
+previous bucket and, if the key is in neither, is written to the current one, so an id is
+remembered for at least ``ttl_s`` and at most twice that. A bucket is removed (``UNLINK``,
+freed in the background) by the first claim two buckets later, and expires a minute after
+that in any case.
 
-A retried pipeline is safe: a key it already set answers with our own position, which the
+One Lua script claims a whole batch atomically: two ``HMGET`` and one ``HSET`` for the batch
+instead of one ``SET key position NX GET EX ttl`` per id (half the Redis CPU per claim, and
+no per-key expiry to keep). Two processes claiming the same id therefore still see one winner:
+the script runs alone.
+
+A retried claim is safe: a key it already wrote answers with our own position, which the
 router reads as a re-delivery of the same record, and forwards.
+
+Claim time is the clock of the claiming process (bucket boundaries days apart make clock skew
+between processes irrelevant). Claims written by the earlier layout (one key per id with its
+own TTL) are not consulted.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 
 from redis.asyncio import Redis
 
@@ -28,37 +42,110 @@ def connect(settings: RedisSettings, *, timeout_s: float = 5.0) -> Redis:
     )
 
 
-# One command per batch, and one argument: the claims as "key<TAB>position" lines, split by
+# One command per batch, and few arguments: the claims as "field<TAB>position" lines, split by
 # the script. Packing thousands of separate arguments costs the client (redis-py encodes each
-# in Python) more than the validation of the events themselves. Keys and positions never
+# in Python) more than the validation of the events themselves. Fields and positions never
 # hold tabs or newlines (ids are validated printable text; positions are topic/partition/
 # offset). The script touches keys it is not told about in KEYS, so it needs a single Redis
 # node, not a cluster.
+#
+# ARGV: claims, bucket key prefix, bucket width (s), now (epoch s). Returns {n, i, position,
+# ...}: the number of claims read, then for each claim that was already held (rare) its index
+# (1-based) and the position stored before. A field twice in one batch: the first claims it.
 _CLAIM_SCRIPT = r"""
-local ttl = ARGV[2]
-local before = {}
+local prefix, width = ARGV[2], tonumber(ARGV[3])
+local current = math.floor(tonumber(ARGV[4]) / width)
+local fields, positions = {}, {}
 local n = 0
-for key, position in string.gmatch(ARGV[1], "([^\t\n]+)\t([^\n]+)") do
+for f, p in string.gmatch(ARGV[1], "([^\t\n]+)\t([^\n]+)") do
   n = n + 1
-  before[n] = redis.call('SET', key, position, 'NX', 'GET', 'EX', ttl)
+  fields[n] = f
+  positions[n] = p
 end
-return before
+local held = {n}
+local ask, at = fields, nil
+for back = 0, 1 do
+  if #ask == 0 then break end
+  local got = redis.call('HMGET', prefix .. (current - back), unpack(ask))
+  local still, still_at = {}, {}
+  for j = 1, #ask do
+    local i = at and at[j] or j
+    if got[j] then
+      held[#held + 1] = i
+      held[#held + 1] = got[j]
+    else
+      still[#still + 1] = ask[j]
+      still_at[#still_at + 1] = i
+    end
+  end
+  ask, at = still, still_at
+end
+local set, first = {}, {}
+for j = 1, #ask do
+  local i, f = at[j], ask[j]
+  if first[f] then
+    held[#held + 1] = i
+    held[#held + 1] = positions[first[f]]
+  else
+    first[f] = i
+    set[#set + 1] = f
+    set[#set + 1] = positions[i]
+  end
+end
+if #set > 0 then
+  local key = prefix .. current
+  redis.call('HSET', key, unpack(set))
+  redis.call('EXPIREAT', key, (current + 2) * width + 60)
+end
+redis.call('UNLINK', prefix .. (current - 2))
+return held
 """
+
+# Lua's unpack() puts every argument on the C stack (LUAI_MAXCSTACK is 8000): batches larger
+# than this go as several calls (each atomic on its own; a field in two of them is still
+# claimed once, by the first).
+_MAX_CLAIMS_PER_CALL = 3000
 
 
 class RedisClaims:
-    """``ClaimStore`` on Redis (>= 7.0, a single node)."""
+    """``ClaimStore`` on Redis (a single node). Every key claimed starts with
+    ``<namespace>:``."""
 
-    def __init__(self, client: Redis, *, ttl_s: int) -> None:
+    def __init__(
+        self,
+        client: Redis,
+        *,
+        ttl_s: int,
+        namespace: str,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if ttl_s < 1:
+            raise ValueError("ttl_s must be at least 1")
         self.client = client
         self.ttl_s = ttl_s
+        self.clock = clock
+        self._strip = len(namespace) + 1
+        self._prefix = f"{namespace}:"
+        self._buckets = f"{namespace}:claims:"
         self._script = client.register_script(_CLAIM_SCRIPT)
 
+    def bucket_key(self, moment: float) -> str:
+        """The hash holding the claims made at ``moment`` (epoch seconds)."""
+        return f"{self._buckets}{int(moment) // self.ttl_s}"
+
     async def claim(self, claims: Sequence[tuple[str, str]]) -> list[str | None]:
-        if not claims:
-            return []
-        lines = "\n".join(f"{key}\t{position}" for key, position in claims)
-        answers = await self._script(keys=[], args=[lines, self.ttl_s])
-        if len(answers) != len(claims):  # a tab or newline slipped into a key: never expected
-            raise ValueError(f"claimed {len(answers)} of {len(claims)} ids")
-        return [a.decode() if isinstance(a, bytes) else None for a in answers]
+        before: list[str | None] = [None] * len(claims)
+        strip, prefix = self._strip, self._prefix
+        for start in range(0, len(claims), _MAX_CLAIMS_PER_CALL):
+            chunk = claims[start : start + _MAX_CLAIMS_PER_CALL]
+            if not all(key.startswith(prefix) for key, _ in chunk):
+                raise ValueError(f"a claim key outside the namespace {prefix!r}")
+            lines = "\n".join([f"{key[strip:]}\t{position}" for key, position in chunk])
+            answer = await self._script(
+                keys=[], args=[lines, self._buckets, self.ttl_s, int(self.clock())]
+            )
+            if answer[0] != len(chunk):  # a tab or newline slipped into a key: never expected
+                raise ValueError(f"claimed {answer[0]} of {len(chunk)} ids")
+            for n in range(1, len(answer), 2):
+                before[start + answer[n] - 1] = answer[n + 1].decode()
+        return before

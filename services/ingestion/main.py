@@ -94,7 +94,7 @@ async def serve(settings: IngestionSettings, stop: asyncio.Event) -> None:
     topics = Topics.from_settings(settings.kafka)
     backoff = Backoff(stop, initial_s=settings.retry_initial_s, max_s=settings.retry_max_s)
     redis = connect(settings.redis)
-    claims = RedisClaims(redis, ttl_s=settings.dedup_ttl_s)
+    claims = RedisClaims(redis, ttl_s=settings.dedup_ttl_s, namespace=settings.dedup_namespace)
     validator: ValidationLoop | None = None
     archiver: ArchiveLoop | None = None
     clients: list[Any] = []

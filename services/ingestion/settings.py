@@ -29,12 +29,13 @@ class IngestionSettings(ServiceSettings):
     poll_timeout_ms: int = Field(200, ge=1, description="How long a poll waits for records.")
     dedup_namespace: str = Field(
         "mlops:ingestion",
-        description="Prefix of the duplicate-detection keys in Redis (then source topic and id).",
+        description="Prefix of the duplicate-detection hashes in Redis (<prefix>:claims:<bucket>).",
     )
     dedup_ttl_s: int = Field(
         8 * 24 * 3600,
         ge=60,
-        description="How long an id is remembered: a re-sent event within it is a duplicate.",
+        description="How long an id is remembered at least (at most twice that): a re-sent "
+        "event within it is a duplicate.",
     )
     role: Literal["all", "validator", "archive"] = Field(
         "all",

@@ -634,16 +634,66 @@ async def test_redis_claims_remember_the_first_position_with_a_ttl(
     redis_server: RedisSettings,
 ) -> None:
     client = connect(redis_server)
-    claims = RedisClaims(client, ttl_s=600)
     ns = f"test-{uuid.uuid4().hex[:8]}"
+    claims = RedisClaims(client, ttl_s=600, namespace=ns)
     try:
         keys = [(f"{ns}:t:tx-{n}", f"t/0/{n}") for n in range(3)]
         odd = (f"{ns}:t:ü:/ id", "t/1/9")  # ids may hold colons, slashes, spaces, non-ASCII
         assert await claims.claim([*keys, odd]) == [None, None, None, None]
         again = await claims.claim([keys[0], (keys[1][0], "t/0/77"), odd, keys[0]])
         assert again == ["t/0/0", "t/0/1", "t/1/9", "t/0/0"]
-        assert 0 < await client.ttl(keys[0][0]) <= 600
+        # the same id twice in one batch: the first claims it, the second sees its position
+        assert await claims.claim([(f"{ns}:t:tx-9", "t/2/1"), (f"{ns}:t:tx-9", "t/2/2")]) == [
+            None,
+            "t/2/1",
+        ]
+        bucket = claims.bucket_key(time.time())
+        assert await client.hget(bucket, "t:ü:/ id") == b"t/1/9"
+        assert 0 < await client.ttl(bucket) <= 2 * 600 + 60
         assert await claims.claim([]) == []
+        with pytest.raises(ValueError, match="namespace"):
+            await claims.claim([("elsewhere:t:tx-1", "t/0/1")])
+    finally:
+        await client.close()
+
+
+async def test_redis_claims_last_between_one_and_two_ttls(redis_server: RedisSettings) -> None:
+    """Bucket roll-over, on a clock the test moves: a claim is found in the previous bucket,
+    forgotten two buckets later, and the bucket that fell out of range is removed."""
+    client = connect(redis_server)
+    ns = f"test-{uuid.uuid4().hex[:8]}"
+    # the last second of a bucket (in the future: buckets expire at real times)
+    now = [(int(time.time()) // 600 + 10) * 600 + 599.0]
+    claims = RedisClaims(client, ttl_s=600, namespace=ns, clock=lambda: now[0])
+    try:
+        first_bucket = claims.bucket_key(now[0])
+        assert await claims.claim([(f"{ns}:t:a", "t/0/1")]) == [None]
+        now[0] += 1  # the next bucket: "a" is still held, in the previous one
+        assert await claims.claim([(f"{ns}:t:a", "t/0/2"), (f"{ns}:t:b", "t/0/3")]) == [
+            "t/0/1",
+            None,
+        ]
+        assert await client.hget(claims.bucket_key(now[0]), "t:a") is None  # not copied
+        now[0] += 600  # two buckets on: "a" is forgotten, "b" (previous bucket) is not
+        assert await claims.claim([(f"{ns}:t:a", "t/0/4"), (f"{ns}:t:b", "t/0/5")]) == [
+            None,
+            "t/0/3",
+        ]
+        assert await client.exists(first_bucket) == 0
+    finally:
+        await client.close()
+
+
+async def test_redis_claims_split_large_batches(redis_server: RedisSettings) -> None:
+    client = connect(redis_server)
+    ns = f"test-{uuid.uuid4().hex[:8]}"
+    claims = RedisClaims(client, ttl_s=600, namespace=ns)
+    try:
+        batch = [(f"{ns}:t:tx-{n}", f"t/0/{n}") for n in range(7000)]
+        batch.append((f"{ns}:t:tx-1", "t/0/99999"))  # in a later call than its first claim
+        answers = await claims.claim(batch)
+        assert answers == [None] * 7000 + ["t/0/1"]
+        assert await client.hlen(claims.bucket_key(time.time())) == 7000
     finally:
         await client.close()
 
