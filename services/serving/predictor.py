@@ -27,7 +27,7 @@ import numpy as np
 from services.serving import metrics
 from services.serving.batching import MicroBatcher
 from services.serving.online_features import OnlineFeatureReader
-from services.serving.prediction_log import PredictionEntry, PredictionLog
+from services.serving.prediction_log import PredictionBatch, PredictionLog
 from services.serving.routing import CanaryRouter, RouteDecision, ServedModel
 from services.serving.scoring import TritonScorer, VersionNotServed
 from services.shared.errors import DeadlineExceeded, InvalidArgument, PlatformError, Unavailable
@@ -405,36 +405,42 @@ class Predictor:
         counter = metrics.PREDICTIONS.labels(version, _ROUTE_NAMES[route])
         latency = metrics.PREDICTION_LATENCY.labels(version, _ROUTE_NAMES[route])
         now = time.perf_counter()
-        for position, score in zip(group.rows, group.scores.tolist(), strict=True):
-            request = rows[position]
-            declined = model.declines(score)
-            elapsed = now - request.received
+        scores: list[float] = group.scores.tolist()
+        answered = [rows[position] for position in group.rows]
+        flagged = [model.declines(score) for score in scores]
+        latencies = [now - request.received for request in answered]
+        request_ids = [request.request_id for request in answered]
+        transactions = [request.transaction for request in answered]
+        model_name, model_version = self.model_name, model.version
+        for position, request, score, declined, elapsed in zip(
+            group.rows, answered, scores, flagged, latencies, strict=True
+        ):
             results[live[position]] = Prediction(
                 transaction_id=request.transaction.transaction_id,
                 request_id=request.request_id,
                 fraud_probability=score,
                 declined=declined,
-                model_name=self.model_name,
-                model_version=model.version,
+                model_name=model_name,
+                model_version=model_version,
                 degraded=degraded,
                 route=route,
             )
             latency.observe(elapsed)
-            self._log.record(
-                PredictionEntry(
-                    request_id=request.request_id,
-                    transaction=request.transaction,
-                    features=matrix[position],
-                    fraud_probability=score,
-                    flagged=declined,
-                    model_name=self.model_name,
-                    model_version=model.version,
-                    route=route,
-                    degraded=degraded,
-                    latency_ms=elapsed * 1000.0,
-                    predicted_at=predicted_at,
-                )
+        self._log.record(
+            PredictionBatch(
+                request_ids=request_ids,
+                transactions=transactions,
+                features=matrix[group.rows],
+                fraud_probabilities=scores,
+                flagged=flagged,
+                latencies_ms=[elapsed * 1000.0 for elapsed in latencies],
+                model_name=model_name,
+                model_version=model_version,
+                route=route,
+                degraded=degraded,
+                predicted_at=predicted_at,
             )
+        )
         counter.inc(len(group.rows))
 
     # ------------------------------------------------------------------ shadow

@@ -3,8 +3,18 @@
 from __future__ import annotations
 
 import numpy as np
+from aiokafka import AIOKafkaProducer
+from aiokafka.partitioner import DefaultPartitioner
+from aiokafka.partitioner import murmur2 as aiokafka_murmur2
 
-from services.serving.prediction_log import PredictionEntry, RecordEncoder
+from services.serving.prediction_log import (
+    PredictionBatch,
+    PredictionEntry,
+    PredictionLog,
+    RecordEncoder,
+    murmur2,
+    partition_of,
+)
 from services.shared.proto.mlops.v1 import events_pb2, monitoring_pb2
 from services.shared.usecase.features import MODEL_INPUTS
 
@@ -63,3 +73,70 @@ def test_encoded_records_parse_to_the_entries_messages() -> None:
 
 def test_nothing_to_encode() -> None:
     assert RecordEncoder().encode([]) == []
+
+
+def batch(rows: int, **changes: object) -> PredictionBatch:
+    rng = np.random.default_rng(rows)
+    fields: dict[str, object] = {
+        "request_ids": [f"req-{i}" if i % 5 else "" for i in range(rows)],
+        "transactions": [entry(i).transaction for i in range(rows)],
+        "features": (rng.normal(size=(rows, len(MODEL_INPUTS))) * 50).astype(np.float32),
+        "fraud_probabilities": [float(p) for p in rng.random(rows)],
+        "flagged": [i % 3 == 0 for i in range(rows)],
+        "latencies_ms": [0.5 * i for i in range(rows)],
+        "model_name": "fraud_detector",
+        "model_version": 7,
+        "route": monitoring_pb2.ROUTE_CANARY,
+        "degraded": False,
+        "predicted_at": 1_767_225_600.5,
+    }
+    fields.update(changes)
+    return PredictionBatch(**fields)  # type: ignore[arg-type]
+
+
+def test_a_batch_encodes_to_the_bytes_of_its_entries() -> None:
+    encoder = RecordEncoder()
+    for one in (
+        batch(9),
+        batch(4, degraded=True, route=monitoring_pb2.ROUTE_SHADOW, predicted_at=12.0),
+        batch(3, model_version=0, model_name="m" * 150, predicted_at=0.0),
+    ):
+        entries = one.entries()
+        encoded = encoder.encode_batch(one)
+        assert encoded == encoder.encode(entries)
+        for row, raw in zip(entries, encoded, strict=True):
+            assert monitoring_pb2.PredictionRecord.FromString(raw) == row.to_record()
+    assert encoder.encode_batch(batch(0)) == []
+
+
+def never_started() -> AIOKafkaProducer:
+    raise AssertionError("not started here")
+
+
+def test_the_buffer_keeps_what_fits_and_counts_the_rest() -> None:
+    log = PredictionLog(never_started, "predictions.log", capacity=10)
+    log.record(batch(4))
+    log.record(batch(9))  # 6 fit
+    log.record(batch(2))  # none fit
+    assert log.dropped == 3 + 2
+    assert log.buffered == 10
+    taken = log.take()
+    assert [len(b) for b in taken] == [4, 6]
+    assert taken[1].request_ids == batch(9).request_ids[:6]
+    assert log.buffered == 0
+    log.record(batch(2))  # room again once handed over
+    assert log.buffered == 2
+
+
+def test_partitions_are_those_of_aiokafkas_default_partitioner() -> None:
+    rng = np.random.default_rng(5)
+    keys = [b"", b"a", b"ab", b"abc", b"abcd", "t-ü-中".encode(), b"\xff" * 300]
+    keys += [rng.bytes(int(n)) for n in rng.integers(0, 90, 3000)]
+    keys += [f"bench-{i}".encode() for i in range(2000)]
+    for key in keys:
+        assert murmur2(key) == aiokafka_murmur2(key), key
+        for count in (1, 3, 4, 12):
+            partitions = list(range(count))
+            assert partition_of(key, partitions) == DefaultPartitioner()(
+                key, partitions, partitions
+            )

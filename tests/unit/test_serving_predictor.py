@@ -87,10 +87,7 @@ def producer_never_used() -> AIOKafkaProducer:
 
 
 def pending(log: PredictionLog) -> list[PredictionEntry]:
-    entries = []
-    while not log._queue.empty():
-        entries.append(log._queue.get_nowait())
-    return entries
+    return [entry for batch in log.take(10**9) for entry in batch.entries()]
 
 
 def make(
