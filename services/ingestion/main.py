@@ -17,6 +17,7 @@ from services.ingestion.consumers import ArchiveLoop, Backoff, Stopping, Validat
 from services.ingestion.routing import EventRouter, Ingestor
 from services.ingestion.settings import IngestionSettings
 from services.shared.errors import Unavailable
+from services.shared.heap import HeapFreezer
 from services.shared.kafka import create_consumer, create_producer, ensure_topics
 from services.shared.logging import get_logger
 from services.shared.runtime import SERVICE_READY, run_service
@@ -124,7 +125,9 @@ async def serve(settings: IngestionSettings, stop: asyncio.Event) -> None:
             redis=settings.redis.connection_string,
         )
         tasks = [asyncio.create_task(loop.run(stop), name=type(loop).__name__) for loop in loops]
-        stats = asyncio.create_task(_report(loops, stop), name="stats")
+        background = [asyncio.create_task(_report(loops, stop), name="stats")]
+        if settings.gc_freeze_interval_s > 0:
+            background.append(asyncio.create_task(_freeze_heap(settings, stop), name="heap"))
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
             for task in done:
@@ -135,9 +138,10 @@ async def serve(settings: IngestionSettings, stop: asyncio.Event) -> None:
                     raise error
             await asyncio.gather(*tasks, return_exceptions=True)
         finally:
-            stats.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await stats
+            for task in background:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
     except Stopping:
         log.info("stopped_while_retrying")
     finally:
@@ -162,6 +166,17 @@ async def _report(loops: list[ValidationLoop | ArchiveLoop], stop: asyncio.Event
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), timeout=30)
         log.info("ingestion_progress", **_totals(loops))
+
+
+async def _freeze_heap(settings: IngestionSettings, stop: asyncio.Event) -> None:
+    """Every ``gc_freeze_interval_s``: a young collection, then freeze the survivors (the first
+    time, right after start-up: the modules and clients, which full collections kept scanning
+    for nothing)."""
+    heap = HeapFreezer(settings.gc_full_interval_s)
+    while not stop.is_set():
+        heap.tick()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=settings.gc_freeze_interval_s)
 
 
 def main() -> int:
