@@ -99,20 +99,35 @@ class BatchProducer:
         self._partition_of.clear()
         self._partitions_expire = time.monotonic() + 60.0
 
-    async def _partition(self, topic: str, key: bytes | None) -> int:
+    async def _group(self, outputs: list[Output]) -> dict[tuple[str, int], list[Output]]:
+        """``outputs`` per (topic, partition), in order (one loop, no await per record: this
+        runs for every event)."""
         if time.monotonic() > self._partitions_expire:
             self._forget_partitions()  # topics can gain partitions: look again now and then
-        partitions = self._partitions.get(topic)
-        if partitions is None:
-            partitions = self._partitions[topic] = sorted(await self.producer.partitions_for(topic))
-        if key is None:
-            return partition_for(None, partitions)
-        cached = self._partition_of.get((topic, key))
-        if cached is None:
-            if len(self._partition_of) > 500_000:
-                self._partition_of.clear()
-            cached = self._partition_of[(topic, key)] = partition_for(key, partitions)
-        return cached
+        partitions_of, partition_of = self._partitions, self._partition_of
+        groups: dict[tuple[str, int], list[Output]] = {}
+        for output in outputs:
+            topic, key = output.topic, output.key
+            partitions = partitions_of.get(topic)
+            if partitions is None:
+                partitions = partitions_of[topic] = sorted(
+                    await self.producer.partitions_for(topic)
+                )
+            if key is None:
+                partition = partition_for(None, partitions)
+            else:
+                cached = partition_of.get((topic, key))
+                if cached is None:
+                    if len(partition_of) > 500_000:
+                        partition_of.clear()
+                    cached = partition_of[(topic, key)] = partition_for(key, partitions)
+                partition = cached
+            group = groups.get((topic, partition))
+            if group is None:
+                groups[(topic, partition)] = [output]
+            else:
+                group.append(output)
+        return groups
 
     async def produce(self, outputs: Sequence[Output]) -> None:
         pending = list(outputs)
@@ -145,10 +160,7 @@ class BatchProducer:
             pending = failed
 
     async def _send(self, outputs: list[Output]) -> list[tuple[list[Output], asyncio.Future[Any]]]:
-        groups: dict[tuple[str, int], list[Output]] = {}
-        for output in outputs:
-            partition = await self._partition(output.topic, output.key)
-            groups.setdefault((output.topic, partition), []).append(output)
+        groups = await self._group(outputs)
         sent: list[tuple[list[Output], asyncio.Future[Any]]] = []
         for (topic, partition), group in groups.items():
             batch = self.producer.create_batch()

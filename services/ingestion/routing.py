@@ -317,28 +317,39 @@ class Ingestor:
         route = self.router.route
         routed = [route(record, now=moment) for record in records]
         accepted = [r for r in routed if isinstance(r, Accepted)]
-        positions = [position(a.record) for a in accepted]
-        stored = await self.claims.claim(
-            [(self.claim_key(a), p) for a, p in zip(accepted, positions, strict=True)]
-        )
-        verdicts = {
-            id(a): verdict(before, p)
-            for a, before, p in zip(accepted, stored, positions, strict=True)
-        }
+        # claim_key and position per event, with each topic's (and partition's) prefix built
+        # once per batch: this runs for every event
+        key_prefix: dict[str, str] = {}
+        position_prefix: dict[tuple[str, int], str] = {}
+        claims: list[tuple[str, str]] = []
+        for a in accepted:
+            record = a.record
+            topic = record.topic
+            prefix = key_prefix.get(topic)
+            if prefix is None:
+                prefix = key_prefix[topic] = f"{self.namespace}:{topic}:"
+            place = (topic, record.partition)
+            at = position_prefix.get(place)
+            if at is None:
+                at = position_prefix[place] = f"{topic}/{record.partition}/"
+            claims.append((prefix + a.event_id, at + str(record.offset)))
+        stored = await self.claims.claim(claims)
+        answers = iter(zip(stored, claims, strict=True))
         outcome = BatchOutcome()
+        outputs, forwarded = outcome.outputs, outcome.forwarded
         for item in routed:
             if isinstance(item, Rejected):
                 outcome.rejected.append(item)
-                outcome.outputs.append(item.output)
+                outputs.append(item.output)
                 continue
-            answer = verdicts[id(item)]
-            if answer is Verdict.DUPLICATE:
-                outcome.duplicates.append(item)
-                continue
-            if answer is Verdict.REDELIVERY:
+            before, (_, where) = next(answers)
+            if before is not None:  # see verdict()
+                if before != where:
+                    outcome.duplicates.append(item)
+                    continue
                 outcome.redelivered.append(item)
-            outcome.forwarded.append(item)
-            outcome.outputs.append(item.output)
+            forwarded.append(item)
+            outputs.append(item.output)
         return outcome
 
 
