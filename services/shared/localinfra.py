@@ -163,6 +163,10 @@ def redis(port: int, data_dir: Path | None, host: str = "127.0.0.1") -> ProcessS
             host,
             "--protected-mode",
             "yes",
+            # expired keys are freed in the background: ingestion's claim buckets are large
+            # hashes that expire as a whole (services/ingestion/claims.py)
+            "--lazyfree-lazy-expire",
+            "yes",
             *persistence,
         ],
         ready=lambda: redis_ping(host, port),
