@@ -32,7 +32,6 @@ from collections import defaultdict
 from typing import Any
 
 from aiokafka import AIOKafkaProducer
-from aiokafka.partitioner import murmur2
 
 from services.features.events import (
     MAX_FACTS_PER_RECORD,
@@ -40,6 +39,7 @@ from services.features.events import (
     TransactionRef,
     encode_facts,
 )
+from services.shared.partitioning import murmur2
 
 Fact = TransactionRef | MerchantFact
 Record = tuple[bytes | None, bytes | None]  # key, value (None: a tombstone)

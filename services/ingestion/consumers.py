@@ -30,9 +30,9 @@ from redis.exceptions import RedisError
 
 from services.ingestion import metrics
 from services.ingestion.archive import ArchiveFile, Archiver, OfflineArchive, ValidatedRecord
-from services.ingestion.partitioning import partition_for
 from services.ingestion.routing import BatchOutcome, EventKind, Ingestor, Output
 from services.shared.logging import get_logger
+from services.shared.partitioning import partition_for
 from services.shared.runtime import SERVICE_READY
 
 log = get_logger("ingestion")

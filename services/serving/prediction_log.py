@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import struct
 import time
 from collections import deque
 from collections.abc import Callable
@@ -28,6 +27,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from services.serving import metrics
 from services.shared.codecs import protobuf_headers
 from services.shared.logging import get_logger
+from services.shared.partitioning import partition_for
 from services.shared.proto.mlops.v1 import events_pb2, monitoring_pb2
 from services.shared.protowire import DOUBLE, length_delimited, varint
 from services.shared.usecase.features import MODEL_INPUTS
@@ -36,41 +36,6 @@ log = get_logger("serving.prediction_log")
 
 _HEADERS = protobuf_headers(monitoring_pb2.PredictionRecord())
 _DRAIN_RECORDS = 2048  # most records encoded and handed to the producer in one go
-
-
-_M = 0x5BD1E995
-_MASK = 0xFFFFFFFF
-_WORDS = [struct.Struct(f"<{n}I") for n in range(64)]
-
-
-def murmur2(data: bytes) -> int:
-    """Kafka's murmur2 of ``data`` (what the Java client and aiokafka's ``DefaultPartitioner``
-    partition keys by), reading the 4-byte words in one ``struct`` call: several times
-    cheaper than aiokafka's byte-by-byte version, equal to it (unit-tested)."""
-    length = len(data)
-    h = 0x9747B28C ^ length
-    words = length >> 2
-    unpack = _WORDS[words].unpack_from if words < 64 else struct.Struct(f"<{words}I").unpack_from
-    for word in unpack(data):
-        k = (word * _M) & _MASK
-        k ^= k >> 24
-        h = ((h * _M) & _MASK) ^ ((k * _M) & _MASK)
-    tail = length & 3
-    if tail:
-        end = length & ~3
-        if tail == 3:
-            h ^= data[end + 2] << 16
-        if tail >= 2:
-            h ^= data[end + 1] << 8
-        h = ((h ^ data[end]) * _M) & _MASK
-    h ^= h >> 13
-    h = (h * _M) & _MASK
-    return h ^ (h >> 15)
-
-
-def partition_of(key: bytes, partitions: list[int]) -> int:
-    """The partition ``DefaultPartitioner`` picks for ``key`` among the sorted ``partitions``."""
-    return partitions[(murmur2(key) & 0x7FFFFFFF) % len(partitions)]
 
 
 @dataclass(slots=True)
@@ -432,7 +397,7 @@ class PredictionLog:
                 batch.transactions, self._encoder.encode_batch(batch), strict=True
             ):
                 key = transaction.transaction_id.encode()
-                partition = partition_of(key, partitions)
+                partition = partition_for(key, partitions)
                 by_partition.setdefault(partition, []).append((key, value))
         for partition, records in by_partition.items():
             batch = producer.create_batch()

@@ -4,16 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 from aiokafka import AIOKafkaProducer
-from aiokafka.partitioner import DefaultPartitioner
-from aiokafka.partitioner import murmur2 as aiokafka_murmur2
 
 from services.serving.prediction_log import (
     PredictionBatch,
     PredictionEntry,
     PredictionLog,
     RecordEncoder,
-    murmur2,
-    partition_of,
 )
 from services.shared.proto.mlops.v1 import events_pb2, monitoring_pb2
 from services.shared.usecase.features import MODEL_INPUTS
@@ -126,17 +122,3 @@ def test_the_buffer_keeps_what_fits_and_counts_the_rest() -> None:
     assert log.buffered == 0
     log.record(batch(2))  # room again once handed over
     assert log.buffered == 2
-
-
-def test_partitions_are_those_of_aiokafkas_default_partitioner() -> None:
-    rng = np.random.default_rng(5)
-    keys = [b"", b"a", b"ab", b"abc", b"abcd", "t-ü-中".encode(), b"\xff" * 300]
-    keys += [rng.bytes(int(n)) for n in rng.integers(0, 90, 3000)]
-    keys += [f"bench-{i}".encode() for i in range(2000)]
-    for key in keys:
-        assert murmur2(key) == aiokafka_murmur2(key), key
-        for count in (1, 3, 4, 12):
-            partitions = list(range(count))
-            assert partition_of(key, partitions) == DefaultPartitioner()(
-                key, partitions, partitions
-            )

@@ -2,8 +2,10 @@
 
 aiokafka's ``DefaultPartitioner`` implements the same hash byte by byte in Python; this one
 reads the key four bytes at a time, about twice as fast, and gives the same partitions
-(tests/unit/test_ingestion_routing.py compares them). Labels are keyed by transaction id, so
-nearly every label needs a fresh hash.
+(tests/unit/test_shared_partitioning.py compares them). Used wherever a service places keyed
+records in record batches itself: ingestion's validated events (labels are keyed by
+transaction id, so nearly every label needs a fresh hash), serving's prediction records and
+the features service's re-keyed facts (which must meet the labels ingestion placed).
 """
 
 from __future__ import annotations
