@@ -235,43 +235,6 @@ class RecordEncoder:
             )
         return out
 
-    def encode(self, entries: list[PredictionEntry]) -> list[bytes]:
-        """The serialised record of each entry, in order."""
-        if not entries:
-            return []
-        out = []
-        pack = DOUBLE.pack
-        matrix = np.stack([entry.features for entry in entries])
-        for entry, features in zip(entries, self._features(matrix), strict=True):
-            request_id = entry.request_id.encode()
-            transaction = entry.transaction.SerializeToString()
-            out.append(
-                b"".join(
-                    (
-                        b"\x0a",
-                        varint(len(request_id)),
-                        request_id,
-                        b"\x12",
-                        varint(len(transaction)),
-                        transaction,
-                        features,
-                        b"\x21",
-                        pack(entry.fraud_probability),
-                        self._middle(
-                            entry.flagged,
-                            entry.model_name,
-                            entry.model_version,
-                            entry.route,
-                            entry.degraded,
-                        ),
-                        b"\x51",
-                        pack(entry.latency_ms),
-                        self._timestamp(entry.predicted_at),
-                    )
-                )
-            )
-        return out
-
 
 class PredictionLog:
     """A bounded, never-blocking buffer in front of a Kafka producer."""
