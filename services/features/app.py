@@ -59,7 +59,6 @@ from services.features.windows import (
     UserActivity,
     WindowPolicy,
 )
-from services.shared.heap import HeapFreezer
 from services.shared.logging import get_logger
 from services.shared.proto.mlops.v1 import events_pb2
 from services.shared.topics import Topics
@@ -267,10 +266,6 @@ class FeaturePipeline:
         )
         app.timer(settings.offline_flush_interval_s / 2)(self._flush_offline)
         app.timer(settings.expiry_interval_s)(self._expire)
-        self.heap: HeapFreezer | None = None
-        if settings.gc_freeze_interval_s > 0:
-            self.heap = HeapFreezer(settings.gc_full_interval_s)
-            app.timer(settings.gc_freeze_interval_s)(self._freeze_heap)
 
     def _raw_topic(self, *names: str, internal: int | None = None) -> TopicT:
         """A topic of bytes (we decode); ``internal`` = partitions of a topic of ours."""
@@ -455,14 +450,6 @@ class FeaturePipeline:
                 join_transactions=expired.transactions,
                 unmatched_labels=expired.unmatched_labels,
             )
-
-    async def _freeze_heap(self) -> None:
-        self.freeze_heap()
-
-    def freeze_heap(self) -> None:
-        """Freeze what survives a young collection (the start-up heap, the state)."""
-        if self.heap is not None:
-            self.heap.tick()
 
     def drop_faust_monitor(self) -> None:
         """Stop faust's Monitor sensor: it updates in-memory stats (for faust's own web

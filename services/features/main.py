@@ -18,6 +18,7 @@ from services.features.sink import FeastOnlineStore, FeatureSink
 from services.shared import broker_compat
 from services.shared.errors import Unavailable
 from services.shared.featurestore import load_definitions_module, open_store
+from services.shared.heap import freeze_periodically
 from services.shared.kafka import create_producer, ensure_topics
 from services.shared.logging import get_logger
 from services.shared.runtime import SERVICE_READY, run_service
@@ -106,12 +107,13 @@ async def run_pipeline(
 
     async def ready() -> None:
         pipeline.drop_faust_monitor()
-        pipeline.freeze_heap()  # imports, the Feast registry, the recovered state
         SERVICE_READY.labels(SERVICE).set(1)
         log.info("features_ready", group=settings.group_id, partitions=settings.kafka.partitions)
 
     app.on_startup_finished = ready
     sink.start()
+    # the heap (modules, the Feast registry, then the recovered state) out of full collections
+    heap = asyncio.create_task(freeze_periodically(settings, stop), name="heap")
     try:
         await app.start()
         while not stop.is_set() and not app.should_stop:
@@ -126,6 +128,9 @@ async def run_pipeline(
             log.warning("sink_not_drained", note="unacknowledged events will be redelivered")
         await app.stop()
         await outbound.close()
+        heap.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await heap
     if app.crashed:
         raise RuntimeError(f"faust app crashed: {app.crash_reason!r}")
 

@@ -7,6 +7,7 @@ from pydantic_settings import SettingsConfigDict
 
 from services.shared.settings import (
     FeastSettings,
+    HeapSettings,
     RedisSettings,
     ServiceSettings,
     StorageSettings,
@@ -14,7 +15,7 @@ from services.shared.settings import (
 from services.shared.topics import Topics
 
 
-class FeaturesSettings(ServiceSettings):
+class FeaturesSettings(ServiceSettings, HeapSettings):
     """The streaming features worker (faust) writing Feast's online and offline stores."""
 
     model_config = SettingsConfigDict(env_prefix="MLOPS_FEATURES_", extra="ignore", frozen=True)
@@ -81,20 +82,6 @@ class FeaturesSettings(ServiceSettings):
     )
     expiry_interval_s: float = Field(
         30.0, gt=0, description="How often idle entities and old join entries are expired."
-    )
-    gc_freeze_interval_s: float = Field(
-        1.0,
-        ge=0,
-        description="How often objects that survived a young collection are frozen out of "
-        "the collector's scans (services/shared/heap.py): the feature state is large, "
-        "long-lived and acyclic, and full collections over it paused the worker for "
-        "hundreds of ms every few seconds; 0 leaves Python's default collector alone.",
-    )
-    gc_full_interval_s: float = Field(
-        3600.0,
-        gt=0,
-        description="How often one full collection (frozen objects included) runs anyway, "
-        "reclaiming reference cycles that died after they were frozen.",
     )
     table_standby_replicas: int = Field(
         0, ge=0, description="Faust standby replicas of table state (0: one worker locally)."

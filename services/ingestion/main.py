@@ -17,7 +17,7 @@ from services.ingestion.consumers import ArchiveLoop, Backoff, Stopping, Validat
 from services.ingestion.routing import EventRouter, Ingestor
 from services.ingestion.settings import IngestionSettings
 from services.shared.errors import Unavailable
-from services.shared.heap import HeapFreezer
+from services.shared.heap import freeze_periodically
 from services.shared.kafka import create_consumer, create_producer, ensure_topics
 from services.shared.logging import get_logger
 from services.shared.runtime import SERVICE_READY, run_service
@@ -126,8 +126,7 @@ async def serve(settings: IngestionSettings, stop: asyncio.Event) -> None:
         )
         tasks = [asyncio.create_task(loop.run(stop), name=type(loop).__name__) for loop in loops]
         background = [asyncio.create_task(_report(loops, stop), name="stats")]
-        if settings.gc_freeze_interval_s > 0:
-            background.append(asyncio.create_task(_freeze_heap(settings, stop), name="heap"))
+        background.append(asyncio.create_task(freeze_periodically(settings, stop), name="heap"))
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
             for task in done:
@@ -166,17 +165,6 @@ async def _report(loops: list[ValidationLoop | ArchiveLoop], stop: asyncio.Event
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), timeout=30)
         log.info("ingestion_progress", **_totals(loops))
-
-
-async def _freeze_heap(settings: IngestionSettings, stop: asyncio.Event) -> None:
-    """Every ``gc_freeze_interval_s``: a young collection, then freeze the survivors (the first
-    time, right after start-up: the modules and clients, which full collections kept scanning
-    for nothing)."""
-    heap = HeapFreezer(settings.gc_full_interval_s)
-    while not stop.is_set():
-        heap.tick()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), timeout=settings.gc_freeze_interval_s)
 
 
 def main() -> int:

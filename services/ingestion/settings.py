@@ -7,10 +7,10 @@ from typing import Literal
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
-from services.shared.settings import RedisSettings, ServiceSettings, StorageSettings
+from services.shared.settings import HeapSettings, RedisSettings, ServiceSettings, StorageSettings
 
 
-class IngestionSettings(ServiceSettings):
+class IngestionSettings(ServiceSettings, HeapSettings):
     """Validation, duplicate detection and archiving of the product events."""
 
     model_config = SettingsConfigDict(env_prefix="MLOPS_INGESTION_", extra="ignore", frozen=True)
@@ -57,18 +57,4 @@ class IngestionSettings(ServiceSettings):
     retry_max_s: float = Field(10.0, gt=0, description="Longest back-off between retries.")
     lag_interval_s: float = Field(
         2.0, gt=0, description="How often the consumer lag gauges are refreshed (seconds)."
-    )
-    gc_freeze_interval_s: float = Field(
-        1.0,
-        ge=0,
-        description="How often objects that survived a young collection are frozen out of "
-        "the collector's scans (services/shared/heap.py): full collections over the start-up "
-        "heap (Kafka, Redis, protobuf, pydantic modules) found nothing and took ~50 ms each, "
-        "twice a second under load; 0 leaves Python's default collector alone.",
-    )
-    gc_full_interval_s: float = Field(
-        3600.0,
-        gt=0,
-        description="How often one full collection (frozen objects included) runs anyway, "
-        "reclaiming reference cycles that died after they were frozen.",
     )

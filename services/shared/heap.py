@@ -17,10 +17,16 @@ by the interval instead of every few seconds).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import gc
 import time
+from typing import TYPE_CHECKING
 
 from services.shared.logging import get_logger
+
+if TYPE_CHECKING:
+    from services.shared.settings import HeapSettings
 
 log = get_logger("shared.heap")
 
@@ -59,3 +65,15 @@ class HeapFreezer:
     def frozen() -> int:
         """Objects in the permanent generation."""
         return gc.get_freeze_count()
+
+
+async def freeze_periodically(settings: HeapSettings, stop: asyncio.Event) -> None:
+    """``HeapFreezer.tick`` now (the start-up heap) and every ``gc_freeze_interval_s`` until
+    ``stop``; nothing when the interval is 0."""
+    if settings.gc_freeze_interval_s <= 0:
+        return
+    heap = HeapFreezer(settings.gc_full_interval_s)
+    while not stop.is_set():
+        heap.tick()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=settings.gc_freeze_interval_s)

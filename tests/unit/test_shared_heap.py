@@ -3,13 +3,17 @@ a cycle that died frozen."""
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import weakref
 from collections.abc import Iterator
 
 import pytest
 
-from services.shared.heap import HeapFreezer
+from services.features.settings import FeaturesSettings
+from services.ingestion.settings import IngestionSettings
+from services.shared.heap import HeapFreezer, freeze_periodically
+from services.shared.settings import HeapSettings
 
 
 class Node:
@@ -69,3 +73,26 @@ def test_tick_runs_the_full_collection_when_due() -> None:
     del a
     freezer.tick()
     assert dead() is None
+
+
+@pytest.mark.parametrize("service", [IngestionSettings, FeaturesSettings])
+def test_the_services_with_a_large_heap_have_the_policy(service: type[HeapSettings]) -> None:
+    settings = service(gc_freeze_interval_s=2.5)  # type: ignore[call-arg]
+    assert settings.gc_freeze_interval_s == 2.5
+    assert settings.gc_full_interval_s == 3600.0
+
+
+async def test_the_heap_is_frozen_at_start_and_the_task_ends_on_stop() -> None:
+    stop = asyncio.Event()
+    task = asyncio.create_task(freeze_periodically(HeapSettings(gc_freeze_interval_s=60), stop))
+    await asyncio.sleep(0)  # the task runs up to its first wait: the first freeze is done
+    assert gc.get_freeze_count() > 0
+    stop.set()
+    await asyncio.wait_for(task, timeout=5)
+
+
+async def test_an_interval_of_zero_leaves_the_collector_alone() -> None:
+    await asyncio.wait_for(
+        freeze_periodically(HeapSettings(gc_freeze_interval_s=0), asyncio.Event()), timeout=5
+    )
+    assert gc.get_freeze_count() == 0
