@@ -36,7 +36,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from google.protobuf.message import DecodeError
 
-from services.ingestion.routing import ClaimStore, Verdict, verdict
+from services.ingestion.routing import ClaimStore, Verdict, position_prefix, verdict
 from services.shared.datasets import LABELS, TRANSACTIONS
 from services.shared.proto.mlops.v1 import events_pb2
 from services.shared.topics import Topics
@@ -300,7 +300,7 @@ class Archiver:
         claims = [
             (
                 f"{self.namespace}:archive:{r.topic}:{row.event_id}",
-                f"{r.topic}/{r.partition}/{r.offset}",
+                position_prefix(r.topic, r.partition) + str(r.offset),
             )
             for r, row in rows
         ]

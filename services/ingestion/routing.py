@@ -80,7 +80,12 @@ class SourceRecord:
 
 def position(record: ConsumedRecord) -> str:
     """Where a record was read: what makes a re-delivery recognisable."""
-    return f"{record.topic}/{record.partition}/{record.offset}"
+    return position_prefix(record.topic, record.partition) + str(record.offset)
+
+
+def position_prefix(topic: str, partition: int) -> str:
+    """The part of ``position`` shared by a partition's records."""
+    return f"{topic}/{partition}/"
 
 
 @dataclass(slots=True)
@@ -306,9 +311,10 @@ class Ingestor:
         self.claims = claims
         self.namespace = namespace
 
-    def claim_key(self, accepted: Accepted) -> str:
-        """Ids are unique per source topic (a label shares its transaction's id)."""
-        return f"{self.namespace}:{accepted.record.topic}:{accepted.event_id}"
+    def claim_key_prefix(self, topic: str) -> str:
+        """A claim key is this plus the event id: ids are unique per source topic (a label
+        shares its transaction's id)."""
+        return f"{self.namespace}:{topic}:"
 
     async def process(
         self, records: Sequence[ConsumedRecord], *, now: datetime | None = None
@@ -317,21 +323,21 @@ class Ingestor:
         route = self.router.route
         routed = [route(record, now=moment) for record in records]
         accepted = [r for r in routed if isinstance(r, Accepted)]
-        # claim_key and position per event, with each topic's (and partition's) prefix built
+        # claim key and position per event, with each topic's (and partition's) prefix built
         # once per batch: this runs for every event
         key_prefix: dict[str, str] = {}
-        position_prefix: dict[tuple[str, int], str] = {}
+        partition_prefix: dict[tuple[str, int], str] = {}
         claims: list[tuple[str, str]] = []
         for a in accepted:
             record = a.record
             topic = record.topic
             prefix = key_prefix.get(topic)
             if prefix is None:
-                prefix = key_prefix[topic] = f"{self.namespace}:{topic}:"
+                prefix = key_prefix[topic] = self.claim_key_prefix(topic)
             place = (topic, record.partition)
-            at = position_prefix.get(place)
+            at = partition_prefix.get(place)
             if at is None:
-                at = position_prefix[place] = f"{topic}/{record.partition}/"
+                at = partition_prefix[place] = position_prefix(topic, record.partition)
             claims.append((prefix + a.event_id, at + str(record.offset)))
         stored = await self.claims.claim(claims)
         answers = iter(zip(stored, claims, strict=True))
@@ -343,10 +349,11 @@ class Ingestor:
                 outputs.append(item.output)
                 continue
             before, (_, where) = next(answers)
-            if before is not None:  # see verdict()
-                if before != where:
-                    outcome.duplicates.append(item)
-                    continue
+            answer = verdict(before, where)
+            if answer is Verdict.DUPLICATE:
+                outcome.duplicates.append(item)
+                continue
+            if answer is Verdict.REDELIVERY:
                 outcome.redelivered.append(item)
             forwarded.append(item)
             outputs.append(item.output)
