@@ -61,11 +61,6 @@ class HeapFreezer:
         )
         return collected
 
-    @staticmethod
-    def frozen() -> int:
-        """Objects in the permanent generation."""
-        return gc.get_freeze_count()
-
 
 async def freeze_periodically(settings: HeapSettings, stop: asyncio.Event) -> None:
     """``HeapFreezer.tick`` now (the start-up heap) and every ``gc_freeze_interval_s`` until
