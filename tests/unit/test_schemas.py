@@ -256,6 +256,71 @@ def test_unreadable_json_records_have_their_code(
     assert _decode_error(value) == (code, field)
 
 
+def test_the_fast_json_reader_reads_exactly_what_the_json_module_reads() -> None:
+    """decode_external reads most records with msgspec; whatever that path accepts must be the
+    very dict (values, their types, key order) the json module gives, and a repeated key must
+    never get through it (msgspec would keep the last value silently)."""
+    from services.shared.codecs import _JSON_DECODER, _plain_json_object
+
+    values = [
+        '"tx-1"',
+        '"üser ✓"',
+        '"a\\"b"',
+        '"\\u00e9"',
+        '"\\ud800"',
+        '"tab\there"',
+        '""',
+        "1",
+        "-0",
+        "0.1",
+        "45.26",
+        "1e2",
+        "1E-7",
+        "-3.5e+3",
+        "1e400",
+        "123456789012345678901234",
+        "true",
+        "false",
+        "null",
+        "NaN",
+        "Infinity",
+        "[]",
+        '[1, "a"]',
+        '{"x": 1}',
+        '{"x": "y"}',
+        "01",
+        "1.",
+        ".5",
+        "+1",
+        "'a'",
+        '"\x01"',
+    ]
+    keys = ["transaction_id", "amount", "a", "ü", "amount"]
+    rng = random.Random(5)
+    accepted = 0
+    for _ in range(4000):
+        pairs = [(rng.choice(keys), rng.choice(values)) for _ in range(rng.randint(0, 5))]
+        space = rng.choice(["", " ", "\n\t "])
+        text = "{" + space + ("," + space).join(f'"{k}":{space}{v}' for k, v in pairs) + "}"
+        if rng.random() < 0.1:
+            text = text[: rng.randrange(len(text) + 1)]  # truncated
+        raw = text.encode("utf-8", "surrogatepass")
+        if rng.random() < 0.05:
+            raw += b"\xff"
+        fast = _plain_json_object(raw)
+        if fast is None:
+            continue
+        accepted += 1
+        reference = _JSON_DECODER.decode(raw.decode("utf-8"))  # raises if it is not JSON
+        assert list(fast.items()) == list(reference.items()), raw
+        assert [type(v) for v in fast.values()] == [type(v) for v in reference.values()], raw
+        assert len({k for k, _ in pairs}) == len(pairs), raw  # no repeated key got through
+    assert accepted > 400  # the fast path does take the common case
+    for repeated in (b'{"a":1,"a":1}', b'{"a":"x","a":2}', b'{"a":{"b":1,"b":2}}'):
+        assert _plain_json_object(repeated) is None
+        assert _decode_error(repeated)[0] == "duplicate_field"
+
+
 def test_unknown_content_types_are_refused() -> None:
     assert _decode_error(b"{}", [(CONTENT_TYPE, b"application/avro")]) == (
         "unsupported_content_type",
