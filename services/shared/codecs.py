@@ -52,15 +52,17 @@ def decode_external(
     """
     if not value:
         raise InvalidArgument("", "the record has no value", code="empty_record")
-    content_type = (header(headers, CONTENT_TYPE) or JSON).split(";")[0].strip().lower()
-    if content_type == PROTOBUF:
-        return _decode_protobuf_fields(value, schema)
-    if content_type not in (JSON, "text/json"):
-        raise InvalidArgument(
-            "",
-            f"content-type {content_type[:64]!r} is neither {JSON} nor {PROTOBUF}",
-            code="unsupported_content_type",
-        )
+    given = header(headers, CONTENT_TYPE) if headers else None  # JSON senders often send none
+    if given:  # absent or empty: JSON
+        content_type = given.split(";")[0].strip().lower()
+        if content_type == PROTOBUF:
+            return _decode_protobuf_fields(value, schema)
+        if content_type not in (JSON, "text/json"):
+            raise InvalidArgument(
+                "",
+                f"content-type {content_type[:64]!r} is neither {JSON} nor {PROTOBUF}",
+                code="unsupported_content_type",
+            )
     data = _plain_json_object(value)
     if data is not None:
         return data
