@@ -36,7 +36,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from google.protobuf.message import DecodeError
 
-from services.ingestion.routing import ClaimStore, Verdict, position_prefix, verdict
+from services.ingestion.routing import ClaimStore, Verdict, claim_position, topic_tag, verdict
 from services.shared.datasets import LABELS, TRANSACTIONS
 from services.shared.proto.mlops.v1 import events_pb2
 from services.shared.topics import Topics
@@ -268,8 +268,8 @@ class ArchiveStep:
 class Archiver:
     """The archive's domain: validated records in, files to write out.
 
-    Each record's id is claimed (``<namespace>:archive:<topic>:<id>`` -> its position in the
-    validated stream): a second record with an archived id is left out, the same record read
+    Each record's id is claimed (``<namespace>:archive:<topic tag>:<id>`` -> its partition/offset
+    in the validated stream): a second record with an archived id is left out, the same record read
     again (its file was not written before a crash) is kept.
     """
 
@@ -297,11 +297,9 @@ class Archiver:
                 rows.append((record, self._row_of[record.topic](record.value)))
             except DecodeError:
                 step.unreadable.append(record)
+        prefixes = {t: f"{self.namespace}:archive:{topic_tag(t)}:" for t in self.datasets}
         claims = [
-            (
-                f"{self.namespace}:archive:{r.topic}:{row.event_id}",
-                position_prefix(r.topic, r.partition) + str(r.offset),
-            )
+            (prefixes[r.topic] + row.event_id, claim_position(r.partition, r.offset))
             for r, row in rows
         ]
         stored = await self.claims.claim(claims)

@@ -9,7 +9,8 @@ it ends up on one of the two paths, so a poison record never stops the consumer.
 ``Ingestor.process`` does that for a batch and asks a ``ClaimStore`` (Redis in the service)
 which accepted events were seen before:
 
-- first time an id is seen: the store records the record's source position; forwarded;
+- first time an id is seen: the store records the record's source position (partition/offset
+  under a key naming the topic); forwarded;
 - the very same record again (same topic/partition/offset: a re-delivery after a crash,
   whose output may never have gone out): forwarded again (downstream is idempotent by id);
 - another record with an id already claimed: a duplicate; counted and logged, neither
@@ -18,6 +19,7 @@ which accepted events were seen before:
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -79,13 +81,25 @@ class SourceRecord:
 
 
 def position(record: ConsumedRecord) -> str:
-    """Where a record was read: what makes a re-delivery recognisable."""
-    return position_prefix(record.topic, record.partition) + str(record.offset)
+    """Where a record was read, for people: topic/partition/offset."""
+    return f"{record.topic}/{record.partition}/{record.offset}"
 
 
-def position_prefix(topic: str, partition: int) -> str:
-    """The part of ``position`` shared by a partition's records."""
-    return f"{topic}/{partition}/"
+def topic_tag(topic: str) -> str:
+    """A topic's stand-in in claim keys: 8 hex digits of its BLAKE2b hash.
+
+    Ids are unique per topic (a label shares its transaction's id), so a claim key names the
+    topic, and the position it stores is then only partition/offset (``claim_position``).
+    The full name (``<prefix>events.transactions``) would be most of the bytes Redis reads,
+    parses and stores per claim; a hash keeps topics of different deployments apart all the
+    same."""
+    return hashlib.blake2b(topic.encode(), digest_size=4).hexdigest()
+
+
+def claim_position(partition: int, offset: int) -> str:
+    """Where a record was read within its (claimed) topic: what makes a re-delivery
+    recognisable."""
+    return f"{partition}/{offset}"
 
 
 @dataclass(slots=True)
@@ -312,9 +326,9 @@ class Ingestor:
         self.namespace = namespace
 
     def claim_key_prefix(self, topic: str) -> str:
-        """A claim key is this plus the event id: ids are unique per source topic (a label
-        shares its transaction's id)."""
-        return f"{self.namespace}:{topic}:"
+        """A claim key is this plus the event id (``topic_tag``: ids are unique per source
+        topic)."""
+        return f"{self.namespace}:{topic_tag(topic)}:"
 
     async def process(
         self, records: Sequence[ConsumedRecord], *, now: datetime | None = None
@@ -323,10 +337,9 @@ class Ingestor:
         route = self.router.route
         routed = [route(record, now=moment) for record in records]
         accepted = [r for r in routed if isinstance(r, Accepted)]
-        # claim key and position per event, with each topic's (and partition's) prefix built
-        # once per batch: this runs for every event
+        # claim key and position per event, each topic's key prefix built once per batch:
+        # this runs for every event
         key_prefix: dict[str, str] = {}
-        partition_prefix: dict[tuple[str, int], str] = {}
         claims: list[tuple[str, str]] = []
         for a in accepted:
             record = a.record
@@ -334,11 +347,7 @@ class Ingestor:
             prefix = key_prefix.get(topic)
             if prefix is None:
                 prefix = key_prefix[topic] = self.claim_key_prefix(topic)
-            place = (topic, record.partition)
-            at = partition_prefix.get(place)
-            if at is None:
-                at = partition_prefix[place] = position_prefix(topic, record.partition)
-            claims.append((prefix + a.event_id, at + str(record.offset)))
+            claims.append((prefix + a.event_id, claim_position(record.partition, record.offset)))
         stored = await self.claims.claim(claims)
         answers = iter(zip(stored, claims, strict=True))
         outcome = BatchOutcome()

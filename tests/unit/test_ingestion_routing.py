@@ -19,6 +19,7 @@ from services.ingestion.routing import (
     Rejected,
     SourceRecord,
     Verdict,
+    topic_tag,
     verdict,
 )
 from services.shared.codecs import CONTENT_TYPE, MESSAGE_TYPE, PROTOBUF
@@ -224,7 +225,12 @@ class TestIngestor:
         assert len(first.forwarded) == 1
         assert again.outputs == [] and again.rejected == []
         assert [d.event_id for d in again.duplicates] == ["tx-1"]
-        assert claims.positions["ns:p.events.transactions:tx-1"] == "p.events.transactions/1/0"
+        assert claims.positions[f"ns:{topic_tag('p.events.transactions')}:tx-1"] == "1/0"
+
+    def test_claim_keys_name_the_topic_by_a_short_tag(self) -> None:
+        # a label shares its transaction's id; another deployment's topics are other topics
+        tags = {topic_tag(t) for t in ("p.events.transactions", "p.events.labels", "events.labels")}
+        assert len(tags) == 3 and all(len(t) == 8 and int(t, 16) >= 0 for t in tags)
 
     async def test_duplicates_within_one_batch_are_caught(self) -> None:
         ingestor, _ = self._ingestor()
