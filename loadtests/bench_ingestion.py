@@ -288,7 +288,8 @@ def _table(results: dict[str, list[tuple[float, float]]], records: int, repetiti
         "## Ingestion throughput",
         "",
         f"{records:,} input records (JSON transactions and labels, ~2 % invalid, ~1 % duplicates) "
-        f"per run, {PARTITIONS} partitions, Tansu broker and Redis on this machine, "
+        f"per run, {PARTITIONS} partitions, Tansu broker and Redis on this machine (Redis "
+        "emptied before each run, so that every run claims ids into an empty hash), "
         f"{repetitions} repetitions, each running every target in turn. Throughput ratio: the "
         "target's records/s over the baseline's in the same repetition (the baseline is a raw "
         "aiokafka consume-and-produce loop); median over repetitions; target >= "
