@@ -280,6 +280,7 @@ class Archiver:
         self.batcher = batcher
         self.namespace = namespace
         self.datasets = {topics.validated: TRANSACTIONS, topics.validated_labels: LABELS}
+        self._claim_prefix = {t: f"{namespace}:archive:{topic_tag(t)}:" for t in self.datasets}
         self._row_of: dict[str, Any] = {
             topics.validated: transaction_row,
             topics.validated_labels: label_row,
@@ -297,7 +298,7 @@ class Archiver:
                 rows.append((record, self._row_of[record.topic](record.value)))
             except DecodeError:
                 step.unreadable.append(record)
-        prefixes = {t: f"{self.namespace}:archive:{topic_tag(t)}:" for t in self.datasets}
+        prefixes = self._claim_prefix
         claims = [
             (prefixes[r.topic] + row.event_id, claim_position(r.partition, r.offset))
             for r, row in rows
