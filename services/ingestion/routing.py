@@ -324,11 +324,9 @@ class Ingestor:
         self.router = router
         self.claims = claims
         self.namespace = namespace
-
-    def claim_key_prefix(self, topic: str) -> str:
-        """A claim key is this plus the event id (``topic_tag``: ids are unique per source
-        topic)."""
-        return f"{self.namespace}:{topic_tag(topic)}:"
+        # a claim key is this plus the event id (``topic_tag``: ids are unique per source
+        # topic); only records of the source topics are ever accepted
+        self._claim_prefix = {t: f"{namespace}:{topic_tag(t)}:" for t in router.source_topics}
 
     async def process(
         self, records: Sequence[ConsumedRecord], *, now: datetime | None = None
@@ -337,17 +335,14 @@ class Ingestor:
         route = self.router.route
         routed = [route(record, now=moment) for record in records]
         accepted = [r for r in routed if isinstance(r, Accepted)]
-        # claim key and position per event, each topic's key prefix built once per batch:
-        # this runs for every event
-        key_prefix: dict[str, str] = {}
-        claims: list[tuple[str, str]] = []
-        for a in accepted:
-            record = a.record
-            topic = record.topic
-            prefix = key_prefix.get(topic)
-            if prefix is None:
-                prefix = key_prefix[topic] = self.claim_key_prefix(topic)
-            claims.append((prefix + a.event_id, claim_position(record.partition, record.offset)))
+        prefixes = self._claim_prefix
+        claims = [
+            (
+                prefixes[a.record.topic] + a.event_id,
+                claim_position(a.record.partition, a.record.offset),
+            )
+            for a in accepted
+        ]
         stored = await self.claims.claim(claims)
         answers = iter(zip(stored, claims, strict=True))
         outcome = BatchOutcome()
