@@ -25,8 +25,8 @@ PROTOC_FILTER := sed -u '/^Writing mypy to /d'
 LINT_PATHS := $(wildcard services tests loadtests)
 PYTEST_ARGS ?=
 
-.PHONY: help install system-packages up down status logs test lint format protos lock bench \
-	demo loadtest clean distclean
+.PHONY: help install system-packages up down status logs test lint alerts format protos lock bench \
+	demo loadtest chaos clean distclean
 
 help: ## Show this help
 	@echo "Usage: make <target>   (the platform's CLI is $(MLOPS); see README.md)"
@@ -35,7 +35,7 @@ help: ## Show this help
 # ----------------------------------------------------------------------------- installation
 
 install: system-packages $(STAMPS)/requirements $(STAMPS)/project ## Install what is missing: Debian packages, .venv from requirements.lock, Triton stub; check protos
-	@$(PY) -c 'from services.shared.localinfra import ensure_triton_python_stub as e; e()'
+	@$(PY) -c 'from services.cli.localinfra import ensure_triton_python_stub as e; e()'
 	@$(PY) protos/generate.py --check 2>&1 | $(PROTOC_FILTER)
 
 system-packages:
@@ -89,7 +89,7 @@ logs: ## Show logs: `make logs` (all), `make logs NAME=serving`, add FOLLOW=1 to
 
 # ----------------------------------------------------------------------------- quality
 
-test: install lint ## Run everything: lint, then the unit, integration and e2e tests
+test: install lint alerts ## Run everything: lint, alert rules, then the unit, integration and e2e tests
 	@mkdir -p var/test-results
 	$(PY) -m pytest tests --junitxml=var/test-results/junit.xml $(PYTEST_ARGS)
 	@$(PY) .ci/test_summary.py var/test-results/junit.xml
@@ -99,6 +99,10 @@ lint: install ## ruff format --check, ruff check, mypy, generated protobuf code 
 	$(VENV)/bin/ruff check $(LINT_PATHS)
 	$(VENV)/bin/mypy
 	$(PY) protos/generate.py --check 2>&1 | $(PROTOC_FILTER)
+
+alerts: ## Check the Prometheus alert rules and run their unit tests (promtool, deploy/alerts/)
+	promtool check rules deploy/alerts/alerts.yml
+	promtool test rules deploy/alerts/alerts_test.yml
 
 format: install ## Format the code and apply ruff's safe fixes
 	$(VENV)/bin/ruff format $(LINT_PATHS)
@@ -140,12 +144,30 @@ bench: install ## Run every loadtests/bench_*.py in turn; their tables go to BEN
 	  done; } > BENCHMARKS.md; \
 	echo "wrote BENCHMARKS.md"
 
+chaos: install ## Kill -9 every component in turn under traffic and Predict load (a stack of its own); table to var/chaos.md
+	$(PY) loadtests/chaos.py
+
 RATE ?= 20
-DEMO_SECONDS ?= 60
-demo: up ## Start the platform, run simulated card payments through it for a minute, show its state
-	eval "$$($(MLOPS) stack env)" && $(MLOPS) simulate --rate $(RATE) --duration $(DEMO_SECONDS) \
-		--label-delay 10
-	@$(MLOPS) stack status
+DEMO_USERS ?= 2000
+DEMO_SECONDS ?= 600
+DRIFT_AT ?= 60
+LABEL_DELAY ?= 10
+# payments per card holder and day that make the bootstrap history as dense as the live traffic
+DEMO_PER_USER_DAY = $(shell echo $$(( $(RATE) * 86400 / $(DEMO_USERS) )))
+DEMO_WORLD = --users $(DEMO_USERS) --transactions-per-user-per-day $(DEMO_PER_USER_DAY)
+demo: install ## The closed loop live: first model, a concept shift DRIFT_AT s in, the autopilot's answer (mlops loop status/history)
+	@$(MLOPS) stack up
+	@eval "$$($(MLOPS) stack env)" && $(MLOPS) bootstrap --days 0.02 $(DEMO_WORLD)
+	@eval "$$($(MLOPS) stack env)"; mkdir -p var/log; \
+	$(MLOPS) simulate --rate $(RATE) $(DEMO_WORLD) --concept-drift-at $(DRIFT_AT) \
+		--label-delay $(LABEL_DELAY) --duration $(DEMO_SECONDS) --no-wait-labels \
+		> var/log/demo-simulate.log 2>&1 & simulator=$$!; \
+	trap 'kill $$simulator 2>/dev/null || true' EXIT; \
+	echo "simulated traffic at $(RATE)/s, the fraud pattern changes $(DRIFT_AT) s in (log: var/log/demo-simulate.log)"; \
+	while kill -0 $$simulator 2>/dev/null; do \
+		sleep 30; $(MLOPS) loop status || true; \
+	done; \
+	$(MLOPS) loop history
 
 USERS ?= 50
 SPAWN_RATE ?= 10

@@ -41,7 +41,9 @@ sys.path.insert(0, str(ROOT))
 
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
-from services.shared import broker_compat, localinfra  # noqa: E402
+from services.cli import localinfra  # noqa: E402
+from services.shared import broker_compat  # noqa: E402
+from services.shared.feast_layout import entity_key, event_time_field, redis_key  # noqa: E402
 from services.shared.featurestore import apply_definitions, open_store  # noqa: E402
 from services.shared.kafka import create_consumer, create_producer, ensure_topics  # noqa: E402
 from services.shared.proto.mlops.v1 import events_pb2  # noqa: E402
@@ -248,12 +250,7 @@ class FreshnessProbes:
         self._seen += 1
         if not self.measuring or self._seen % PROBE_EVERY:
             return
-        from feast.infra.online_stores.helpers import _redis_key
-        from feast.protos.feast.types.EntityKey_pb2 import EntityKey
-        from feast.protos.feast.types.Value_pb2 import Value
-
-        entity = EntityKey(join_keys=["user_id"], entity_values=[Value(string_val=txn.user_id)])
-        key = _redis_key(self.project, entity, entity_key_serialization_version=3)
+        key = redis_key(self.project, entity_key("user_id", txn.user_id), 3)
         event_us = txn.event_time.seconds * 1_000_000 + txn.event_time.nanos // 1000
         self.pending.append(Probe(key, event_us, time.time()))
 
@@ -268,7 +265,7 @@ class FreshnessProbes:
                 if probes:
                     async with client.pipeline(transaction=False) as pipe:
                         for probe in probes:
-                            pipe.hget(probe.key, "_ts:user_activity")
+                            pipe.hget(probe.key, event_time_field("user_activity"))
                         stamps = await pipe.execute()
                     now = time.time()
                     for probe, stamp in zip(probes, stamps, strict=True):

@@ -43,12 +43,12 @@ from aiokafka import AIOKafkaConsumer, TopicPartition  # noqa: E402
 from redis import Redis  # noqa: E402
 from rich.progress import Progress  # noqa: E402
 
+from services.cli import localinfra  # noqa: E402
 from services.cli.simulate import publish  # noqa: E402
-from services.shared import localinfra  # noqa: E402
+from services.cli.simulator import SimulationConfig, TrafficSimulator  # noqa: E402
 from services.shared.kafka import create_consumer, create_producer, ensure_topics  # noqa: E402
 from services.shared.settings import KafkaSettings  # noqa: E402
 from services.shared.topics import Topics  # noqa: E402
-from services.shared.usecase.simulator import SimulationConfig, TrafficSimulator  # noqa: E402
 
 # Each target's measured window is only a few seconds long and this machine is shared:
 # single runs swing by +-20 %. Five repetitions of twice the records keep the median steady.

@@ -50,7 +50,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from services.shared import localinfra  # noqa: E402
+from services.cli import localinfra  # noqa: E402
 from services.shared.settings import (  # noqa: E402
     FeastSettings,
     RedisSettings,
@@ -172,7 +172,7 @@ def predict_payloads(txns: list[Any]) -> list[bytes]:
 def infer_payloads(matrix: np.ndarray) -> list[bytes]:
     from tritonclient.grpc import service_pb2
 
-    from services.shared.usecase.model import TRITON_INPUT, TRITON_OUTPUT
+    from services.shared.usecase.features import TRITON_INPUT, TRITON_OUTPUT
 
     payloads = []
     for row in matrix:
@@ -419,8 +419,12 @@ def run_naive_server(args: argparse.Namespace) -> None:
     from services.shared.errors import InvalidArgument
     from services.shared.featurestore import open_store
     from services.shared.proto.mlops.v1 import predictor_pb2, predictor_pb2_grpc
-    from services.shared.usecase.features import TransactionColumns, model_inputs
-    from services.shared.usecase.model import TRITON_INPUT, TRITON_OUTPUT
+    from services.shared.usecase.features import (
+        TRITON_INPUT,
+        TRITON_OUTPUT,
+        TransactionColumns,
+        model_inputs,
+    )
     from services.shared.usecase.schemas import transaction_fields, validate_transaction
 
     feast, redis, storage, triton = (
@@ -829,6 +833,9 @@ def render(
     lines = [
         "## Serving (gRPC Predict)",
         "",
+        "Setup measured: serving with only its dependencies (Triton, Redis, a broker) on the "
+        "machine, none of the other services running; the stack as `make up` leaves it (every "
+        "service, the simulator's traffic) is measured by loadtests/bench_stack.py below. "
         f"One Predict per call; {N_REQUESTS} distinct transactions over {N_USERS} users (5 % "
         f"never seen) and {N_MERCHANTS} merchants, features pushed with the Feast SDK. Load from "
         "a separate grpc.aio process with pre-serialised requests. Closed loop at "

@@ -33,13 +33,13 @@ grpc_gevent.init_gevent()
 
 from locust import User, constant, events, task  # noqa: E402
 
+from services.cli.simulator import SimulationConfig, TrafficSimulator  # noqa: E402
 from services.serving.settings import ServingSettings  # noqa: E402
 from services.shared.proto.mlops.v1 import (  # noqa: E402
     events_pb2,
     predictor_pb2,
     predictor_pb2_grpc,
 )
-from services.shared.usecase.simulator import SimulationConfig, TrafficSimulator  # noqa: E402
 
 POOL_SIZE = 5_000  # distinct transactions, cycled
 BATCH_SIZE = 16

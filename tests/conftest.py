@@ -1,7 +1,7 @@
 """Test harness: real infrastructure started once per session on free ports.
 
 - ``kafka_broker`` (Tansu), ``redis_server``, ``triton_server``, ``mlflow_server`` start the real
-  processes (services/shared/localinfra.py) and stop them at the end of the session.
+  processes (services/cli/localinfra.py) and stop them at the end of the session.
 - ``kafka`` gives each test the broker with its own topic prefix, so tests never share topics.
 - ``storage`` gives each test its own data directory.
 Tests under tests/unit are marked ``unit`` and must not touch the network; tests/integration
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from services.shared import localinfra
+from services.cli import localinfra
 from services.shared.settings import (
     FeastSettings,
     KafkaSettings,

@@ -34,14 +34,15 @@ import pyarrow.parquet as pq
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from services.cli.simulator import SimulationConfig, TrafficSimulator
 from services.cli.train import console, retrain_request, run_local
 from services.features.settings import FeaturesSettings
 from services.ingestion.settings import IngestionSettings
-from services.registry.client import RegistryClient
 from services.registry.triton_repository import TritonModelRepository
 from services.shared.datasets import LABELS, TRANSACTIONS, create_snapshot
 from services.shared.errors import NotFound, PlatformError
 from services.shared.kafka import consumer_groups_lag
+from services.shared.registry_client import RegistryClient
 from services.shared.settings import StorageSettings, TritonSettings
 from services.shared.topics import Topics
 from services.shared.usecase.features import MERCHANT_VIEW, MODEL_INPUTS, USER_VIEW
@@ -182,17 +183,17 @@ def _progress() -> Progress:
     )
 
 
+_WORLD = SimulationConfig()  # the simulator's defaults, which `mlops simulate` shares
+
+
 def _publish_history(
-    settings: TrainingSettings, days: float, users: int, seed: int, fraud_rate: float
+    settings: TrainingSettings, days: float, world: SimulationConfig
 ) -> tuple[int, int]:
     from services.cli.simulate import PublishStats, publish
-    from services.shared.usecase.simulator import SimulationConfig, TrafficSimulator
 
-    simulator = TrafficSimulator(
-        SimulationConfig(
-            seed=seed, users=users, merchants=max(10, users // 7), fraud_rate=fraud_rate
-        )
-    )
+    # the world and per-user rate of `mlops simulate` with the same options: its live traffic
+    # continues this history as the same process
+    simulator = TrafficSimulator(world)
     end = datetime.now(UTC)
     events = simulator.history(end - timedelta(days=days), end)
     with _progress() as bar:
@@ -263,6 +264,18 @@ def _production_version(settings: TrainingSettings) -> int:
 def bootstrap(
     days: Annotated[float, typer.Option(help="Days of simulated history to publish.")] = 7.0,
     users: Annotated[int, typer.Option(help="Simulated card holders.")] = 2000,
+    merchants: Annotated[int, typer.Option(help="Simulated merchants.")] = _WORLD.merchants,
+    transactions_per_user_per_day: Annotated[
+        float,
+        typer.Option(
+            help="Average transactions per user and day; `mlops simulate` with the same value "
+            "(and users, merchants, seed) continues this history at users x this / 86,400 "
+            "transactions per second."
+        ),
+    ] = _WORLD.transactions_per_user_per_day,
+    daily_rhythm: Annotated[
+        bool, typer.Option(help="Traffic follows the time of day (quiet nights).")
+    ] = False,
     seed: Annotated[int, typer.Option(help="Simulation seed.")] = 42,
     fraud_rate: Annotated[
         float, typer.Option(help="Share of simulated transactions that are fraud.")
@@ -309,7 +322,15 @@ def bootstrap(
     target = CatchUp.nothing_new(baseline)
     if simulate:
         try:
-            transactions, labels = _publish_history(settings, days, users, seed, fraud_rate)
+            world = SimulationConfig(
+                seed=seed,
+                users=users,
+                merchants=merchants,
+                fraud_rate=fraud_rate,
+                transactions_per_user_per_day=transactions_per_user_per_day,
+                daily_rhythm=daily_rhythm,
+            )
+            transactions, labels = _publish_history(settings, days, world)
         except (PlatformError, OSError) as exc:
             console.print(f"[bold red]✗[/] could not publish to {settings.kafka.bootstrap}: {exc}")
             raise typer.Exit(1) from None

@@ -1,6 +1,7 @@
 """`mlops models`: the model registry from the command line.
 
     mlops models list                          every version: stage, aliases, traffic, metrics
+    mlops models routes                        the routing table: who answers, who is mirrored
     mlops models show production|canary|N      one version in detail, with its gate result
     mlops models promote N                     N becomes production (the old one is archived)
     mlops models promote N --to canary -p 20   N takes 20% of traffic as canary
@@ -24,9 +25,10 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from services.registry.client import RegistryClient
 from services.shared.errors import PlatformError
+from services.shared.model_aliases import ALIASES, PRODUCTION, served_alias
 from services.shared.proto.mlops.v1 import models_pb2
+from services.shared.registry_client import RegistryClient
 from services.shared.settings import RegistryClientSettings
 
 app = typer.Typer(
@@ -35,7 +37,6 @@ app = typer.Typer(
     no_args_is_help=True,
 )
 console = Console(highlight=False)
-ALIASES = ("production", "canary", "shadow")
 
 
 @contextmanager
@@ -62,7 +63,14 @@ def _metric(version: models_pb2.ModelVersion, name: str) -> str:
 def _gate(version: models_pb2.ModelVersion) -> str:
     if not version.HasField("gate"):
         return ""
-    return "passed" if version.gate.passed else "rejected"
+    return _GATE_OUTCOMES.get(version.gate.outcome, "passed" if version.gate.passed else "rejected")
+
+
+_GATE_OUTCOMES = {
+    models_pb2.GATE_OUTCOME_PASSED: "passed",
+    models_pb2.GATE_OUTCOME_FAILED: "rejected",
+    models_pb2.GATE_OUTCOME_INSUFFICIENT_DATA: "insufficient data",
+}
 
 
 @app.command("list")
@@ -93,6 +101,30 @@ def list_versions() -> None:
             f"{v.threshold:.4f}",
             _gate(v),
             v.created_at.ToDatetime().strftime("%Y-%m-%d %H:%M"),
+        )
+    console.print(table)
+
+
+@app.command()
+def routes() -> None:
+    """The registry's routing table: which versions answer (and with what share of traffic),
+    which are mirrored, with their decision thresholds."""
+    with _registry() as registry:
+        table_rows = registry.routing_table()
+        name = registry.model_name
+    if not table_rows:
+        console.print(f"{name} has no production version: nothing is routed")
+        return
+    table = Table(title=f"{name} routing")
+    for column in ("alias", "version", "traffic %", "answers", "threshold"):
+        table.add_column(column, justify="left" if column in ("alias", "answers") else "right")
+    for route in table_rows:
+        table.add_row(
+            served_alias(route),
+            str(route.version),
+            str(route.traffic_percent),
+            "mirrored (logged only)" if route.shadow else "returned to callers",
+            f"{route.threshold:.4f}",
         )
     console.print(table)
 
@@ -133,7 +165,7 @@ def show(
     if v.HasField("gate"):
         g = v.gate
         rows += [
-            ("gate", f"{'passed' if g.passed else 'rejected'}: {g.reason}"),
+            ("gate", f"{_gate(v)}: {g.reason}"),
             (
                 "gate numbers",
                 f"{g.metric} {g.candidate_value:.4f} vs v{g.baseline_version} "
@@ -141,6 +173,15 @@ def show(
                 f"{g.candidate_calibration_error:.4f} vs {g.baseline_calibration_error:.4f}",
             ),
         ]
+        if g.test:
+            rows.append(
+                (
+                    "gate test",
+                    f"{g.test}: improvement {g.statistic:+.4f}, {g.confidence:.0%} interval "
+                    f"[{g.interval_low:+.4f}, {g.interval_high:+.4f}], {g.rows} rows with "
+                    f"{g.positives} frauds, {g.resamples} resamples",
+                )
+            )
     rows += [(name, f"{value:.6f}") for name, value in sorted(v.metrics.items())]
     for name, value in rows:
         table.add_row(name, value)
@@ -159,7 +200,7 @@ def promote(
     version: Annotated[int, typer.Argument(help="The version (0 removes a canary or shadow).")],
     to: Annotated[
         str, typer.Option("--to", help="production (default), canary or shadow.")
-    ] = "production",
+    ] = PRODUCTION,
     percent: Annotated[
         int,
         typer.Option(

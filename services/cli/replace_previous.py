@@ -17,7 +17,7 @@ import os
 import sys
 from pathlib import Path
 
-from services.cli.localstack import end_processes, stack_processes
+from services.cli.localstack.processes import end_processes, stack_processes
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,6 +1,6 @@
 """`mlops simulate`: publish realistic card-payment traffic, as product services would.
 
-The traffic itself comes from ``services.shared.usecase.simulator`` (``TrafficSimulator``);
+The traffic itself comes from ``services.cli.simulator`` (``TrafficSimulator``);
 this module is the transport: ``publish`` sends ``SimEvent``s to ``events.transactions`` and
 ``events.labels`` as JSON (UTF-8) through a plain aiokafka producer, keyed by user_id
 (transactions) and transaction_id (labels), with ``acks=all``.
@@ -16,23 +16,27 @@ import asyncio
 import json
 import sys
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 
+import grpc
+import numpy as np
 import typer
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+from services.cli.simulator import SimEvent, SimulationConfig, TrafficSimulator
 from services.shared.codecs import encode_json
 from services.shared.errors import Unavailable
-from services.shared.kafka import ensure_topics
-from services.shared.settings import KafkaSettings
+from services.shared.kafka import ensure_topics, security_options
+from services.shared.proto.mlops.v1 import events_pb2, predictor_pb2, predictor_pb2_grpc
+from services.shared.settings import KafkaSettings, ServingClientSettings
 from services.shared.topics import Topics
-from services.shared.usecase.simulator import SimEvent, SimulationConfig, TrafficSimulator
 
 ProgressCallback = Callable[["PublishStats"], None]
 _IN_FLIGHT = 20_000  # acknowledgements awaited in one go; bounds memory, keeps batches full
@@ -48,9 +52,29 @@ class PublishStats:
     invalid: int = 0  # deliberately invalid transaction records
     duplicates: int = 0  # second copies of transactions
     invalid_reasons: dict[str, int] = field(default_factory=dict)  # expected DLQ reason codes
+    predictions: int = 0  # Predict calls answered
+    predict_errors: dict[str, int] = field(default_factory=dict)  # gRPC status name -> calls
+    predict_latencies_ms: deque[float] = field(default_factory=lambda: deque(maxlen=10_000))
     first_event_at: datetime | None = None
     last_event_at: datetime | None = None
     seconds: float = 0.0  # wall-clock time spent publishing
+
+    @property
+    def predict_error_count(self) -> int:
+        return sum(self.predict_errors.values())
+
+    def predict_summary(self) -> str:
+        """``1,234 predicted (2 errors: UNAVAILABLE=2), p50 1.8 ms, p99 6.0 ms`` (last 10k)."""
+        if not self.predictions and not self.predict_errors:
+            return ""
+        text = f"{self.predictions:,} predicted"
+        if self.predict_errors:
+            detail = ", ".join(f"{k}={v}" for k, v in sorted(self.predict_errors.items()))
+            text += f" ({self.predict_error_count:,} errors: {detail})"
+        if self.predict_latencies_ms:
+            p50, p99 = np.percentile(np.asarray(self.predict_latencies_ms), [50, 99])
+            text += f", p50 {p50:.1f} ms, p99 {p99:.1f} ms"
+        return text
 
     @property
     def records(self) -> int:
@@ -83,6 +107,44 @@ def record_value(event: SimEvent) -> bytes:
     return event.raw if event.raw is not None else encode_json(event.value)
 
 
+class Predictor:
+    """Calls ``Predict`` for each transaction before it is published, as a payment flow does
+    (one call at a time, with a deadline); records answers, errors (by gRPC status) and
+    latency in the stats. An error never stops the traffic: the event is published anyway."""
+
+    def __init__(self, address: str, timeout_s: float = 1.0) -> None:
+        self.address = address
+        self.timeout_s = timeout_s
+        self._channel = grpc.aio.insecure_channel(address)
+        self._stub = predictor_pb2_grpc.PredictorStub(self._channel)
+
+    async def predict(self, value: dict[str, Any], stats: PublishStats) -> None:
+        request = predictor_pb2.PredictRequest(
+            transaction=events_pb2.Transaction(
+                transaction_id=str(value["transaction_id"]),
+                user_id=str(value["user_id"]),
+                merchant_id=str(value["merchant_id"]),
+                amount=float(value["amount"]),
+                currency=str(value["currency"]),
+                channel=str(value["channel"]),
+                country=str(value["country"]),
+                event_time=str(value["event_time"]),
+            )
+        )
+        started = time.perf_counter()
+        try:
+            await self._stub.Predict(request, timeout=self.timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            name = exc.code().name
+            stats.predict_errors[name] = stats.predict_errors.get(name, 0) + 1
+            return
+        stats.predictions += 1
+        stats.predict_latencies_ms.append((time.perf_counter() - started) * 1000)
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+
 async def publish(
     events: Iterable[SimEvent],
     kafka: KafkaSettings,
@@ -91,6 +153,7 @@ async def publish(
     *,
     realtime: bool = False,
     linger_ms: int = 20,
+    predictor: Predictor | None = None,
 ) -> PublishStats:
     """Publish ``events`` in order; returns once every record is acknowledged.
 
@@ -99,7 +162,8 @@ async def publish(
     traffic, whose ``at`` are wall-clock times). ``progress`` is called with the running
     stats about five times a second and once at the end. Creates the two topics if they are
     missing. Raises ``KafkaError`` if the broker refuses a record (after the producer's own
-    retries), ``Unavailable`` if the broker cannot be reached.
+    retries), ``Unavailable`` if the broker cannot be reached. ``predictor``: call Predict for
+    each valid transaction before publishing it (not for re-sent duplicates or invalid ones).
     """
     topics = Topics.from_settings(kafka)
     # created with the platform's partition count if missing (a broker that auto-creates
@@ -112,6 +176,7 @@ async def publish(
         linger_ms=linger_ms,
         max_batch_size=256 * 1024,
         request_timeout_ms=kafka.request_timeout_ms,
+        **security_options(kafka),
     )
     await producer.start()
     stats = PublishStats()
@@ -131,6 +196,8 @@ async def publish(
                 if wait > 0.002:
                     await asyncio.sleep(wait)
             topic = topics.labels if event.kind == "label" else topics.transactions
+            if predictor is not None and event.kind == "transaction" and event.expect == "valid":
+                await predictor.predict(event.value, stats)
             in_flight.append(
                 await producer.send(topic, record_value(event), key=event.key.encode())
             )
@@ -145,6 +212,8 @@ async def publish(
         await _acknowledged(in_flight)
     finally:
         await producer.stop()
+        if predictor is not None:
+            await predictor.close()
     stats.seconds = time.monotonic() - started
     if progress is not None:
         progress(stats)
@@ -170,7 +239,9 @@ _HELP = "\n\n".join(
         "due (--no-wait-labels skips them). --history-days N instead publishes N days of "
         "backdated traffic (event times in the past, daily rhythm) as fast as the broker takes "
         "it, e.g. to train the first model. The same --seed gives the same users and merchants.",
-        "Examples: 'mlops simulate --rate 50 --duration 600'; 'mlops simulate --history-days "
+        "Live traffic continues the history as the same process (same world, same "
+        "transactions per user and day) unless --rate says otherwise.",
+        "Examples: 'mlops simulate --duration 600'; 'mlops simulate --history-days "
         "14'; 'mlops simulate --rate 200 --duration 900 --concept-drift-at 300'; 'mlops "
         "simulate --count 1000 --invalid-fraction 0.05 --duplicate-fraction 0.02 --dry-run'.",
     ]
@@ -179,9 +250,15 @@ _HELP = "\n\n".join(
 
 def simulate(
     rate: Annotated[
-        float,
-        typer.Option(help="Live mode: transactions per second (labels come on top of it)."),
-    ] = 20.0,
+        float | None,
+        typer.Option(
+            help="Live mode: transactions per second (labels come on top of it). Default: the "
+            "history's rate, users x --transactions-per-user-per-day / 86,400, so that live "
+            "traffic continues the history the model was trained on; another rate changes "
+            "every per-user count, and the drift detectors see it.",
+            show_default=False,
+        ),
+    ] = None,
     duration: Annotated[
         float | None,
         typer.Option(help="Live mode: stop creating transactions after this many seconds."),
@@ -204,8 +281,19 @@ def simulate(
         float, typer.Option(help="Share of transactions that are fraud (0.02 = 2%).")
     ] = 0.02,
     transactions_per_user_per_day: Annotated[
-        float, typer.Option(help="History mode: average transactions per user and day.")
+        float,
+        typer.Option(
+            help="Average transactions per user and day (history, and live unless --rate); "
+            "use the value `mlops bootstrap` used."
+        ),
     ] = 3.0,
+    daily_rhythm: Annotated[
+        bool,
+        typer.Option(
+            help="Traffic follows the time of day (as `mlops bootstrap --daily-rhythm`); "
+            "time-of-day-dependent inputs then drift by the hour."
+        ),
+    ] = False,
     label_delay: Annotated[
         float,
         typer.Option(help="Mean seconds from a transaction to its label (each x0.5-1.5)."),
@@ -250,6 +338,15 @@ def simulate(
         bool,
         typer.Option(help="Print the records as JSON lines instead of publishing them."),
     ] = False,
+    predict: Annotated[
+        bool,
+        typer.Option(
+            help="Live mode: call Predict (MLOPS_SERVING_HOST:MLOPS_SERVING_PORT) for each "
+            "transaction before publishing it, as the payment flow would, so predictions.log "
+            "fills; errors and latency show in the progress line. --no-predict skips it "
+            "(history mode never predicts: its transactions are in the past)."
+        ),
+    ] = True,
 ) -> None:
     config = SimulationConfig(
         seed=seed,
@@ -258,6 +355,7 @@ def simulate(
         fraud_rate=fraud_rate,
         rate=rate,
         transactions_per_user_per_day=transactions_per_user_per_day,
+        daily_rhythm=daily_rhythm,
         label_delay_s=label_delay,
         concept_drift_at=concept_drift_at,
         data_drift_at=data_drift_at,
@@ -277,11 +375,12 @@ def simulate(
         events = simulator.live(now, duration_s=duration, max_transactions=count)
         if not wait_labels:
             events = _without_trailing_labels(events, now, duration, count)
+        rate = simulator.live_rate
         horizon = duration if duration is not None else (count / rate if count else 0.0)
         tail = label_delay * 1.5 if wait_labels else 0.0
         span = (now, now + timedelta(seconds=horizon + tail) if horizon else now)
         realtime = True
-        mode = f"live: {rate:g} transactions/s"
+        mode = f"live: {rate:.3g} transactions/s"
     if dry_run:
         for event in events:
             sys.stdout.write(_dry_run_line(event))
@@ -294,7 +393,12 @@ def simulate(
         f"{merchants} merchants, fraud {fraud_rate:.1%}"
     )
     try:
-        stats = asyncio.run(_publish_with_bar(events, kafka, max_rate, realtime, span, console))
+        serving = ServingClientSettings().address if predict and realtime else None
+        if serving:
+            console.print(f"calling Predict on {serving} for each transaction (--no-predict: off)")
+        stats = asyncio.run(
+            _publish_with_bar(events, kafka, max_rate, realtime, span, console, serving)
+        )
     except KeyboardInterrupt:
         console.print("interrupted")
         raise typer.Exit(130) from None
@@ -325,6 +429,7 @@ async def _publish_with_bar(
     realtime: bool,
     span: tuple[datetime, datetime],
     console: Console,
+    serving: str | None = None,
 ) -> PublishStats:
     total = max((span[1] - span[0]).total_seconds(), 0.0)
     with Progress(
@@ -352,10 +457,14 @@ async def _publish_with_bar(
                     f", simulated {stats.last_event_at:%Y-%m-%d %H:%M}"
                     if stats.last_event_at is not None and not realtime
                     else ""
-                ),
+                )
+                + (f"; {stats.predict_summary()}" if stats.predict_summary() else ""),
             )
 
-        return await publish(events, kafka, max_rate, report, realtime=realtime)
+        predictor = Predictor(serving) if serving else None
+        return await publish(
+            events, kafka, max_rate, report, realtime=realtime, predictor=predictor
+        )
 
 
 def _summary(console: Console, stats: PublishStats) -> None:
@@ -364,6 +473,8 @@ def _summary(console: Console, stats: PublishStats) -> None:
         f"{stats.invalid:,} invalid, {stats.duplicates:,} duplicates) and {stats.labels:,} "
         f"labels in {stats.seconds:,.1f}s ({stats.records_per_second:,.0f} records/s)"
     )
+    if stats.predict_summary():
+        console.print(f"Predict: {stats.predict_summary()}")
     if stats.invalid_reasons:
         reasons = ", ".join(f"{k}={v}" for k, v in sorted(stats.invalid_reasons.items()))
         console.print(f"expected DLQ reasons: {reasons}")

@@ -1,6 +1,6 @@
 """`mlops stack`: run the whole platform locally as supervised processes (`make up` calls it).
 
-The logic (components, configurations, health probes) is in services/cli/localstack.py; this
+The logic (components, configurations, health probes) is in services/cli/localstack/; this
 module is the terminal front end: progress while waiting, tables of states and endpoints.
 """
 
@@ -21,6 +21,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from services.cli import localinfra
 from services.cli.localstack import (
     Component,
     Health,
@@ -33,7 +34,6 @@ from services.cli.localstack import (
     listener_of,
     load_stack,
 )
-from services.shared import localinfra
 
 OVERRIDES = (
     "Ports and the var directory come from MLOPS_STACK_* variables (defaults: the contract), "

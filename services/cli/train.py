@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import getpass
 import uuid
+from datetime import UTC, datetime
 from typing import Annotated
 
 import typer
@@ -62,11 +63,15 @@ def progress_bar() -> Progress:
 
 
 def retrain_request(
-    model_name: str, reason: str, requested_by: str, snapshot: str
+    model_name: str,
+    reason: str,
+    requested_by: str,
+    snapshot: str,
+    drift_onset: datetime | None = None,
 ) -> monitoring_pb2.RetrainRequest:
     now = Timestamp()
     now.GetCurrentTime()
-    return monitoring_pb2.RetrainRequest(
+    request = monitoring_pb2.RetrainRequest(
         request_id=f"req-{uuid.uuid4().hex[:12]}",
         model_name=model_name,
         reason=reason,
@@ -74,6 +79,14 @@ def retrain_request(
         dataset_snapshot_id=snapshot,
         requested_at=now,
     )
+    if drift_onset is not None:  # an operator names the shift: the run trains around it
+        onset = drift_onset if drift_onset.tzinfo else drift_onset.replace(tzinfo=UTC)
+        request.drift.event_id = f"operator-{uuid.uuid4().hex[:8]}"
+        request.drift.detector = "operator"
+        request.drift.model_name = model_name
+        request.drift.onset_at.FromDatetime(onset.astimezone(UTC))
+        request.drift.detected_at.CopyFrom(now)
+    return request
 
 
 async def publish_request(
@@ -115,6 +128,15 @@ def train(
     register: Annotated[
         bool, typer.Option(help="Register the result with the registry (--local only).")
     ] = True,
+    drift_onset: Annotated[
+        datetime | None,
+        typer.Option(
+            help="When a shift began (ISO time, UTC if no zone): train and test around it, as "
+            "a drift-triggered run does (the most recent labelled traffic after it is held "
+            "out for the gate, post-onset rows weigh more in training).",
+            formats=["%Y-%m-%dT%H:%M:%S%z", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d %H:%M:%S"],
+        ),
+    ] = None,
 ) -> None:
     """Train a fraud model: ask the training service, or run it here (--local).
 
@@ -122,7 +144,9 @@ def train(
     """
     settings = TrainingSettings()
     requested_by = f"cli:{getpass.getuser()}"
-    request = retrain_request(settings.registry.model_name, reason, requested_by, snapshot)
+    request = retrain_request(
+        settings.registry.model_name, reason, requested_by, snapshot, drift_onset
+    )
     if not local:
         try:
             asyncio.run(publish_request(settings, request))

@@ -59,8 +59,9 @@ from services.features.windows import (
     UserActivity,
     WindowPolicy,
 )
+from services.shared.kafka import faust_credentials
 from services.shared.logging import get_logger
-from services.shared.proto.mlops.v1 import events_pb2
+from services.shared.sender import Source, dead_letter
 from services.shared.topics import Topics
 from services.shared.usecase.features import MERCHANT_VIEW, USER_VIEW
 
@@ -178,6 +179,8 @@ def faust_settings(settings: FeaturesSettings) -> dict[str, Any]:
     session_s = kafka.session_timeout_ms / 1000
     return {
         "broker": [f"kafka://{host.strip()}" for host in kafka.bootstrap.split(",")],
+        # TLS / SASL as every other client of the platform (services/shared/kafka.py)
+        "broker_credentials": faust_credentials(kafka),
         "store": "memory://",
         "autodiscover": False,
         "datadir": str(settings.storage.data_dir / "faust" / settings.group_id),
@@ -226,7 +229,6 @@ class FeaturePipeline:
         self.validated = self._raw_topic(self.topics.validated)
         self.merchant_facts = self._raw_topic(self.merchant_facts_topic, internal=partitions)
         self.join_input = self._raw_topic(self.transaction_refs_topic, self.topics.validated_labels)
-        self.dead_letters = self._raw_topic(self.topics.dlq)
 
         policy = WindowPolicy(
             allowed_lateness_us=int(settings.allowed_lateness_s * 1e6),
@@ -398,23 +400,25 @@ class FeaturePipeline:
             metrics.EVICTED.labels(view).inc(evicted)
 
     async def _dead_letter(self, event: EventT, stream: str, error: UndecodableEvent) -> None:
+        """Sent with the batch's other records: acknowledged only once it is durable."""
         message = event.message
-        letter = events_pb2.DeadLetter(
-            original_key=message.key or b"",
-            original_value=message.value or b"",
-            reason_code=error.reason_code,
-            reason=f"features service: {error.reason}",
-            field=error.field,
+        self.outbound.add_record(
+            dead_letter(
+                self.topics.dlq,
+                key=message.key,
+                value=message.value,
+                headers=_headers(message.headers),
+                source=Source(
+                    message.topic,
+                    message.partition,
+                    message.offset,
+                    int(message.timestamp * 1000) if message.timestamp else None,
+                ),
+                reason_code=error.reason_code,
+                reason=f"features service: {error.reason}",
+                field=error.field,
+            )
         )
-        letter.source.topic = message.topic
-        letter.source.partition = message.partition
-        letter.source.offset = message.offset
-        letter.rejected_at.GetCurrentTime()
-        if message.timestamp:
-            letter.source_timestamp.FromMilliseconds(int(message.timestamp * 1000))
-        for key, value in _headers(message.headers):
-            letter.original_headers.add(key=key, value=value)
-        await self.dead_letters.send(key=message.key, value=letter.SerializeToString())
         metrics.DEAD_LETTERS.labels(stream, error.reason_code).inc()
         metrics.EVENTS.labels(stream, "undecodable").inc()
         log.warning(
@@ -450,6 +454,10 @@ class FeaturePipeline:
                 join_transactions=expired.transactions,
                 unmatched_labels=expired.unmatched_labels,
             )
+
+    @property
+    def tables(self) -> list[FactTable]:
+        return [self.user_facts, self.merchant_fact_table, self.join_table]
 
     def drop_faust_monitor(self) -> None:
         """Stop faust's Monitor sensor: it updates in-memory stats (for faust's own web

@@ -19,9 +19,11 @@ from services.shared import broker_compat
 from services.shared.errors import Unavailable
 from services.shared.featurestore import load_definitions_module, open_store
 from services.shared.heap import freeze_periodically
-from services.shared.kafka import create_producer, ensure_topics
+from services.shared.kafka import create_producer, ensure_topics, keep_topics
 from services.shared.logging import get_logger
-from services.shared.runtime import SERVICE_READY, run_service
+from services.shared.retry import pause
+from services.shared.runtime import run_service, set_ready
+from services.shared.sender import RecordSender
 from services.shared.topics import Topics
 from services.shared.usecase.features import (
     MERCHANT_FEATURES,
@@ -83,7 +85,12 @@ async def run_pipeline(
     producer: AIOKafkaProducer,
 ) -> None:
     topics = Topics.from_settings(settings.kafka)
-    outbound = OutboundRecords(producer, settings.kafka.partitions)
+    sender = RecordSender(
+        producer,
+        dlq_topic=Topics.from_settings(settings.kafka).dlq,
+        max_record_bytes=settings.kafka.max_record_bytes,
+    )
+    outbound = OutboundRecords(sender, settings.kafka.partitions)
     sink = FeatureSink(
         online,
         writers,
@@ -104,10 +111,17 @@ async def run_pipeline(
         ],
     )
     app = pipeline.app
+    # and put them back (with the tables' changelogs) if the broker loses them (runtime.py
+    # does the same for the contract's topics)
+    changelogs = [t.changelog_topic_name for t in pipeline.tables]
+    internal = [pipeline.transaction_refs_topic, pipeline.merchant_facts_topic, *changelogs]
+    keeper = asyncio.create_task(
+        keep_topics(settings.kafka, stop, internal, compacted=changelogs), name="keep-internal"
+    )
 
     async def ready() -> None:
         pipeline.drop_faust_monitor()
-        SERVICE_READY.labels(SERVICE).set(1)
+        set_ready(SERVICE, True)
         log.info("features_ready", group=settings.group_id, partitions=settings.kafka.partitions)
 
     app.on_startup_finished = ready
@@ -116,11 +130,11 @@ async def run_pipeline(
     heap = asyncio.create_task(freeze_periodically(settings, stop), name="heap")
     try:
         await app.start()
-        while not stop.is_set() and not app.should_stop:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=1.0)
+        while not app.should_stop:
+            if await pause(stop, 1.0):
+                break
     finally:
-        SERVICE_READY.labels(SERVICE).set(0)
+        set_ready(SERVICE, False)
         try:
             # graceful stop: push and log what is queued, so its offsets get committed
             await asyncio.wait_for(sink.close(drain=not app.crashed), timeout=30)
@@ -128,6 +142,7 @@ async def run_pipeline(
             log.warning("sink_not_drained", note="unacknowledged events will be redelivered")
         await app.stop()
         await outbound.close()
+        keeper.cancel()
         heap.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await heap

@@ -2,9 +2,10 @@
 
 Every transaction makes three changelog records and two facts for other agents. Sent one
 ``send`` at a time (faust's ``send_soon``, or aiokafka's ``send``) they cost more CPU than
-everything else the service does per event; here they are appended to one aiokafka
-``BatchBuilder`` per topic partition and submitted with ``send_batch`` at the end of each
-batch of events, in the order they were added (so each partition keeps its order). Facts go
+everything else the service does per event; here they go through the shared
+``RecordSender`` (one record batch per topic partition) at the end of each batch of events,
+in the order they were added (so each partition keeps its order), with the dead letters of
+events the service could not decode (``add_record``). Facts go
 further: all the facts of a batch bound for one partition travel as one record
 (events.encode_facts), so the receiving agent handles one faust event, not one per fact.
 
@@ -31,8 +32,6 @@ import asyncio
 from collections import defaultdict
 from typing import Any
 
-from aiokafka import AIOKafkaProducer
-
 from services.features.events import (
     MAX_FACTS_PER_RECORD,
     MerchantFact,
@@ -40,9 +39,9 @@ from services.features.events import (
     encode_facts,
 )
 from services.shared.partitioning import murmur2
+from services.shared.sender import OutboundRecord, RecordSender
 
 Fact = TransactionRef | MerchantFact
-Record = tuple[bytes | None, bytes | None]  # key, value (None: a tombstone)
 
 
 def partition_for_key(key: bytes, partitions: int) -> int:
@@ -50,24 +49,24 @@ def partition_for_key(key: bytes, partitions: int) -> int:
     return (murmur2(key) & 0x7FFFFFFF) % partitions
 
 
-Pending = dict[tuple[str, int], list[Record]]
-
-
 class OutboundRecords:
-    def __init__(
-        self, producer: AIOKafkaProducer, partitions: int, max_queued_sends: int = 256
-    ) -> None:
-        self._producer = producer
+    def __init__(self, sender: RecordSender, partitions: int, max_queued_sends: int = 256) -> None:
+        self._sender = sender
         self._partitions = partitions
-        self._pending: Pending = defaultdict(list)
+        self._pending: list[OutboundRecord] = []
         self._facts: dict[tuple[str, int], list[Any]] = defaultdict(list)
         self._in_flight: list[asyncio.Future[Any]] = []
-        self._queue: asyncio.Queue[Pending] = asyncio.Queue(max_queued_sends)
-        self._sender: asyncio.Task[None] | None = None
+        self._queue: asyncio.Queue[list[OutboundRecord]] = asyncio.Queue(max_queued_sends)
+        self._task: asyncio.Task[None] | None = None
         self._failure: BaseException | None = None
 
     def add(self, topic: str, partition: int, key: bytes | None, value: bytes | None) -> None:
-        self._pending[(topic, partition)].append((key, value))
+        self._pending.append(OutboundRecord(topic, key, value, partition=partition))
+
+    def add_record(self, record: OutboundRecord) -> None:
+        """Send ``record`` with the others (a dead letter, say; partitioned by its key when
+        it names no partition)."""
+        self._pending.append(record)
 
     def add_fact(self, topic: str, key: bytes, fact: Fact) -> None:
         """Route a fact to the partition of ``key``; sent with others as one record."""
@@ -75,8 +74,7 @@ class OutboundRecords:
 
     @property
     def pending(self) -> int:
-        facts = sum(len(f) for f in self._facts.values())
-        return facts + sum(len(records) for records in self._pending.values())
+        return sum(len(f) for f in self._facts.values()) + len(self._pending)
 
     async def send(self) -> None:
         """Hand everything added so far to the sender (which keeps the order of the calls)."""
@@ -86,11 +84,11 @@ class OutboundRecords:
             for start in range(0, len(routed), MAX_FACTS_PER_RECORD):
                 chunk = routed[start : start + MAX_FACTS_PER_RECORD]
                 self.add(topic, partition, None, encode_facts(chunk))
-        pending, self._pending = self._pending, defaultdict(list)
+        pending, self._pending = self._pending, []
         if not pending:
             return
-        if self._sender is None:
-            self._sender = asyncio.get_running_loop().create_task(self._send_forever())
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._send_forever())
         await self._queue.put(pending)
 
     async def flush(self) -> None:
@@ -104,10 +102,10 @@ class OutboundRecords:
 
     async def close(self) -> None:
         """Stop the sender (what it has not sent yet is not sent)."""
-        if self._sender is not None:
-            self._sender.cancel()
-            await asyncio.gather(self._sender, return_exceptions=True)
-            self._sender = None
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
 
     def _raise_failure(self) -> None:
         if self._failure is not None:
@@ -118,30 +116,15 @@ class OutboundRecords:
             pending = await self._queue.get()
             try:
                 if self._failure is None:  # after a failure nothing more goes out
-                    await self._submit_all(pending)
+                    deliveries = await self._sender.submit(pending)
+                    self._in_flight.extend(d.future for d in deliveries)
+                    self._check_delivered()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001  # raised by the next send/flush
                 self._failure = exc
             finally:
                 self._queue.task_done()
-
-    async def _submit_all(self, pending: Pending) -> None:
-        for (topic, partition), records in pending.items():
-            batch = self._producer.create_batch()
-            for key, value in records:
-                if batch.append(key=key, value=value, timestamp=None) is None:
-                    await self._submit(batch, topic, partition)
-                    batch = self._producer.create_batch()
-                    if batch.append(key=key, value=value, timestamp=None) is None:
-                        raise ValueError(f"a record for {topic} exceeds the producer batch size")
-            await self._submit(batch, topic, partition)
-        self._check_delivered()
-
-    async def _submit(self, batch: Any, topic: str, partition: int) -> None:
-        if batch.record_count():
-            future = await self._producer.send_batch(batch, topic, partition=partition)
-            self._in_flight.append(future)
 
     def _check_delivered(self) -> None:
         """Forget delivered batches; a failed delivery raises."""

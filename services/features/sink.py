@@ -16,14 +16,17 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from typing import TYPE_CHECKING, Any, Protocol
 
 from services.features import metrics
 from services.features.offline_log import CreatedClock, FeatureLogWriter, StampedRow
 from services.features.windows import FeatureRow
-from services.shared.feast_online import EventTimeRedisOnlineStore, encode_value, entity_redis_key
+from services.shared.feast_layout import encode_value, entity_redis_key
+from services.shared.feast_online import EventTimeRedisOnlineStore
 from services.shared.featurestore import ONLINE_STORE_TYPE
 from services.shared.logging import get_logger
+from services.shared.retry import Backoff, retry
 
 if TYPE_CHECKING:
     from feast import FeatureStore
@@ -139,7 +142,7 @@ class FeatureSink:
         self._flush_interval_s = flush_interval_s
         self._flush_max_rows = flush_max_rows
         self._clock = clock or CreatedClock()
-        self._retry_after_s = retry_after_s
+        self._retry = Backoff(retry_after_s)
         self._before_ack = before_ack  # makes what the events produced durable first
         self._pusher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="feast-push")
         self._queue: asyncio.Queue[tuple[Sequence[FeatureRow], Sequence[Ack]]] = asyncio.Queue(
@@ -174,15 +177,14 @@ class FeatureSink:
                 batches.append(self._queue.get_nowait())
             rows = [row for batch_rows, _ in batches for row in batch_rows]
             stamped = [StampedRow(row, self._clock.next()) for row in rows]
-            while True:
-                try:
-                    await self._push(stamped)
-                    break
-                # whatever failed (Redis down, a Feast error), the pusher must not die: the rows
-                # stay, nothing is acknowledged, the push is retried
-                except Exception as exc:  # noqa: BLE001
-                    log.error("online_push_failed", error=str(exc), rows=len(stamped))
-                    await asyncio.sleep(self._retry_after_s)
+            # whatever fails (Redis down, a Feast error), the pusher must not die: the rows
+            # stay, nothing is acknowledged, the push is retried
+            await retry(
+                partial(self._push, stamped),
+                retryable=(Exception,),
+                backoff=self._retry,
+                on_retry=partial(_push_failed, len(stamped)),
+            )
             self._rows.extend(stamped)
             self._acks.extend(ack for _, acks in batches for ack in acks)
             if self._oldest is None:
@@ -265,3 +267,7 @@ class FeatureSink:
                 await asyncio.gather(self._task, return_exceptions=True)
                 self._task = None
             self._pusher.shutdown(wait=False)
+
+
+def _push_failed(rows: int, error: BaseException, _pause_s: float) -> None:
+    log.error("online_push_failed", error=str(error), rows=rows)

@@ -14,18 +14,21 @@ Semantics (what training, serving and the tests rely on):
   *as of its position in the stream* (facts applied at or before it), which is exactly the
   row the first delivery emitted (or should have, had the process not died before writing
   it), so the offline log stays complete after a crash.
-- Merchant fraud rate: labelled frauds / labels over 7 days, windowed by the labelled
-  *transaction's* event time (not the label's arrival): it is the fraud share among the
-  merchant's transactions of the last 7 days whose labels have arrived. A label for a
-  transaction older than the window is dropped (it can never count again). Labels usually
-  arrive long after their transaction and are never "late" in the lateness sense.
+- Labels are windowed by the labelled *transaction's* event time (not the label's arrival).
+  A label for a transaction older than the label window is dropped (it can never count
+  again). Labels usually arrive long after their transaction and are never "late" in the
+  lateness sense.
+
+What the features are, and the windows they need, is the use case's
+(services/shared/usecase/features.py: ``user_features``, ``merchant_features``); this module
+keeps the histories they are computed from.
 
 Why a history of facts rather than faust windowed tables: faust's windowed tables bucket by
 fixed (hopping/tumbling) ranges and keep one aggregate per range, so they cannot deduplicate by
 transaction_id, recompute "as of the entity's latest event time" exactly, count distinct
 merchants or a most frequent country, nor rebuild an earlier row after a crash. A bounded,
-event-time-ordered history per entity (7 days for users, 24 h of transactions and 7 days of
-labels for merchants, plus the allowed lateness) does all of that with windows evaluated by
+event-time-ordered history per entity (as long as the use case's longest window for it, plus
+the allowed lateness) does all of that with windows evaluated by
 binary search. The history is persisted one fact per key (``RecordLog``; the service backs it
 with a faust table whose changelog is compaction-safe: each key's last value is its state),
 so an update writes one small record, never the entity's whole history.
@@ -35,20 +38,29 @@ from __future__ import annotations
 
 import bisect
 import enum
-import math
-from collections import Counter
-from collections.abc import Hashable, Iterable, Iterator
+import operator
+from collections.abc import Hashable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol, cast
 
-from services.features.events import US_PER_SECOND, MerchantFact, TransactionEvent
-from services.shared.usecase.features import MERCHANT_VIEW, USER_VIEW
-
-HOUR_US = 3600 * US_PER_SECOND
-DAY_US = 24 * HOUR_US
-WEEK_US = 7 * DAY_US
+from services.features.events import MerchantFact, TransactionEvent
+from services.shared.usecase.features import (
+    HOUR_US,
+    MERCHANT_LABEL_WINDOW_US,
+    MERCHANT_TXN_WINDOW_US,
+    MERCHANT_VIEW,
+    USER_VIEW,
+    USER_WINDOW_US,
+    WEEK_US,
+    MerchantEvent,
+    UserTransaction,
+    merchant_features,
+    user_features,
+)
 
 RecordKey = tuple[str, ...]
+# history entries (UserTransaction, MerchantEvent) start with their event time
+_event_time = operator.itemgetter(0)
 
 
 class Outcome(enum.StrEnum):
@@ -85,23 +97,6 @@ class RecordLog(Protocol):
     def remove(self, key: RecordKey, partition: int) -> None: ...
 
 
-class MemoryRecordLog:
-    """A ``RecordLog`` in a dict (unit tests; rebuilding state from it checks persistence)."""
-
-    def __init__(self) -> None:
-        self.records: dict[RecordKey, tuple[list[Any], int]] = {}
-
-    def put(self, key: RecordKey, value: list[Any], partition: int) -> None:
-        self.records[key] = (value, partition)
-
-    def remove(self, key: RecordKey, partition: int) -> None:
-        self.records.pop(key, None)
-
-    def items(self) -> Iterator[tuple[Hashable, list[Any]]]:
-        for key, (value, _) in self.records.items():
-            yield key, value
-
-
 @dataclass(frozen=True)
 class WindowPolicy:
     allowed_lateness_us: int = HOUR_US
@@ -116,26 +111,17 @@ class WindowPolicy:
 
     @property
     def user_retention_us(self) -> int:
-        # 7 days for the windows; the lateness on top keeps what a redelivered event's
-        # as-of row may still need after the clock moved on
-        return WEEK_US + self.allowed_lateness_us
+        # the longest window; the lateness on top keeps what a redelivered event's as-of row
+        # may still need after the clock moved on
+        return USER_WINDOW_US + self.allowed_lateness_us
 
     @property
     def merchant_txn_retention_us(self) -> int:
-        return DAY_US + self.allowed_lateness_us
+        return MERCHANT_TXN_WINDOW_US + self.allowed_lateness_us
 
     @property
     def merchant_label_retention_us(self) -> int:
-        return WEEK_US + self.allowed_lateness_us
-
-
-def _t(fact: tuple[Any, ...]) -> int:
-    return int(fact[0])
-
-
-def _count_in(window: list[Any], low: int, high: int) -> int:
-    """Facts (sorted by time) with ``low < time <= high``."""
-    return bisect.bisect_right(window, high, key=_t) - bisect.bisect_right(window, low, key=_t)
+        return MERCHANT_LABEL_WINDOW_US + self.allowed_lateness_us
 
 
 # --------------------------------------------------------------------------------------- users
@@ -144,37 +130,13 @@ def _count_in(window: list[Any], low: int, high: int) -> int:
 @dataclass(slots=True)
 class _UserHistory:
     partition: int
-    # (event_time_us, seq, transaction_id, amount, merchant_id, country), sorted
-    facts: list[tuple[int, int, str, float, str, str]] = field(default_factory=list)
+    facts: list[UserTransaction] = field(default_factory=list)  # sorted
     ids: set[str] = field(default_factory=set)
     max_seq: int = -1
 
     @property
     def clock(self) -> int:
-        return self.facts[-1][0]
-
-
-def user_features(facts: list[tuple[int, int, str, float, str, str]]) -> dict[str, Any]:
-    """The user features of a non-empty, time-sorted list of facts, as of the latest."""
-    clock = facts[-1][0]
-    day = facts[bisect.bisect_right(facts, clock - DAY_US, key=_t) :]
-    week = facts[bisect.bisect_right(facts, clock - WEEK_US, key=_t) :]
-    countries: Counter[str] = Counter()
-    last_seen: dict[str, int] = {}
-    for fact in week:
-        countries[fact[5]] += 1
-        last_seen[fact[5]] = fact[0]
-    # most frequent; ties go to the most recently seen, then the larger code (deterministic)
-    home = max(countries, key=lambda c: (countries[c], last_seen[c], c))
-    return {
-        "user_txn_count_1h": _count_in(facts, clock - HOUR_US, clock),
-        "user_txn_count_24h": len(day),
-        "user_amount_sum_24h": math.fsum(f[3] for f in day),
-        "user_amount_mean_7d": math.fsum(f[3] for f in week) / len(week),
-        "user_distinct_merchants_24h": len({f[4] for f in day}),
-        "user_last_txn_epoch": clock / US_PER_SECOND,
-        "user_home_country": home,
-    }
+        return self.facts[-1].event_time_us
 
 
 class UserActivity:
@@ -204,13 +166,8 @@ class UserActivity:
         if history is None:
             history = self._users[txn.user_id] = _UserHistory(partition)
         history.partition = partition
-        fact = (
-            txn.event_time_us,
-            seq,
-            txn.transaction_id,
-            txn.amount,
-            txn.merchant_id,
-            txn.country,
+        fact = UserTransaction(
+            txn.event_time_us, seq, txn.transaction_id, txn.amount, txn.merchant_id, txn.country
         )
         self._insert(txn.user_id, history, fact)
         self._log.put(
@@ -229,10 +186,10 @@ class UserActivity:
             return None
         return self._row(user_id, history, None, history.clock, history.clock)
 
-    def _insert(self, user_id: str, history: _UserHistory, fact: tuple[Any, ...]) -> None:
+    def _insert(self, user_id: str, history: _UserHistory, fact: UserTransaction) -> None:
         bisect.insort(history.facts, fact)
-        history.ids.add(fact[2])
-        history.max_seq = max(history.max_seq, fact[1])
+        history.ids.add(fact.transaction_id)
+        history.max_seq = max(history.max_seq, fact.seq)
         self.fact_count += 1
         clock = history.clock
         if clock > self._partition_clock.get(history.partition, -1):
@@ -240,7 +197,7 @@ class UserActivity:
 
     def _prune(self, user_id: str, history: _UserHistory) -> int:
         cutoff = bisect.bisect_right(
-            history.facts, history.clock - self._policy.user_retention_us, key=_t
+            history.facts, history.clock - self._policy.user_retention_us, key=_event_time
         )
         over = len(history.facts) - cutoff - self._policy.max_user_facts
         evicted = max(over, 0)
@@ -251,8 +208,8 @@ class UserActivity:
         if n <= 0:
             return
         for fact in history.facts[:n]:
-            history.ids.discard(fact[2])
-            self._log.remove((user_id, fact[2]), history.partition)
+            history.ids.discard(fact.transaction_id)
+            self._log.remove((user_id, fact.transaction_id), history.partition)
         del history.facts[:n]
         self.fact_count -= n
 
@@ -266,13 +223,13 @@ class UserActivity:
     ) -> FeatureRow | None:
         facts = history.facts
         if as_of_seq is not None and as_of_seq < history.max_seq:
-            facts = [f for f in facts if f[1] <= as_of_seq]
+            facts = [fact for fact in facts if fact.seq <= as_of_seq]
         if not facts:
             return None
         return FeatureRow(
             USER_VIEW,
             user_id,
-            facts[-1][0],
+            facts[-1].event_time_us,
             user_features(facts),
             trigger_event_us,
             trigger_ingested_us,
@@ -303,18 +260,24 @@ class UserActivity:
         self._partition_clock.clear()
         self.fact_count = 0
         for key, value in records:
-            if value is None or int(value[5]) not in partitions:
+            if value is None:
+                continue
+            event_time_us, seq, amount, merchant_id, country, partition = value
+            if int(partition) not in partitions:
                 continue
             user_id, txn_id = cast(tuple[str, str], key)
-            t, seq, amount, merchant_id, country, partition = value
             history = self._users.get(user_id)
             if history is None:
                 history = self._users[user_id] = _UserHistory(int(partition))
-            history.facts.append((int(t), int(seq), txn_id, float(amount), merchant_id, country))
+            history.facts.append(
+                UserTransaction(
+                    int(event_time_us), int(seq), txn_id, float(amount), merchant_id, country
+                )
+            )
         for history in self._users.values():
             history.facts.sort()
-            history.ids = {f[2] for f in history.facts}
-            history.max_seq = max(f[1] for f in history.facts)
+            history.ids = {fact.transaction_id for fact in history.facts}
+            history.max_seq = max(fact.seq for fact in history.facts)
             self.fact_count += len(history.facts)
             clock = history.clock
             if clock > self._partition_clock.get(history.partition, -1):
@@ -330,11 +293,12 @@ _LABEL = "label"
 @dataclass(slots=True)
 class _MerchantHistory:
     partition: int
-    txns: dict[str, tuple[int, int]] = field(default_factory=dict)  # id -> (t, seq)
-    txn_order: list[tuple[int, int, str]] = field(default_factory=list)  # (t, seq, id)
-    labels: dict[str, tuple[int, bool, int]] = field(default_factory=dict)  # id -> (t, fraud, seq)
-    label_order: list[tuple[int, int, str]] = field(default_factory=list)
-    fraud_order: list[tuple[int, int, str]] = field(default_factory=list)
+    txns: dict[str, tuple[int, int]] = field(default_factory=dict)  # id -> (event time, seq)
+    txn_order: list[MerchantEvent] = field(default_factory=list)
+    # id -> (event time, positive, seq); positive: the label says is_fraud
+    labels: dict[str, tuple[int, bool, int]] = field(default_factory=dict)
+    label_order: list[MerchantEvent] = field(default_factory=list)
+    positive_order: list[MerchantEvent] = field(default_factory=list)  # the positive labels
     max_seq: int = -1
 
     @property
@@ -343,25 +307,9 @@ class _MerchantHistory:
 
     @property
     def clock(self) -> int:
-        txn = self.txn_order[-1][0] if self.txn_order else -1
-        label = self.label_order[-1][0] if self.label_order else -1
+        txn = self.txn_order[-1].event_time_us if self.txn_order else -1
+        label = self.label_order[-1].event_time_us if self.label_order else -1
         return max(txn, label)
-
-
-def merchant_features(
-    txns: list[tuple[int, int, str]],
-    labels: list[tuple[int, int, str]],
-    frauds: list[tuple[int, int, str]],
-) -> tuple[int, dict[str, Any]]:
-    """(clock, features) of time-sorted merchant facts (at least one list non-empty)."""
-    clock = max(txns[-1][0] if txns else -1, labels[-1][0] if labels else -1)
-    labelled = _count_in(labels, clock - WEEK_US, clock)
-    fraud = _count_in(frauds, clock - WEEK_US, clock)
-    return clock, {
-        "merchant_txn_count_24h": _count_in(txns, clock - DAY_US, clock),
-        "merchant_fraud_rate_7d": fraud / labelled if labelled else 0.0,
-        "merchant_labels_7d": labelled,
-    }
 
 
 class MerchantActivity:
@@ -388,7 +336,9 @@ class MerchantActivity:
                 fact.event_time_us < history.clock - self._policy.allowed_lateness_us
             ):
                 return Update(Outcome.LATE, None)
-            if fact.kind == _LABEL and fact.event_time_us <= history.clock - WEEK_US:
+            if fact.kind == _LABEL and (
+                fact.event_time_us <= history.clock - MERCHANT_LABEL_WINDOW_US
+            ):
                 return Update(Outcome.OUTSIDE_WINDOW, None)
         if history is None:
             history = self._merchants[fact.merchant_id] = _MerchantHistory(partition)
@@ -419,7 +369,7 @@ class MerchantActivity:
         if history is None or history.empty:
             return None
         clock, features = merchant_features(
-            history.txn_order, history.label_order, history.fraud_order
+            history.txn_order, history.label_order, history.positive_order
         )
         return FeatureRow(MERCHANT_VIEW, merchant_id, clock, features, clock, clock)
 
@@ -428,33 +378,40 @@ class MerchantActivity:
         if fact.kind == _TXN:
             return fact.transaction_id in history.txns
         label = history.labels.get(fact.transaction_id)
-        return label is not None and label[1] == fact.is_fraud
+        if label is None:
+            return False
+        _, positive, _ = label
+        return positive == fact.is_fraud
 
     def _insert_txn(self, history: _MerchantHistory, txn_id: str, t: int, seq: int) -> None:
         history.txns[txn_id] = (t, seq)
-        bisect.insort(history.txn_order, (t, seq, txn_id))
+        bisect.insort(history.txn_order, MerchantEvent(t, seq, txn_id))
         self.fact_count += 1
 
     def _insert_label(
-        self, history: _MerchantHistory, txn_id: str, t: int, is_fraud: bool, seq: int
+        self, history: _MerchantHistory, txn_id: str, t: int, positive: bool, seq: int
     ) -> None:
         previous = history.labels.get(txn_id)
         if previous is not None:  # a corrected label replaces the earlier one
             self._remove_label(history, txn_id, previous)
-        history.labels[txn_id] = (t, is_fraud, seq)
-        bisect.insort(history.label_order, (t, seq, txn_id))
-        if is_fraud:
-            bisect.insort(history.fraud_order, (t, seq, txn_id))
+        history.labels[txn_id] = (t, positive, seq)
+        event = MerchantEvent(t, seq, txn_id)
+        bisect.insort(history.label_order, event)
+        if positive:
+            bisect.insort(history.positive_order, event)
         self.fact_count += 1
 
     def _remove_label(
         self, history: _MerchantHistory, txn_id: str, label: tuple[int, bool, int]
     ) -> None:
-        t, is_fraud, seq = label
-        orders = [history.label_order, history.fraud_order] if is_fraud else [history.label_order]
+        t, positive, seq = label
+        event = MerchantEvent(t, seq, txn_id)
+        orders = (
+            [history.label_order, history.positive_order] if positive else [history.label_order]
+        )
         for order in orders:
-            index = bisect.bisect_left(order, (t, seq, txn_id))
-            if index < len(order) and order[index] == (t, seq, txn_id):
+            index = bisect.bisect_left(order, event)
+            if index < len(order) and order[index] == event:
                 del order[index]
         del history.labels[txn_id]
         self.fact_count -= 1
@@ -463,7 +420,7 @@ class MerchantActivity:
         clock = history.clock
         cap = self._policy.max_merchant_facts
         txn_cut = bisect.bisect_right(
-            history.txn_order, clock - self._policy.merchant_txn_retention_us, key=_t
+            history.txn_order, clock - self._policy.merchant_txn_retention_us, key=_event_time
         )
         txn_over = max(len(history.txn_order) - txn_cut - cap, 0)
         for _, _, txn_id in history.txn_order[: txn_cut + txn_over]:
@@ -473,7 +430,7 @@ class MerchantActivity:
         self.fact_count -= txn_cut + txn_over
 
         label_cut = bisect.bisect_right(
-            history.label_order, clock - self._policy.merchant_label_retention_us, key=_t
+            history.label_order, clock - self._policy.merchant_label_retention_us, key=_event_time
         )
         label_over = max(len(history.label_order) - label_cut - cap, 0)
         for _, _, txn_id in list(history.label_order[: label_cut + label_over]):
@@ -484,14 +441,14 @@ class MerchantActivity:
     def _row(
         self, fact: MerchantFact, history: _MerchantHistory, as_of_seq: int | None
     ) -> FeatureRow | None:
-        txns, labels, frauds = history.txn_order, history.label_order, history.fraud_order
+        txns, labels, positives = history.txn_order, history.label_order, history.positive_order
         if as_of_seq is not None and as_of_seq < history.max_seq:
-            txns = [f for f in txns if f[1] <= as_of_seq]
-            labels = [f for f in labels if f[1] <= as_of_seq]
-            frauds = [f for f in frauds if f[1] <= as_of_seq]
+            txns = [event for event in txns if event.seq <= as_of_seq]
+            labels = [event for event in labels if event.seq <= as_of_seq]
+            positives = [event for event in positives if event.seq <= as_of_seq]
         if not txns and not labels:
             return None
-        clock, features = merchant_features(txns, labels, frauds)
+        clock, features = merchant_features(txns, labels, positives)
         return FeatureRow(
             MERCHANT_VIEW,
             fact.merchant_id,
@@ -526,7 +483,7 @@ class MerchantActivity:
         self._partition_clock.clear()
         self.fact_count = 0
         for key, value in records:
-            if value is None or int(value[-1]) not in partitions:
+            if value is None or int(value[-1]) not in partitions:  # the partition is last
                 continue
             merchant_id, kind, txn_id = cast(tuple[str, str, str], key)
             partition = int(value[-1])
@@ -534,20 +491,20 @@ class MerchantActivity:
             if history is None:
                 history = self._merchants[merchant_id] = _MerchantHistory(partition)
             if kind == _TXN:
-                t, seq = int(value[0]), int(value[1])
+                t, seq, _ = (int(v) for v in value)
                 history.txns[txn_id] = (t, seq)
-                history.txn_order.append((t, seq, txn_id))
+                history.txn_order.append(MerchantEvent(t, seq, txn_id))
             else:
-                t, is_fraud, seq = int(value[0]), bool(value[1]), int(value[2])
-                history.labels[txn_id] = (t, is_fraud, seq)
-                history.label_order.append((t, seq, txn_id))
-                if is_fraud:
-                    history.fraud_order.append((t, seq, txn_id))
+                t, positive, seq, _ = (int(v) for v in value)
+                history.labels[txn_id] = (t, bool(positive), seq)
+                history.label_order.append(MerchantEvent(t, seq, txn_id))
+                if positive:
+                    history.positive_order.append(MerchantEvent(t, seq, txn_id))
             history.max_seq = max(history.max_seq, seq)
         for history in self._merchants.values():
             history.txn_order.sort()
             history.label_order.sort()
-            history.fraud_order.sort()
+            history.positive_order.sort()
             self.fact_count += len(history.txn_order) + len(history.label_order)
             clock = history.clock
             if clock > self._partition_clock.get(history.partition, -1):

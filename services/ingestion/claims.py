@@ -32,16 +32,25 @@ from collections.abc import Callable, Sequence
 
 from redis.asyncio import Redis
 
+from services.shared.errors import FailedPrecondition
 from services.shared.settings import RedisSettings
 
 
 def connect(settings: RedisSettings, *, timeout_s: float = 5.0) -> Redis:
+    if settings.cluster:
+        # the claim script reads and writes keys it computes itself (see below): one node only
+        raise FailedPrecondition(
+            "ingestion's duplicate detection needs a single Redis node, not a cluster: point "
+            "the ingestion service at one (MLOPS_REDIS_HOST, MLOPS_REDIS_CLUSTER=false in its "
+            "environment; the prod overlay gives it the Redis `redis`)"
+        )
     return Redis(
         host=settings.host,
         port=settings.port,
         socket_timeout=timeout_s,
         socket_connect_timeout=timeout_s,
         health_check_interval=30,
+        **settings.client_options(),
     )
 
 

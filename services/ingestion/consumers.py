@@ -21,172 +21,77 @@ import contextlib
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from functools import partial
+from typing import TypeVar
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener
 from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 from aiokafka.structs import ConsumerRecord, TopicPartition
 from redis.exceptions import RedisError
 
 from services.ingestion import metrics
 from services.ingestion.archive import ArchiveFile, Archiver, OfflineArchive, ValidatedRecord
-from services.ingestion.routing import BatchOutcome, EventKind, Ingestor, Output
+from services.ingestion.routing import BatchOutcome, EventKind, Ingestor
 from services.shared.logging import get_logger
-from services.shared.partitioning import partition_for
-from services.shared.runtime import SERVICE_READY
+from services.shared.retry import Backoff, Stopping, retry
+from services.shared.runtime import set_ready
+from services.shared.sender import OutboundRecord, RecordSender
 
 log = get_logger("ingestion")
 T = TypeVar("T")
 RETRYABLE = (KafkaError, RedisError, OSError, asyncio.TimeoutError)
 
 
-class Stopping(Exception):
-    """The service was asked to stop while an operation was still being retried."""
-
-
-class Backoff:
-    """Retries an operation until it succeeds or ``stop`` is set (then raises ``Stopping``)."""
+class Retry:
+    """Ingestion's steps tried again until they succeed or ``stop`` is set (then
+    ``Stopping``): back-off from the settings, every retry counted and logged."""
 
     def __init__(self, stop: asyncio.Event, *, initial_s: float, max_s: float) -> None:
         self.stop = stop
-        self.initial_s = initial_s
-        self.max_s = max_s
-
-    async def wait(self, delay: float) -> None:
-        try:
-            await asyncio.wait_for(self.stop.wait(), timeout=delay)
-        except TimeoutError:
-            return
-        raise Stopping
+        self.backoff = Backoff(initial_s, max_s)
 
     async def run(self, operation: Callable[[], Awaitable[T]], what: str) -> T:
-        delay = self.initial_s
-        while True:
-            try:
-                return await operation()
-            except RETRYABLE as exc:
-                metrics.RETRIES.labels(what).inc()
-                log.warning(
-                    "retrying",
-                    operation=what,
-                    error=f"{type(exc).__name__}: {exc}",
-                    backoff_s=delay,
-                )
-                await self.wait(delay)
-                delay = min(delay * 2, self.max_s)
+        def note(exc: BaseException, delay: float) -> None:
+            metrics.RETRIES.labels(what).inc()
+            log.warning(
+                "retrying", operation=what, error=f"{type(exc).__name__}: {exc}", backoff_s=delay
+            )
+
+        return await retry(
+            operation, retryable=RETRYABLE, backoff=self.backoff, stop=self.stop, on_retry=note
+        )
 
 
-class BatchProducer:
+class OutputProducer:
     """Produces a batch of outputs and waits until every record is acknowledged.
 
-    Records are grouped per topic partition into aiokafka batches (``create_batch`` /
-    ``send_batch``): several times cheaper per record than one ``send`` each. The partition
-    of a key is the one ``send`` would choose (murmur2, as the Java client; computed by
-    ``partitioning.partition_for``, faster than aiokafka's), so consumers
-    keyed by user_id or transaction_id see the same partitioning. A batch whose delivery
-    fails is sent again whole after a back-off (at-least-once; consumers are idempotent).
+    Through the shared ``RecordSender`` (per-partition record batches, keys partitioned as
+    the Java client does, a record over the broker's limit dead-lettered). A batch whose
+    delivery fails is sent again after a back-off (at-least-once; consumers are idempotent).
     """
 
-    def __init__(self, producer: AIOKafkaProducer, backoff: Backoff) -> None:
-        self.producer = producer
-        self.backoff = backoff
-        self._partitions: dict[str, list[int]] = {}
-        self._partition_of: dict[tuple[str, bytes], int] = {}
-        self._partitions_expire = 0.0
+    def __init__(self, sender: RecordSender, retries: Retry) -> None:
+        self.sender = sender
+        self.retries = retries
 
-    def _forget_partitions(self) -> None:
-        self._partitions.clear()
-        self._partition_of.clear()
-        self._partitions_expire = time.monotonic() + 60.0
-
-    async def _group(self, outputs: list[Output]) -> dict[tuple[str, int], list[Output]]:
-        """``outputs`` per (topic, partition), in order (one loop, no await per record: this
-        runs for every event)."""
-        if time.monotonic() > self._partitions_expire:
-            self._forget_partitions()  # topics can gain partitions: look again now and then
-        partitions_of, partition_of = self._partitions, self._partition_of
-        groups: dict[tuple[str, int], list[Output]] = {}
-        for output in outputs:
-            topic, key = output.topic, output.key
-            partitions = partitions_of.get(topic)
-            if partitions is None:
-                partitions = partitions_of[topic] = sorted(
-                    await self.producer.partitions_for(topic)
-                )
-            if key is None:
-                partition = partition_for(None, partitions)
-            else:
-                cached = partition_of.get((topic, key))
-                if cached is None:
-                    if len(partition_of) > 500_000:
-                        partition_of.clear()
-                    cached = partition_of[(topic, key)] = partition_for(key, partitions)
-                partition = cached
-            group = groups.get((topic, partition))
-            if group is None:
-                groups[(topic, partition)] = [output]
-            else:
-                group.append(output)
-        return groups
-
-    async def produce(self, outputs: Sequence[Output]) -> None:
+    async def produce(self, outputs: Sequence[OutboundRecord]) -> None:
         pending = list(outputs)
-        delay = self.backoff.initial_s
+        delays = self.retries.backoff.delays()
         while pending:
-            failed: list[Output] = []
-            error: BaseException | None = None
-            try:
-                sent = await self._send(pending)
-            except KafkaError as exc:  # metadata or buffer trouble before anything was sent
-                sent, failed, error = [], pending, exc
-            results = await asyncio.gather(*(f for _, f in sent), return_exceptions=True)
-            for (batch, _), result in zip(sent, results, strict=True):
-                if isinstance(result, BaseException):
-                    failed.extend(batch)
-                    error = result
-                else:
-                    metrics.EVENTS_OUT.labels(batch[0].topic).inc(len(batch))
-            if failed:
-                self._forget_partitions()  # partitions may have moved or changed
+            report = await self.sender.deliver(pending)
+            for delivery in report.delivered:
+                metrics.EVENTS_OUT.labels(delivery.topic).inc(len(delivery.records))
+            if report.failed:
                 metrics.RETRIES.labels("produce").inc()
+                delay = next(delays)
                 log.warning(
                     "produce_failed",
-                    records=len(failed),
-                    error=f"{type(error).__name__}: {error}",
+                    records=len(report.failed),
+                    error=f"{type(report.error).__name__}: {report.error}",
                     backoff_s=delay,
                 )
-                await self.backoff.wait(delay)
-                delay = min(delay * 2, self.backoff.max_s)
-            pending = failed
-
-    async def _send(self, outputs: list[Output]) -> list[tuple[list[Output], asyncio.Future[Any]]]:
-        groups = await self._group(outputs)
-        sent: list[tuple[list[Output], asyncio.Future[Any]]] = []
-        for (topic, partition), group in groups.items():
-            batch = self.producer.create_batch()
-            members: list[Output] = []
-            for output in group:
-                appended = batch.append(
-                    key=output.key, value=output.value, timestamp=None, headers=output.headers
-                )
-                if appended is None:  # full: send it, start the next one
-                    batch.close()
-                    sent.append(
-                        (members, await self.producer.send_batch(batch, topic, partition=partition))
-                    )
-                    batch, members = self.producer.create_batch(), []
-                    appended = batch.append(
-                        key=output.key, value=output.value, timestamp=None, headers=output.headers
-                    )
-                    if appended is None:
-                        raise KafkaError(f"a record of {len(output.value)} bytes fits no batch")
-                members.append(output)
-            if members:
-                batch.close()
-                sent.append(
-                    (members, await self.producer.send_batch(batch, topic, partition=partition))
-                )
-        return sent
+                await self.retries.backoff.wait(self.retries.stop, delay)
+            pending = report.failed
 
 
 async def commit(
@@ -234,9 +139,9 @@ class ValidationLoop:
     def __init__(
         self,
         consumer: AIOKafkaConsumer,
-        producer: AIOKafkaProducer,
+        sender: RecordSender,
         ingestor: Ingestor,
-        backoff: Backoff,
+        retries: Retry,
         *,
         group: str,
         batch_max_records: int,
@@ -244,9 +149,9 @@ class ValidationLoop:
         lag_interval_s: float,
     ) -> None:
         self.consumer = consumer
-        self.outputs = BatchProducer(producer, backoff)
+        self.outputs = OutputProducer(sender, retries)
         self.ingestor = ingestor
-        self.backoff = backoff
+        self.retries = retries
         self.group = group
         self.batch_max_records = batch_max_records
         self.poll_timeout_ms = poll_timeout_ms
@@ -261,7 +166,7 @@ class ValidationLoop:
         finishing: asyncio.Task[None] | None = None
         try:
             while not stop.is_set():
-                batch = await self.backoff.run(
+                batch = await self.retries.run(
                     lambda: self.consumer.getmany(
                         timeout_ms=self.poll_timeout_ms, max_records=self.batch_max_records
                     ),
@@ -269,7 +174,7 @@ class ValidationLoop:
                 )
                 if not ready and self.consumer.assignment():
                     ready = True
-                    SERVICE_READY.labels("ingestion").set(1)
+                    set_ready("ingestion", True)
                     log.info(
                         "validator_consuming",
                         group=self.group,
@@ -282,7 +187,7 @@ class ValidationLoop:
                     records = [r for rs in batch.values() for r in rs]
                     for tp, rs in batch.items():
                         metrics.EVENTS_IN.labels(tp.topic).inc(len(rs))
-                    outcome = await self.backoff.run(
+                    outcome = await self.retries.run(
                         lambda r=records: self.ingestor.process(r),  # type: ignore[misc]
                         "dedup",
                     )
@@ -306,7 +211,7 @@ class ValidationLoop:
         self, outcome: BatchOutcome, offsets: dict[TopicPartition, int], polled: float
     ) -> None:
         await self.outputs.produce(outcome.outputs)
-        await self.backoff.run(lambda: commit(self.consumer, offsets, self.group), "commit")
+        await self.retries.run(lambda: commit(self.consumer, offsets, self.group), "commit")
         self._account(outcome, polled)
 
     def _account(self, outcome: BatchOutcome, polled: float) -> None:
@@ -357,7 +262,7 @@ class ArchiveLoop(ConsumerRebalanceListener):
         consumer: AIOKafkaConsumer,
         archiver: Archiver,
         archive: OfflineArchive,
-        backoff: Backoff,
+        retries: Retry,
         *,
         group: str,
         poll_timeout_ms: int,
@@ -367,7 +272,7 @@ class ArchiveLoop(ConsumerRebalanceListener):
         self.archiver = archiver
         self.batcher = archiver.batcher
         self.archive = archive
-        self.backoff = backoff
+        self.retries = retries
         self.group = group
         self.poll_timeout_ms = poll_timeout_ms
         self.lag = ConsumerLag(consumer, group, lag_interval_s)
@@ -407,8 +312,23 @@ class ArchiveLoop(ConsumerRebalanceListener):
                     continue
                 resume = await asyncio.to_thread(self.archive.resume_offsets, dataset)
                 removed = await asyncio.to_thread(self.archive.remove_temporaries, dataset, mine)
-                for partition in sorted(mine):
-                    tp = TopicPartition(topic, partition)
+                tps = [TopicPartition(topic, p) for p in sorted(mine)]
+                ends = await self.retries.run(
+                    partial(self.consumer.end_offsets, tps), "archive_end_offsets"
+                )
+                for tp in tps:
+                    partition = tp.partition
+                    if partition in resume and resume[partition] > ends.get(tp, 0):
+                        # the partition ends below what is archived: the topic was re-created
+                        # (a restart of the in-memory local broker, a topic deleted by hand);
+                        # what it holds is new, from the group's committed offset on
+                        log.warning(
+                            "archive_partition_restarted",
+                            topic=topic,
+                            partition=partition,
+                            archived_through=resume.pop(partition) - 1,
+                            end_offset=ends.get(tp, 0),
+                        )
                     if partition in resume:
                         self.consumer.seek(tp, resume[partition])
                         self._next_offset[tp] = resume[partition]
@@ -419,13 +339,13 @@ class ArchiveLoop(ConsumerRebalanceListener):
                         resume_offset=resume.get(partition, "committed"),
                         temporaries_removed=removed,
                     )
-        SERVICE_READY.labels("ingestion").set(1)
+        set_ready("ingestion", True)
 
     # -- loop ------------------------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
-            batch = await self.backoff.run(
+            batch = await self.retries.run(
                 lambda: self.consumer.getmany(timeout_ms=self.poll_timeout_ms, max_records=5000),
                 "archive_poll",
             )
@@ -448,6 +368,12 @@ class ArchiveLoop(ConsumerRebalanceListener):
             # A batch fetched before a rebalance can arrive after the seek of the new
             # assignment, and its records then come again: take each offset once, in order.
             expected = self._next_offset.get(tp)
+            high = self.consumer.highwater(tp)
+            if expected is not None and high is not None and high < expected:
+                # offsets start over below where this partition was: the topic was re-created
+                # (see on_partitions_assigned); its records are new, not a stale batch
+                log.warning("archive_partition_restarted", topic=tp.topic, partition=tp.partition)
+                expected = None
             for r in consumed:
                 if expected is not None and r.offset < expected:
                     continue
@@ -455,7 +381,7 @@ class ArchiveLoop(ConsumerRebalanceListener):
                 expected = r.offset + 1
             if expected is not None:
                 self._next_offset[tp] = expected
-        step = await self.backoff.run(
+        step = await self.retries.run(
             lambda: self.archiver.add(records, now=time.monotonic()), "archive_dedup"
         )
         for record in step.unreadable:
@@ -475,7 +401,7 @@ class ArchiveLoop(ConsumerRebalanceListener):
 
     async def _write(self, files: list[ArchiveFile]) -> None:
         for archive_file in files:
-            path = await self.backoff.run(
+            path = await self.retries.run(
                 lambda f=archive_file: asyncio.to_thread(self.archive.write, f),  # type: ignore[misc]
                 "archive_write",
             )
@@ -508,7 +434,7 @@ class ArchiveLoop(ConsumerRebalanceListener):
                 offsets[tp] = offset
         if not offsets:
             return
-        accepted = await self.backoff.run(
+        accepted = await self.retries.run(
             lambda: commit(self.consumer, offsets, self.group), "archive_commit"
         )
         if accepted:

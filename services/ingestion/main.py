@@ -13,32 +13,34 @@ from typing import Any
 
 from services.ingestion.archive import ArchiveBatcher, Archiver, OfflineArchive
 from services.ingestion.claims import RedisClaims, connect
-from services.ingestion.consumers import ArchiveLoop, Backoff, Stopping, ValidationLoop
+from services.ingestion.consumers import ArchiveLoop, Retry, ValidationLoop
 from services.ingestion.routing import EventRouter, Ingestor
 from services.ingestion.settings import IngestionSettings
 from services.shared.errors import Unavailable
 from services.shared.heap import freeze_periodically
 from services.shared.kafka import create_consumer, create_producer, ensure_topics
 from services.shared.logging import get_logger
-from services.shared.runtime import SERVICE_READY, run_service
+from services.shared.retry import Stopping, ticks
+from services.shared.runtime import run_service, set_ready
+from services.shared.sender import RecordSender
 from services.shared.topics import Topics
 
 SERVICE = "ingestion"
 log = get_logger(SERVICE)
 
 
-async def _ensure_topics_until_up(settings: IngestionSettings, backoff: Backoff) -> None:
+async def _ensure_topics_until_up(settings: IngestionSettings, retries: Retry) -> None:
     async def attempt() -> None:
         try:
             await ensure_topics(settings.kafka, timeout_s=0)
         except Unavailable as exc:
             raise OSError(str(exc)) from exc  # retryable for the back-off
 
-    await backoff.run(attempt, "ensure_topics")
+    await retries.run(attempt, "ensure_topics")
 
 
 def _validator(
-    settings: IngestionSettings, topics: Topics, claims: RedisClaims, backoff: Backoff
+    settings: IngestionSettings, topics: Topics, claims: RedisClaims, retries: Retry
 ) -> tuple[ValidationLoop, list[Any]]:
     producer = create_producer(settings.kafka, client_id=f"{SERVICE}-validator")
     consumer = create_consumer(
@@ -51,9 +53,11 @@ def _validator(
     )
     loop = ValidationLoop(
         consumer,
-        producer,
+        RecordSender(
+            producer, dlq_topic=topics.dlq, max_record_bytes=settings.kafka.max_record_bytes
+        ),
         Ingestor(EventRouter(topics), claims, namespace=settings.dedup_namespace),
-        backoff,
+        retries,
         group=settings.group_id,
         batch_max_records=settings.batch_max_records,
         poll_timeout_ms=settings.poll_timeout_ms,
@@ -63,7 +67,7 @@ def _validator(
 
 
 def _archive(
-    settings: IngestionSettings, topics: Topics, claims: RedisClaims, backoff: Backoff
+    settings: IngestionSettings, topics: Topics, claims: RedisClaims, retries: Retry
 ) -> tuple[ArchiveLoop, list[Any]]:
     consumer = create_consumer(
         settings.kafka,
@@ -82,7 +86,7 @@ def _archive(
             namespace=settings.dedup_namespace,
         ),
         OfflineArchive(settings.storage.offline_dir),
-        backoff,
+        retries,
         group=settings.archive_group_id,
         poll_timeout_ms=settings.poll_timeout_ms,
         lag_interval_s=settings.lag_interval_s,
@@ -93,26 +97,26 @@ def _archive(
 
 async def serve(settings: IngestionSettings, stop: asyncio.Event) -> None:
     topics = Topics.from_settings(settings.kafka)
-    backoff = Backoff(stop, initial_s=settings.retry_initial_s, max_s=settings.retry_max_s)
+    retries = Retry(stop, initial_s=settings.retry_initial_s, max_s=settings.retry_max_s)
     redis = connect(settings.redis)
     claims = RedisClaims(redis, ttl_s=settings.dedup_ttl_s, namespace=settings.dedup_namespace)
     validator: ValidationLoop | None = None
     archiver: ArchiveLoop | None = None
     clients: list[Any] = []
     if settings.role in ("all", "validator"):
-        validator, more = _validator(settings, topics, claims, backoff)
+        validator, more = _validator(settings, topics, claims, retries)
         clients += more
     if settings.role in ("all", "archive"):
-        archiver, more = _archive(settings, topics, claims, backoff)
+        archiver, more = _archive(settings, topics, claims, retries)
         clients += more
     loops: list[ValidationLoop | ArchiveLoop] = [x for x in (validator, archiver) if x]
 
     started: list[Any] = []
     try:
-        await _ensure_topics_until_up(settings, backoff)
-        await backoff.run(redis.ping, "redis_ping")
+        await _ensure_topics_until_up(settings, retries)
+        await retries.run(redis.ping, "redis_ping")
         for client in clients:
-            await backoff.run(client.start, "kafka_start")
+            await retries.run(client.start, "kafka_start")
             started.append(client)
         log.info(
             "ingestion_started",
@@ -122,7 +126,7 @@ async def serve(settings: IngestionSettings, stop: asyncio.Event) -> None:
             validated=f"{topics.validated},{topics.validated_labels}",
             dlq=topics.dlq,
             archive=str(settings.storage.offline_dir) if archiver else "off",
-            redis=settings.redis.connection_string,
+            redis=settings.redis.address,
         )
         tasks = [asyncio.create_task(loop.run(stop), name=type(loop).__name__) for loop in loops]
         background = [asyncio.create_task(_report(loops, stop), name="stats")]
@@ -144,7 +148,7 @@ async def serve(settings: IngestionSettings, stop: asyncio.Event) -> None:
     except Stopping:
         log.info("stopped_while_retrying")
     finally:
-        SERVICE_READY.labels(SERVICE).set(0)
+        set_ready(SERVICE, False)
         for client in reversed(started):
             with contextlib.suppress(Exception):
                 await client.stop()
@@ -161,9 +165,7 @@ def _totals(loops: list[ValidationLoop | ArchiveLoop]) -> dict[str, int]:
 
 async def _report(loops: list[ValidationLoop | ArchiveLoop], stop: asyncio.Event) -> None:
     """A progress line every 30 s (the metrics have the details)."""
-    while not stop.is_set():
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), timeout=30)
+    async for _ in ticks(stop, 30):
         log.info("ingestion_progress", **_totals(loops))
 
 

@@ -29,18 +29,16 @@ from typing import Protocol
 from services.shared.codecs import decode_external, protobuf_headers
 from services.shared.errors import InvalidArgument
 from services.shared.proto.mlops.v1 import events_pb2
+from services.shared.sender import OutboundRecord, Source, dead_letter, protobuf_text
 from services.shared.topics import Topics
 from services.shared.usecase.schemas import (
     MAX_RECORD_BYTES,
     epoch_parts,
-    to_timestamp,
     validate_label,
     validate_transaction,
 )
 
 Headers = Sequence[tuple[str, bytes]]
-REASON_HEADER = "reason-code"
-MAX_DEAD_LETTER_VALUE = 512 * 1024  # well under Kafka's default 1 MiB record limit
 
 
 class EventKind(StrEnum):
@@ -67,24 +65,6 @@ class ConsumedRecord(Protocol):
     def timestamp(self) -> int | None: ...  # broker/producer time, epoch milliseconds
 
 
-@dataclass(slots=True)
-class SourceRecord:
-    """A ``ConsumedRecord`` built by hand (tests, tools)."""
-
-    topic: str
-    partition: int
-    offset: int
-    key: bytes | None
-    value: bytes | None
-    headers: Headers = ()
-    timestamp: int | None = None
-
-
-def position(record: ConsumedRecord) -> str:
-    """Where a record was read, for people: topic/partition/offset."""
-    return f"{record.topic}/{record.partition}/{record.offset}"
-
-
 def topic_tag(topic: str) -> str:
     """A topic's stand-in in claim keys: 8 hex digits of its BLAKE2b hash.
 
@@ -103,16 +83,6 @@ def claim_position(partition: int, offset: int) -> str:
 
 
 @dataclass(slots=True)
-class Output:
-    """A record to produce."""
-
-    topic: str
-    key: bytes | None
-    value: bytes
-    headers: list[tuple[str, bytes]]
-
-
-@dataclass(slots=True)
 class Accepted:
     """A valid event, waiting for the duplicate check."""
 
@@ -120,7 +90,7 @@ class Accepted:
     kind: EventKind
     event_id: str
     event_time: datetime
-    output: Output
+    output: OutboundRecord
 
 
 @dataclass(slots=True)
@@ -131,7 +101,7 @@ class Rejected:
     reason_code: str
     field: str
     reason: str
-    output: Output
+    output: OutboundRecord
 
 
 class Verdict(StrEnum):
@@ -154,11 +124,6 @@ class ClaimStore(Protocol):
         """For each (key, position), in order: the position stored before (None if the key
         was free, in which case ``position`` is now stored)."""
         ...
-
-
-def _text(value: str) -> str:
-    """A string any protobuf can carry (sender text may hold lone surrogates)."""
-    return value.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _stamp(
@@ -187,7 +152,6 @@ class EventRouter:
         # the same for every record: built once (the producer does not modify headers)
         self._transaction_headers = protobuf_headers(events_pb2.ValidatedTransaction())
         self._label_headers = protobuf_headers(events_pb2.ValidatedLabel())
-        self._dead_letter_headers = protobuf_headers(events_pb2.DeadLetter())
         self._now: datetime | None = None
         self._now_epoch = (0, 0)
 
@@ -240,7 +204,7 @@ class EventRouter:
             kind=EventKind.TRANSACTION,
             event_id=valid.transaction_id,
             event_time=valid.event_time,
-            output=Output(
+            output=OutboundRecord(
                 self.topics.validated,
                 valid.user_id.encode(),
                 message.SerializeToString(),
@@ -260,7 +224,7 @@ class EventRouter:
             kind=EventKind.LABEL,
             event_id=valid.transaction_id,
             event_time=valid.event_time,
-            output=Output(
+            output=OutboundRecord(
                 self.topics.validated_labels,
                 valid.transaction_id.encode(),
                 message.SerializeToString(),
@@ -271,38 +235,23 @@ class EventRouter:
     def reject(
         self, record: ConsumedRecord, reason_code: str, field: str, reason: str, *, now: datetime
     ) -> Rejected:
-        original = record.value or b""
-        if len(original) > MAX_DEAD_LETTER_VALUE:
-            # a dead letter must fit in a Kafka record itself; the full record stays at its
-            # source position for as long as the topic keeps it
-            reason = (
-                f"{reason} (original value cut to its first {MAX_DEAD_LETTER_VALUE} of "
-                f"{len(original)} bytes; the whole record is at {position(record)})"
-            )
-            original = original[:MAX_DEAD_LETTER_VALUE]
-        letter = events_pb2.DeadLetter(
-            original_key=record.key or b"",
-            original_value=original,
-            original_headers=[
-                events_pb2.RecordHeader(key=_text(k), value=v or b"") for k, v in record.headers
-            ],
-            source=events_pb2.SourcePosition(
-                topic=record.topic, partition=record.partition, offset=record.offset
-            ),
+        output = dead_letter(
+            self.topics.dlq,
+            key=record.key,
+            value=record.value,
+            headers=record.headers,
+            source=Source(record.topic, record.partition, record.offset, record.timestamp),
             reason_code=reason_code,
-            reason=_text(reason),
-            field=_text(field),
-            rejected_at=to_timestamp(now),
+            reason=reason,
+            field=field,
+            now=now,
         )
-        if record.timestamp is not None and record.timestamp >= 0:
-            letter.source_timestamp.FromMilliseconds(record.timestamp)
-        headers = [*self._dead_letter_headers, (REASON_HEADER, reason_code.encode())]
         return Rejected(
             record=record,
             reason_code=reason_code,
-            field=letter.field,
-            reason=letter.reason,
-            output=Output(self.topics.dlq, record.key, letter.SerializeToString(), headers),
+            field=protobuf_text(field),
+            reason=protobuf_text(reason),
+            output=output,
         )
 
 
@@ -310,7 +259,7 @@ class EventRouter:
 class BatchOutcome:
     """What a batch became: the records to produce (in input order) and the accounting."""
 
-    outputs: list[Output] = field(default_factory=list)
+    outputs: list[OutboundRecord] = field(default_factory=list)
     forwarded: list[Accepted] = field(default_factory=list)
     redelivered: list[Accepted] = field(default_factory=list)  # subset of forwarded
     duplicates: list[Accepted] = field(default_factory=list)
@@ -362,17 +311,3 @@ class Ingestor:
             forwarded.append(item)
             outputs.append(item.output)
         return outcome
-
-
-class InMemoryClaims:
-    """A ``ClaimStore`` in a dict: for tests and tools; the service uses ``RedisClaims``."""
-
-    def __init__(self) -> None:
-        self.positions: dict[str, str] = {}
-
-    async def claim(self, claims: Sequence[tuple[str, str]]) -> list[str | None]:
-        before: list[str | None] = []
-        for key, position in claims:
-            before.append(self.positions.get(key))
-            self.positions.setdefault(key, position)
-        return before

@@ -18,16 +18,24 @@ from datetime import datetime
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from services.shared.errors import InvalidArgument
+from services.shared.model_aliases import ROUTE_NAMES
 from services.shared.proto.mlops.v1 import monitoring_pb2
 
-_ROUTES = {
-    monitoring_pb2.ROUTE_UNSPECIFIED: "unspecified",
-    monitoring_pb2.ROUTE_PRODUCTION: "production",
-    monitoring_pb2.ROUTE_CANARY: "canary",
-    monitoring_pb2.ROUTE_SHADOW: "shadow",
-}
 PROBABILITY_BUCKETS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
 DELAY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 3600)
+
+
+def validate(record: monitoring_pb2.PredictionRecord) -> None:
+    """Raises ``InvalidArgument`` naming the field for a record that breaks the contract."""
+    probability = record.fraud_probability
+    if not (math.isfinite(probability) and 0.0 <= probability <= 1.0):
+        raise InvalidArgument(
+            "fraud_probability", f"{probability!r} is not in [0, 1]", code="invalid_field"
+        )
+    if not record.model_name:
+        raise InvalidArgument("model_name", "is empty", code="invalid_field")
+    if not record.transaction.transaction_id:
+        raise InvalidArgument("transaction.transaction_id", "is empty", code="invalid_field")
 
 
 class PredictionLogMetrics:
@@ -76,16 +84,11 @@ class PredictionLogMetrics:
     def observe(self, record: monitoring_pb2.PredictionRecord, *, read_at: datetime) -> None:
         """Count one served prediction. Raises ``InvalidArgument`` (nothing counted) for a
         record that breaks the contract."""
+        validate(record)
         probability = record.fraud_probability
-        if not (math.isfinite(probability) and 0.0 <= probability <= 1.0):
-            raise InvalidArgument(
-                "fraud_probability", f"{probability!r} is not in [0, 1]", code="invalid_field"
-            )
-        if not record.model_name:
-            raise InvalidArgument("model_name", "is empty", code="invalid_field")
         version = (record.model_name, str(record.model_version))
         decision = "decline" if record.flagged else "approve"
-        route = _ROUTES.get(record.route, "unspecified")
+        route = ROUTE_NAMES.get(record.route, "unspecified")
         self.predictions.labels(*version, route, decision).inc()
         self.fraud_probability.labels(*version).observe(probability)
         if record.degraded:

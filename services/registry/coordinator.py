@@ -21,15 +21,11 @@ from collections.abc import Callable, Sequence
 
 from services.registry import metrics
 from services.registry.outbox import EventSink, LifecycleOutbox
-from services.registry.service import (
-    ModelRegistryService,
-    ReconcileReport,
-    Retirement,
-    Transition,
-)
+from services.registry.records import LifecycleEvent, VersionRecord
+from services.registry.retirement import Retirement
+from services.registry.service import ModelRegistryService, ReconcileReport, Transition
 from services.shared.errors import PlatformError
 from services.shared.logging import get_logger
-from services.shared.proto.mlops.v1 import models_pb2
 
 log = get_logger("registry.coordinator")
 
@@ -83,7 +79,7 @@ class RegistryCoordinator:
     # ------------------------------------------------------------------ changes
 
     def _announce(
-        self, events: Sequence[models_pb2.ModelEvent], retiring: Sequence[Retirement]
+        self, events: Sequence[LifecycleEvent], retiring: Sequence[Retirement]
     ) -> asyncio.Future[None]:
         def announced() -> None:
             if retiring:
@@ -93,7 +89,7 @@ class RegistryCoordinator:
         metrics.VERSIONS_RETIRING.set(len(self.service.retiring()))
         return self.outbox.put(events, announced)
 
-    async def mutate(self, call: Callable[[], Transition]) -> models_pb2.ModelVersion:
+    async def mutate(self, call: Callable[[], Transition]) -> VersionRecord:
         """Run one mutation, queue its events, wait (bounded) for their acknowledgement."""
         async with self.lock:
             transition = await asyncio.to_thread(call)
@@ -117,7 +113,7 @@ class RegistryCoordinator:
 
     # ------------------------------------------------------------------ retirement
 
-    async def retire_due(self) -> list[models_pb2.ModelEvent]:
+    async def retire_due(self) -> list[LifecycleEvent]:
         """Unload the versions whose grace period is over (under the lock); queue their
         UNPUBLISHED events."""
         async with self.lock:

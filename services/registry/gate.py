@@ -1,11 +1,24 @@
-"""The evaluation gate: does a candidate beat production on the same held-out data?
+"""The evaluation gate: is a candidate better than production on the same held-out data?
 
 Both models are TorchScript files (``torch.jit.load``, never pickle) scored by the registry on
-the candidate's held-out test set (the latest period of its snapshot, which production never
-trained on when production is older). The candidate passes only if its PR-AUC exceeds
-production's by more than the configured margin *and* its expected calibration error is at
-most production's plus the configured tolerance. With no production version, the first
-model passes (there is nothing to compare with), as long as its test set has both classes.
+the candidate's held-out test set: the latest labelled traffic of its snapshot, which
+production never trained on when production is older. Both score the *same* rows, so the gate
+is a paired test (services/shared/paired_comparison.py): a paired bootstrap of the candidate's
+improvement in the gate metric (PR-AUC by default, or log-loss), resampling labelled
+transactions stratified by class. The candidate passes only when
+
+- the held-out set is large enough to judge on (at least ``min_rows`` rows and
+  ``min_positives`` frauds; below that the outcome is *insufficient data*, not a verdict: the
+  version stays a candidate and is not published), and
+- the lower end of the two-sided ``confidence`` interval of the improvement clears the margin
+  (so a candidate no better than production fails with probability about
+  ``1 - (1 - confidence) / 2``, whatever the point estimates say), and
+- its expected calibration error is at most production's plus the tolerance (a guard on the
+  point estimates: a better ranking must not come with badly calibrated probabilities, which
+  the decision threshold relies on).
+
+With no production version the first model passes (there is nothing to compare with), as long
+as its test set has both classes.
 """
 
 from __future__ import annotations
@@ -13,27 +26,57 @@ from __future__ import annotations
 import io
 import json
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
+from typing import Literal
 
 import numpy as np
 import pyarrow.parquet as pq
 
-from services.registry.run_contract import LABEL_COLUMN
+from services.registry.settings import RegistrySettings
 from services.shared.errors import IntegrityError, InvalidArgument
 from services.shared.evaluation import BinaryMetrics, evaluate
+from services.shared.paired_comparison import PairedMetric, paired_bootstrap
 from services.shared.proto.mlops.v1 import models_pb2
+from services.shared.run_contract import LABEL_COLUMN
 
-GATE_METRIC = "pr_auc"
+GateOutcome = Literal["passed", "failed", "insufficient_data"]
+_OUTCOMES: dict[str, int] = {
+    "passed": models_pb2.GATE_OUTCOME_PASSED,
+    "failed": models_pb2.GATE_OUTCOME_FAILED,
+    "insufficient_data": models_pb2.GATE_OUTCOME_INSUFFICIENT_DATA,
+}
 
 
 @dataclass(frozen=True)
 class GatePolicy:
-    metric_margin: float
-    calibration_tolerance: float
+    """How the gate decides (RegistrySettings supplies the values)."""
+
+    metric: PairedMetric = "pr_auc"
+    margin: float = 0.0
+    calibration_tolerance: float = 0.02
+    confidence: float = 0.95
+    resamples: int = 1000
+    min_rows: int = 300
+    min_positives: int = 20
+    seed: int = 0
+
+    @classmethod
+    def from_settings(cls, settings: RegistrySettings) -> GatePolicy:
+        return cls(
+            metric=settings.gate_metric,
+            margin=settings.gate_metric_margin,
+            calibration_tolerance=settings.gate_calibration_tolerance,
+            confidence=settings.gate_confidence,
+            resamples=settings.gate_resamples,
+            min_rows=settings.gate_min_rows,
+            min_positives=settings.gate_min_positives,
+        )
 
 
 @dataclass(frozen=True)
 class GateDecision:
+    """The gate's verdict and the statistics it rests on (a version tag, and GateResult)."""
+
     passed: bool
     reason: str
     metric: str
@@ -43,86 +86,131 @@ class GateDecision:
     candidate_calibration_error: float
     baseline_calibration_error: float
     baseline_version: int
+    outcome: GateOutcome = "failed"
+    test: str = ""  # empty: no comparison (the first model, or too little data)
+    statistic: float = 0.0  # the candidate's improvement on the held-out rows
+    interval_low: float = 0.0
+    interval_high: float = 0.0
+    confidence: float = 0.0
+    rows: int = 0
+    positives: int = 0
+    resamples: int = 0
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> GateDecision:
-        return cls(**json.loads(text))
+        known = {f.name for f in fields(cls)}
+        # tags written before the gate was a paired test lack the statistics: defaults
+        data = {k: v for k, v in json.loads(text).items() if k in known}
+        if "outcome" not in data:
+            data["outcome"] = "passed" if data.get("passed") else "failed"
+        return cls(**data)
 
     def to_proto(self) -> models_pb2.GateResult:
-        return models_pb2.GateResult(**asdict(self))
+        values = asdict(self)
+        values["outcome"] = _OUTCOMES[self.outcome]
+        return models_pb2.GateResult(**values)
 
 
 def decide(
     policy: GatePolicy,
-    candidate: BinaryMetrics,
-    production: BinaryMetrics | None,
+    labels: np.ndarray,
+    candidate: np.ndarray,
+    candidate_threshold: float,
+    production: np.ndarray | None,
+    production_threshold: float,
     production_version: int,
 ) -> GateDecision:
-    """The gate's verdict from both models' metrics on the same test set (pure)."""
-    if candidate.positives in (0, candidate.rows):
+    """The gate's verdict from both models' scores of the same held-out rows (pure)."""
+    y = np.asarray(labels, dtype=np.float64)
+    rows, positives = int(y.size), int(y.sum())
+    cand = evaluate(y, candidate, candidate_threshold) if rows else None
+    base = (
+        evaluate(y, production, production_threshold) if rows and production is not None else None
+    )
+
+    def verdict(outcome: GateOutcome, reason: str, **stats: object) -> GateDecision:
         return GateDecision(
-            False,
-            f"the held-out test set has {candidate.positives} frauds in {candidate.rows} rows: "
-            "PR-AUC is undefined, nothing to judge the candidate on",
-            GATE_METRIC,
-            candidate.pr_auc,
-            production.pr_auc if production else 0.0,
-            policy.metric_margin,
-            candidate.calibration_error,
-            production.calibration_error if production else 0.0,
-            production_version,
+            passed=outcome == "passed",
+            reason=reason,
+            metric=policy.metric,
+            candidate_value=_metric(cand, policy.metric),
+            baseline_value=_metric(base, policy.metric),
+            margin=policy.margin,
+            candidate_calibration_error=cand.calibration_error if cand else 0.0,
+            baseline_calibration_error=base.calibration_error if base else 0.0,
+            baseline_version=production_version if production is not None else 0,
+            outcome=outcome,
+            rows=rows,
+            positives=positives,
+            **stats,  # type: ignore[arg-type]  # the statistics fields, by name
+        )
+
+    if positives in (0, rows):
+        return verdict(
+            "insufficient_data",
+            f"insufficient data: the held-out test set has {positives} frauds in {rows} rows; "
+            "a metric needs both classes, nothing to judge the candidate on",
         )
     if production is None:
-        return GateDecision(
-            True,
-            "no production version yet: the first model becomes production",
-            GATE_METRIC,
-            candidate.pr_auc,
-            0.0,
-            policy.metric_margin,
-            candidate.calibration_error,
-            0.0,
-            0,
+        return verdict("passed", "no production version yet: the first model becomes production")
+    if rows < policy.min_rows or positives < policy.min_positives:
+        return verdict(
+            "insufficient_data",
+            f"insufficient data: the held-out test set has {rows} rows with {positives} frauds; "
+            f"the gate needs at least {policy.min_rows} rows and {policy.min_positives} frauds "
+            f"to compare with production v{production_version} (no verdict)",
         )
-    required = production.pr_auc + policy.metric_margin
-    beats = candidate.pr_auc > required
-    calibration_limit = production.calibration_error + policy.calibration_tolerance
-    calibrated = candidate.calibration_error <= calibration_limit
-    if beats and calibrated:
-        reason = (
-            f"PR-AUC {candidate.pr_auc:.4f} beats production v{production_version}'s "
-            f"{production.pr_auc:.4f} by more than {policy.metric_margin:.4f}; calibration "
-            f"error {candidate.calibration_error:.4f} <= {calibration_limit:.4f}"
+    comparison = paired_bootstrap(
+        y,
+        production,
+        candidate,
+        metric=policy.metric,
+        resamples=policy.resamples,
+        confidence=policy.confidence,
+        seed=policy.seed,
+    )
+    assert base is not None and cand is not None
+    beats = comparison.low > policy.margin
+    calibration_limit = base.calibration_error + policy.calibration_tolerance
+    calibrated = cand.calibration_error <= calibration_limit
+    if beats:
+        said = (
+            f"better than production v{production_version}: {comparison.describe()}; the "
+            f"interval's lower end clears the margin {policy.margin:.4f}"
         )
     else:
-        failures = []
-        if not beats:
-            failures.append(
-                f"PR-AUC {candidate.pr_auc:.4f} does not beat production "
-                f"v{production_version}'s {production.pr_auc:.4f} by more than "
-                f"{policy.metric_margin:.4f}"
-            )
-        if not calibrated:
-            failures.append(
-                f"calibration error {candidate.calibration_error:.4f} is worse than production's "
-                f"{production.calibration_error:.4f} + tolerance "
-                f"{policy.calibration_tolerance:.4f}"
-            )
-        reason = "; ".join(failures)
-    return GateDecision(
-        beats and calibrated,
-        reason,
-        GATE_METRIC,
-        candidate.pr_auc,
-        production.pr_auc,
-        policy.metric_margin,
-        candidate.calibration_error,
-        production.calibration_error,
-        production_version,
+        said = (
+            f"not shown better than production v{production_version}: {comparison.describe()}; "
+            f"the interval's lower end does not clear the margin {policy.margin:.4f}"
+        )
+    if calibrated:
+        said += f"; calibration error {cand.calibration_error:.4f} <= {calibration_limit:.4f}"
+    else:
+        said += (
+            f"; calibration error {cand.calibration_error:.4f} is worse than production's "
+            f"{base.calibration_error:.4f} + tolerance {policy.calibration_tolerance:.4f}"
+        )
+    return verdict(
+        "passed" if beats and calibrated else "failed",
+        said,
+        test=comparison.test,
+        statistic=comparison.statistic,
+        interval_low=comparison.low,
+        interval_high=comparison.high,
+        confidence=comparison.confidence,
+        resamples=comparison.resamples,
     )
+
+
+def _metric(metrics: BinaryMetrics | None, metric: PairedMetric) -> float:
+    if metrics is None:
+        return 0.0
+    if metric == "pr_auc":
+        return metrics.pr_auc
+    return metrics.log_loss
 
 
 @dataclass(frozen=True)
@@ -166,7 +254,3 @@ def score_torchscript(payload: bytes, features: np.ndarray) -> np.ndarray:
     if result.shape[0] != features.shape[0] or not np.all(np.isfinite(result)):
         raise IntegrityError("the model's output is not one finite probability per row")
     return result
-
-
-def evaluate_model(payload: bytes, held_out: HeldOutSet, threshold: float) -> BinaryMetrics:
-    return evaluate(held_out.labels, score_torchscript(payload, held_out.features), threshold)

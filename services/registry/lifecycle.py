@@ -11,6 +11,8 @@ from collections.abc import Sequence
 
 from aiokafka import AIOKafkaProducer
 
+from services.registry.records import LifecycleEvent
+from services.registry.views import event_message
 from services.shared.codecs import protobuf_headers
 from services.shared.kafka import create_producer
 from services.shared.logging import get_logger
@@ -32,14 +34,15 @@ class LifecycleEventPublisher:
     async def stop(self) -> None:
         await self._producer.stop()
 
-    async def publish(self, events: Sequence[models_pb2.ModelEvent]) -> None:
+    async def publish(self, events: Sequence[LifecycleEvent]) -> None:
         """Publish in order; each is acknowledged by the broker before the next is sent."""
         for event in events:
+            message = event_message(event)
             await self._producer.send_and_wait(
                 self.topic,
-                event.SerializeToString(),
+                message.SerializeToString(),
                 key=event.model_name.encode(),
-                headers=protobuf_headers(event),
+                headers=protobuf_headers(message),
             )
             log.info(
                 "lifecycle_event",

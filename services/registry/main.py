@@ -6,21 +6,21 @@ bearer-token auth, and the reconcile loop."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 
 from services.registry.coordinator import RegistryCoordinator
 from services.registry.lifecycle import LifecycleEventPublisher
 from services.registry.mlflow_store import MlflowModelStore
+from services.registry.s3_repository import open_model_repository
 from services.registry.service import ModelRegistryService
 from services.registry.servicer import ModelRegistryServicer
 from services.registry.settings import RegistrySettings
-from services.registry.triton_repository import TritonModelRepository
 from services.shared.errors import FailedPrecondition, PlatformError
 from services.shared.grpc_server import BearerTokenAuth, GrpcServer
 from services.shared.kafka import ensure_topics
 from services.shared.logging import get_logger
 from services.shared.proto.mlops.v1 import registry_pb2, registry_pb2_grpc
-from services.shared.runtime import SERVICE_READY, run_service
+from services.shared.retry import ticks
+from services.shared.runtime import run_service, set_ready
 from services.shared.topics import Topics
 
 log = get_logger("registry")
@@ -43,7 +43,7 @@ class RegistryApp:
         self.service = ModelRegistryService(
             settings,
             MlflowModelStore(settings.mlflow),
-            TritonModelRepository(settings.triton, settings.model_name),
+            open_model_repository(settings.triton, settings.s3, settings.model_name),
         )
         self.events = LifecycleEventPublisher(settings.kafka)
         self.coordinator = RegistryCoordinator(
@@ -58,6 +58,7 @@ class RegistryApp:
             port=settings.port,
             service_names=[SERVICE_NAME],
             auth=BearerTokenAuth(token, MUTATING_METHODS),
+            tls=settings,
         )
         registry_pb2_grpc.add_ModelRegistryServicer_to_server(self.servicer, self.server.server)
         self._reconciler: asyncio.Task[None] | None = None
@@ -101,11 +102,8 @@ class RegistryApp:
             )
 
     async def _reconcile_loop(self) -> None:
-        while not self._stop.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stop.wait(), self.settings.reconcile_interval_s)
-            if not self._stop.is_set():
-                await self.reconcile_once()
+        async for _ in ticks(self._stop, self.settings.reconcile_interval_s):
+            await self.reconcile_once()
 
     async def stop(self) -> None:
         self._stop.set()
@@ -120,12 +118,12 @@ class RegistryApp:
 async def serve(settings: RegistrySettings, stop: asyncio.Event) -> None:
     app = RegistryApp(settings)
     await app.start()
-    SERVICE_READY.labels("registry").set(1)
+    set_ready("registry", True)
     log.info("registry_ready", port=app.port, model=settings.model_name)
     try:
         await stop.wait()
     finally:
-        SERVICE_READY.labels("registry").set(0)
+        set_ready("registry", False)
         await app.stop()
 
 

@@ -19,26 +19,27 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from services.registry import metrics
+from services.registry.records import LifecycleEvent
 from services.shared.logging import get_logger
-from services.shared.proto.mlops.v1 import models_pb2
+from services.shared.retry import Backoff
 
 log = get_logger("registry.outbox")
 
 
 class EventSink(Protocol):
-    async def publish(self, events: Sequence[models_pb2.ModelEvent]) -> None: ...
+    async def publish(self, events: Sequence[LifecycleEvent]) -> None: ...
 
 
 @dataclass(eq=False)
 class _Batch:
-    events: list[models_pb2.ModelEvent]
+    events: list[LifecycleEvent]
     delivered: asyncio.Future[None]
     on_delivered: Callable[[], None] | None
     sent: int = 0  # events of the batch the broker has acknowledged
     attempts: int = field(default=0)
 
 
-def _ids(events: Sequence[models_pb2.ModelEvent]) -> str:
+def _ids(events: Sequence[LifecycleEvent]) -> str:
     return ",".join(e.event_id for e in events)
 
 
@@ -47,8 +48,7 @@ class LifecycleOutbox:
 
     def __init__(self, sink: EventSink, *, retry_s: float = 1.0, max_retry_s: float = 10.0) -> None:
         self.sink = sink
-        self.retry_s = retry_s
-        self.max_retry_s = max(max_retry_s, retry_s)
+        self.backoff = Backoff(retry_s, max_retry_s)
         self._queue: collections.deque[_Batch] = collections.deque()
         self._queued = asyncio.Event()
         self._emptied = asyncio.Event()
@@ -62,7 +62,7 @@ class LifecycleOutbox:
 
     def put(
         self,
-        events: Sequence[models_pb2.ModelEvent],
+        events: Sequence[LifecycleEvent],
         on_delivered: Callable[[], None] | None = None,
     ) -> asyncio.Future[None]:
         """Queue one change's events; the future completes once all are acknowledged (after
@@ -93,8 +93,7 @@ class LifecycleOutbox:
                     continue
                 batch = self._queue[0]
                 if not await self._publish(batch):
-                    pause = min(self.retry_s * 2 ** (batch.attempts - 1), self.max_retry_s)
-                    await asyncio.sleep(pause)
+                    await asyncio.sleep(self.backoff.delay(batch.attempts))
                     continue
                 self._queue.popleft()
                 metrics.LIFECYCLE_PENDING.set(self.pending)

@@ -1,26 +1,41 @@
 """The routing table: which versions Triton serves, under which alias, with what traffic share.
 
-Derived from the MLflow aliases and each served version's tags, nothing else, so the registry,
-its ModelEvents and serving agree on one definition:
+The one place the routing rules are written. Derived from the MLflow aliases and each served
+version's tags, nothing else; the registry hands the result to everyone (``GetRoutingTable``,
+and the ``served`` list of every ``models.lifecycle`` event), so no consumer recomputes it:
 
 - ``production``: traffic_percent = 100 minus the canary's share (100 without a canary);
 - ``canary``: its own share (1-100) of live traffic, answered by the canary;
 - ``shadow``: the share of traffic mirrored to it (its answers are logged, never returned).
 
-Every served entry carries the version's decision threshold on ``fraud_probability``.
+Every route carries the version's decision threshold on ``fraud_probability``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 from services.registry.mlflow_store import TAG_THRESHOLD, TAG_TRAFFIC
-from services.shared.proto.mlops.v1 import models_pb2
+from services.shared.model_aliases import ALIASES, CANARY, PRODUCTION, SHADOW
 
-PRODUCTION = "production"
-CANARY = "canary"
-SHADOW = "shadow"
-ALIASES = (PRODUCTION, CANARY, SHADOW)
+DEFAULT_CANARY_SHARE = 10  # a canary tagged without a share (older versions)
+DEFAULT_SHADOW_SHARE = 100
+
+
+@dataclass(frozen=True)
+class Route:
+    """One version Triton serves and how traffic reaches it."""
+
+    version: int
+    alias: str
+    traffic_percent: int
+    threshold: float
+
+    @property
+    def shadow(self) -> bool:
+        """Mirrored: its answers are logged, never returned to callers."""
+        return self.alias == SHADOW
 
 
 def _int(tags: Mapping[str, str], key: str, default: int) -> int:
@@ -30,14 +45,16 @@ def _int(tags: Mapping[str, str], key: str, default: int) -> int:
         return default
 
 
-def routing_table(
-    aliases: Mapping[str, int], tags: Mapping[int, Mapping[str, str]]
-) -> list[models_pb2.ServedVersion]:
+def _share(tags: Mapping[str, str], default: int) -> int:
+    return min(100, max(1, _int(tags, TAG_TRAFFIC, default)))
+
+
+def routing_table(aliases: Mapping[str, int], tags: Mapping[int, Mapping[str, str]]) -> list[Route]:
     """The complete routing table for ``aliases`` (alias -> version), production first."""
-    table: list[models_pb2.ServedVersion] = []
+    table: list[Route] = []
     canary_share = 0
     if CANARY in aliases:
-        canary_share = min(100, max(1, _int(tags.get(aliases[CANARY], {}), TAG_TRAFFIC, 10)))
+        canary_share = _share(tags.get(aliases[CANARY], {}), DEFAULT_CANARY_SHARE)
     for alias in ALIASES:
         if alias not in aliases:
             continue
@@ -48,13 +65,7 @@ def routing_table(
         elif alias == CANARY:
             share = canary_share
         else:
-            share = min(100, max(1, _int(version_tags, TAG_TRAFFIC, 100)))
-        table.append(
-            models_pb2.ServedVersion(
-                version=version,
-                alias=alias,
-                traffic_percent=share,
-                threshold=float(version_tags.get(TAG_THRESHOLD, "0.5")),
-            )
-        )
+            share = _share(version_tags, DEFAULT_SHADOW_SHARE)
+        threshold = float(version_tags.get(TAG_THRESHOLD, "0.5"))
+        table.append(Route(version, alias, share, threshold))
     return table

@@ -1,9 +1,13 @@
 """The model registry's domain logic: versions, the evaluation gate, aliases, rollback, lineage.
 
 ``ModelRegistryService`` is blocking (MLflow over HTTP, Triton's model control, torch for the
-gate); ``RegistryCoordinator`` runs it in a worker thread, one change at a time. Every change
-returns the ``ModelEvent``s it caused, which the coordinator publishes on ``models.lifecycle``
-*after* the method returned, i.e. after the change is durable.
+gate); ``RegistryCoordinator`` runs it in a worker thread, one change at a time. It returns the
+registry's own types (``records.py``; the transports convert them, ``views.py``). Every change
+returns the ``LifecycleEvent``s it caused, which the coordinator publishes on
+``models.lifecycle`` *after* the method returned, i.e. after the change is durable. Its parts:
+``registration.py`` (what a run must be to become a version), ``gate.py`` (the evaluation
+gate), ``publication.py`` (Triton's repository and loading), ``retirement.py`` (grace periods),
+``routing.py`` (the routing rules).
 
 A change that moves traffic is zero-gap (serving routes by the lifecycle events, so it keeps
 naming the old versions until the event reaches it):
@@ -17,7 +21,8 @@ naming the old versions until the event reaches it):
    were acknowledged (``start_grace``) and ``retire_grace_s`` has passed (``retire_due``),
    Triton serves exactly the routing table and each gets an UNPUBLISHED event.
 
-Retiring versions are tracked here, so the reconcile pass keeps them loaded. Versions loaded
+Retiring versions are tracked (``RetirementSchedule``), so the reconcile pass keeps them
+loaded. Versions loaded
 in Triton that are neither routed nor retiring (the process died during a grace period or in
 the middle of a switch) are retired the same way by ``reconcile``, after an announcement of
 the current routing table, never unloaded at once.
@@ -26,23 +31,19 @@ the current routing table, never unloaded at once.
 from __future__ import annotations
 
 import json
-import re
-import threading
 import time
-import uuid
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 
-from google.protobuf.timestamp_pb2 import Timestamp
+import numpy as np
 
-from services.registry import run_contract as rc
 from services.registry.gate import (
     GateDecision,
     GatePolicy,
+    HeldOutSet,
     decide,
-    evaluate_model,
     read_held_out_set,
+    score_torchscript,
 )
 from services.registry.mlflow_store import (
     TAG_FEATURE_NAMES,
@@ -53,27 +54,41 @@ from services.registry.mlflow_store import (
     TAG_THRESHOLD,
     TAG_TRAFFIC,
     MlflowModelStore,
-    RunView,
     VersionView,
 )
-from services.registry.routing import ALIASES, CANARY, PRODUCTION, SHADOW, routing_table
+from services.registry.publication import TritonPublication
+from services.registry.records import (
+    EventType,
+    LifecycleEvent,
+    LineageRecord,
+    Stage,
+    VersionRecord,
+    stage_name,
+    stage_value,
+)
+from services.registry.registration import (
+    Candidate,
+    candidate_of,
+    checked_registration,
+    verified_run,
+)
+from services.registry.retirement import Retirement, RetirementSchedule
+from services.registry.routing import Route, routing_table
 from services.registry.settings import RegistrySettings
-from services.registry.triton_repository import TritonModelRepository, sha256_hex
+from services.registry.triton_repository import TritonModelRepository
+from services.shared import run_contract as rc
 from services.shared.errors import (
     FailedPrecondition,
-    IntegrityError,
     InvalidArgument,
     NotFound,
-    Unavailable,
 )
 from services.shared.logging import get_logger
+from services.shared.mlflow_client import RunView
+from services.shared.model_aliases import ALIASES, CANARY, PRODUCTION, SHADOW, alias_role
 from services.shared.proto.mlops.v1 import models_pb2
 
 log = get_logger("registry")
 
-Stage = models_pb2.ModelStage
-EventType = models_pb2.ModelEventType
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _STAGE_OF_ALIAS = {
     PRODUCTION: Stage.MODEL_STAGE_PRODUCTION,
     CANARY: Stage.MODEL_STAGE_CANARY,
@@ -81,27 +96,13 @@ _STAGE_OF_ALIAS = {
 }
 
 
-@dataclass(eq=False)
-class Retirement:
-    """A version that left the routing table and stays loaded in Triton for a grace period.
-
-    ``deadline`` (on the service's clock) is unset until the events announcing the switch
-    were acknowledged: the grace counts from the moment consumers can know.
-    """
-
-    version: int
-    reason: str
-    actor: str
-    deadline: float | None = None
-
-
 @dataclass
 class Transition:
     """The result of a mutation: the version it concerns, the events to publish, and the
     versions whose grace period starts once those events are acknowledged."""
 
-    version: models_pb2.ModelVersion
-    events: list[models_pb2.ModelEvent] = field(default_factory=list)
+    version: VersionRecord
+    events: list[LifecycleEvent] = field(default_factory=list)
     retiring: list[Retirement] = field(default_factory=list)
 
 
@@ -112,25 +113,14 @@ class ReconcileReport:
     reloaded: list[int]  # versions whose probe failed and were unloaded + loaded
     published: bool  # config rewritten and loaded because Triton differed from the aliases
     # the routing table announced (start-up, or loaded versions nothing routes to were found)
-    events: list[models_pb2.ModelEvent] = field(default_factory=list)
+    events: list[LifecycleEvent] = field(default_factory=list)
     retiring: list[Retirement] = field(default_factory=list)  # found loaded, routed nowhere
 
 
-def _stage_name(stage: models_pb2.ModelStage.ValueType) -> str:
-    return models_pb2.ModelStage.Name(stage).removeprefix("MODEL_STAGE_")
-
-
-def _stage_value(name: str) -> models_pb2.ModelStage.ValueType:
-    try:
-        return models_pb2.ModelStage.Value(f"MODEL_STAGE_{name}")
-    except ValueError:
-        return Stage.MODEL_STAGE_UNSPECIFIED
-
-
-def assemble_lineage(model_name: str, version: VersionView, run: RunView) -> models_pb2.Lineage:
+def assemble_lineage(model_name: str, version: VersionView, run: RunView) -> LineageRecord:
     """Version -> run -> dataset snapshot -> feature definitions -> code (pure)."""
     tags = run.tags
-    return models_pb2.Lineage(
+    return LineageRecord(
         model_name=model_name,
         version=version.version,
         run_id=run.run_id,
@@ -162,12 +152,9 @@ class ModelRegistryService:
         self.model_name = settings.model_name
         self.store = store
         self.triton = triton
-        self.policy = GatePolicy(settings.gate_metric_margin, settings.gate_calibration_tolerance)
-        self._clock = clock
-        # version -> its retirement; changed by mutations (worker thread) and by start_grace
-        # (the event loop, when the broker acknowledged), hence the lock
-        self._retiring: dict[int, Retirement] = {}
-        self._retiring_lock = threading.Lock()
+        self.publication = TritonPublication(self.model_name, store, triton)
+        self.policy = GatePolicy.from_settings(settings)
+        self._retirements = RetirementSchedule(settings.retire_grace_s, clock)
 
     # ------------------------------------------------------------------ reading
 
@@ -184,15 +171,15 @@ class ModelRegistryService:
         except NotFound:
             return {}
 
-    def _to_proto(
+    def _record(
         self,
         view: VersionView,
         aliases: Mapping[str, int],
-        served: list[models_pb2.ServedVersion],
+        served: list[Route],
         metrics: Mapping[str, float],
-    ) -> models_pb2.ModelVersion:
+    ) -> VersionRecord:
         held = sorted(alias for alias, version in aliases.items() if version == view.version)
-        stage = _stage_value(view.tags.get(TAG_STAGE, "CANDIDATE"))
+        stage = stage_value(view.tags.get(TAG_STAGE, "CANDIDATE"))
         for alias in ALIASES:  # the aliases are authoritative for what serves
             if alias in held:
                 stage = _STAGE_OF_ALIAS[alias]
@@ -200,24 +187,23 @@ class ModelRegistryService:
         else:
             if stage in _STAGE_OF_ALIAS.values():
                 stage = Stage.MODEL_STAGE_ARCHIVED
-        traffic = next((s.traffic_percent for s in served if s.version == view.version), 0)
-        message = models_pb2.ModelVersion(
+        return VersionRecord(
             model_name=self.model_name,
             version=view.version,
             stage=stage,
-            aliases=held,
-            traffic_percent=traffic,
+            aliases=tuple(held),
+            traffic_percent=next(
+                (s.traffic_percent for s in served if s.version == view.version), 0
+            ),
             run_id=view.run_id,
             artifact_sha256=view.tags.get(TAG_SHA256, ""),
             metrics=dict(metrics),
             threshold=float(view.tags.get(TAG_THRESHOLD, "0") or 0),
-            feature_names=json.loads(view.tags.get(TAG_FEATURE_NAMES, "[]")),
+            feature_names=tuple(json.loads(view.tags.get(TAG_FEATURE_NAMES, "[]"))),
+            gate=GateDecision.from_json(view.tags[TAG_GATE]) if TAG_GATE in view.tags else None,
+            created_at=view.created_at,
             description=view.description,
         )
-        if TAG_GATE in view.tags:
-            message.gate.CopyFrom(GateDecision.from_json(view.tags[TAG_GATE]).to_proto())
-        message.created_at.FromDatetime(view.created_at)
-        return message
 
     def _run_metrics(self, run_id: str) -> dict[str, float]:
         try:
@@ -225,12 +211,12 @@ class ModelRegistryService:
         except NotFound:
             return {}
 
-    def _proto(self, version: int) -> models_pb2.ModelVersion:
+    def _version(self, version: int) -> VersionRecord:
         view = self.store.version(self.model_name, version)
         aliases = self._aliases()
-        return self._to_proto(view, aliases, self._routing(aliases), self._run_metrics(view.run_id))
+        return self._record(view, aliases, self._routing(aliases), self._run_metrics(view.run_id))
 
-    def list_versions(self, model_name: str = "") -> list[models_pb2.ModelVersion]:
+    def list_versions(self, model_name: str = "") -> list[VersionRecord]:
         self._check_name(model_name)
         try:
             views = self.store.versions(self.model_name)
@@ -241,37 +227,39 @@ class ModelRegistryService:
         served = routing_table(
             aliases, {v: by_version[v].tags for v in aliases.values() if v in by_version}
         )
-        return [self._to_proto(v, aliases, served, self._run_metrics(v.run_id)) for v in views]
+        return [self._record(v, aliases, served, self._run_metrics(v.run_id)) for v in views]
 
-    def get_version(
-        self, model_name: str = "", version: int = 0, alias: str = ""
-    ) -> models_pb2.ModelVersion:
+    def get_version(self, model_name: str = "", version: int = 0, alias: str = "") -> VersionRecord:
         self._check_name(model_name)
         if alias:
-            if alias not in ALIASES:
-                raise InvalidArgument("alias", f"must be one of {', '.join(ALIASES)}")
+            alias_role(alias)  # InvalidArgument unless it is one
             target = self._aliases().get(alias)
             if target is None:
                 raise NotFound(f"{self.model_name} has no {alias} version")
-            return self._proto(target)
+            return self._version(target)
         if version <= 0:
             raise InvalidArgument("version", "a positive version or an alias is required")
-        return self._proto(version)
+        return self._version(version)
 
-    def lineage(self, model_name: str, version: int) -> models_pb2.Lineage:
+    def lineage(self, model_name: str, version: int) -> LineageRecord:
         self._check_name(model_name)
         if version <= 0:
             raise InvalidArgument("version", "must be positive")
         view = self.store.version(self.model_name, version)
         return assemble_lineage(self.model_name, view, self.store.run(view.run_id))
 
-    def _routing(self, aliases: Mapping[str, int]) -> list[models_pb2.ServedVersion]:
+    def _routing(self, aliases: Mapping[str, int]) -> list[Route]:
         tags = {v: self.store.version(self.model_name, v).tags for v in set(aliases.values())}
         return routing_table(aliases, tags)
 
-    def routing(self) -> list[models_pb2.ServedVersion]:
+    def routing(self) -> list[Route]:
         """The complete routing table as the aliases and version tags say now."""
         return self._routing(self._aliases())
+
+    def routing_table(self, model_name: str = "") -> list[Route]:
+        """``routing`` for a caller that names the model (``GetRoutingTable``)."""
+        self._check_name(model_name)
+        return self.routing()
 
     # ------------------------------------------------------------------ events
 
@@ -286,101 +274,29 @@ class ModelRegistryService:
         reason: str = "",
         actor: str = "",
         gate: GateDecision | None = None,
-        served: list[models_pb2.ServedVersion] | None = None,
-    ) -> models_pb2.ModelEvent:
-        occurred = Timestamp()
-        occurred.FromDatetime(datetime.now(UTC))
-        event = models_pb2.ModelEvent(
-            event_id=uuid.uuid4().hex,
+        served: list[Route] | None = None,
+    ) -> LifecycleEvent:
+        return LifecycleEvent(
             type=kind,
             model_name=self.model_name,
             version=version,
+            served=tuple(served or ()),
             alias=alias,
             traffic_percent=traffic_percent,
             previous_version=previous_version,
             reason=reason,
             actor=actor,
-            occurred_at=occurred,
-            served=served if served is not None else [],
+            gate=gate,
         )
-        if gate is not None:
-            event.gate.CopyFrom(gate.to_proto())
-        return event
-
-    # ------------------------------------------------------------------ artifacts and Triton
-
-    def _verified_artifact(self, view: VersionView) -> bytes:
-        """The version's TorchScript from MLflow, refused unless it matches its sha256."""
-        payload = self.store.download(view.run_id, rc.MODEL_ARTIFACT)
-        expected = view.tags.get(TAG_SHA256, "")
-        actual = sha256_hex(payload)
-        if actual != expected:
-            raise IntegrityError(
-                f"{self.model_name} v{view.version}: artifact sha256 {actual} does not match "
-                f"the registered {expected}; refusing to publish"
-            )
-        return payload
-
-    def _n_inputs(self, views: Mapping[int, VersionView]) -> int:
-        widths = {len(json.loads(v.tags.get(TAG_FEATURE_NAMES, "[]"))) for v in views.values()}
-        if len(widths) != 1 or 0 in widths:
-            raise FailedPrecondition(
-                f"served versions disagree on their inputs ({sorted(widths)} features)"
-            )
-        return widths.pop()
-
-    def _serve(self, target: Collection[int], before: Collection[int]) -> list[int]:
-        """Make Triton serve exactly ``target`` (files verified, written when missing).
-
-        ``before`` is what Triton serves now; returns the versions of ``target`` not in it.
-        """
-        wanted = sorted(set(target))
-        if (
-            set(wanted) == set(before)
-            and all(self.triton.verify_version(v) for v in wanted)
-            and set(wanted) <= set(self.triton.ready_versions())
-        ):
-            return []  # e.g. only a traffic share changed: Triton already serves these
-        views = {v: self.store.version(self.model_name, v) for v in wanted}
-        for version, view in views.items():
-            if not self.triton.verify_version(version):
-                self.triton.write_version(
-                    version, self._verified_artifact(view), view.tags.get(TAG_SHA256, "")
-                )
-        n_inputs = self._n_inputs(views)
-        self.triton.write_config(wanted, n_inputs)
-        try:
-            self.triton.load()
-            ready = set(self.triton.ready_versions())
-            if not set(wanted) <= ready:
-                raise Unavailable(
-                    f"Triton serves {sorted(ready)} after loading {wanted} of {self.model_name}"
-                )
-        except Unavailable:
-            if before:  # Triton keeps the old versions serving; keep the files saying so
-                self.triton.write_config(sorted(set(before)), n_inputs)
-                try:
-                    self.triton.load()
-                except Unavailable as exc:
-                    log.error("config_restore_failed", model=self.model_name, error=str(exc))
-            raise
-        log.info("triton_serving", model=self.model_name, versions=",".join(map(str, wanted)))
-        return [v for v in wanted if v not in set(before)]
 
     # ------------------------------------------------------------------ retirement
 
     def retiring(self) -> dict[int, float | None]:
         """Versions kept loaded for their grace period -> when it ends (None: not started)."""
-        with self._retiring_lock:
-            return {v: r.deadline for v, r in self._retiring.items()}
+        return self._retirements.deadlines()
 
     def _retire_later(self, versions: Collection[int], reason: str, actor: str) -> list[Retirement]:
-        with self._retiring_lock:
-            added = []
-            for version in sorted(versions):
-                retirement = Retirement(version, reason, actor)
-                self._retiring[version] = retirement
-                added.append(retirement)
+        added = self._retirements.add(versions, reason, actor)
         if added:
             log.info(
                 "versions_retiring",
@@ -392,54 +308,26 @@ class ModelRegistryService:
 
     def start_grace(self, retirements: Collection[Retirement]) -> None:
         """The switch that retired these was announced: their grace period starts now."""
-        deadline = self._clock() + self.settings.retire_grace_s
-        with self._retiring_lock:
-            for retirement in retirements:
-                current = self._retiring.get(retirement.version)
-                if current is retirement and current.deadline is None:
-                    current.deadline = deadline
+        self._retirements.start_grace(retirements)
 
     def next_retirement_at(self) -> float | None:
         """When the earliest started grace period ends (the service's clock), if any."""
-        with self._retiring_lock:
-            deadlines = [r.deadline for r in self._retiring.values() if r.deadline is not None]
-        return min(deadlines) if deadlines else None
+        return self._retirements.next_at()
 
-    def retire_due(self) -> list[models_pb2.ModelEvent]:
+    def retire_due(self) -> list[LifecycleEvent]:
         """Unload the retiring versions whose grace period is over; their UNPUBLISHED events.
 
         Triton then serves exactly the routing table plus the versions still in their grace
         period. On failure (``Unavailable``) they stay retiring and a later call tries again.
         """
-        now = self._clock()
-        with self._retiring_lock:
-            due = {
-                v: r
-                for v, r in self._retiring.items()
-                if r.deadline is not None and r.deadline <= now
-            }
-            waiting = {v for v, r in self._retiring.items() if v not in due}
+        due, waiting = self._retirements.due()
         if not due:
             return []
         aliases = self._aliases()
         served = set(aliases.values())
-        keep = sorted(served | waiting)
-        if keep:
-            views = {v: self.store.version(self.model_name, v) for v in keep}
-            self.triton.write_config(keep, self._n_inputs(views))
-            self.triton.load()
-            ready = set(self.triton.ready_versions())
-            if not served <= ready:
-                raise Unavailable(
-                    f"Triton serves {sorted(ready)} after unloading {sorted(due)} of "
-                    f"{self.model_name}, not all of {sorted(served)}"
-                )
-        else:  # no alias left at all: nothing may serve
-            self.triton.unload()
-        with self._retiring_lock:
-            for version, retirement in due.items():
-                if self._retiring.get(version) is retirement:
-                    del self._retiring[version]
+        keep = sorted(served | waiting)  # empty: no alias left at all, nothing may serve
+        self.publication.serve_only(keep, served, due)
+        self._retirements.done(due)
         gone = sorted(v for v in due if v not in served)
         log.info(
             "versions_retired",
@@ -475,14 +363,13 @@ class ModelRegistryService:
         gate: GateDecision | None = None,
         history: list[int] | None = None,
         archive_reason: str = "",
-    ) -> tuple[list[models_pb2.ModelEvent], list[Retirement]]:
+    ) -> tuple[list[LifecycleEvent], list[Retirement]]:
         """Apply a new alias table: Triton serves old and new, then MLflow aliases, tags,
         history; the events. Versions that leave the table are retiring (still loaded)."""
         old = self._aliases()
         wanted = set(new.values())
-        with self._retiring_lock:
-            still_loaded = set(old.values()) | set(self._retiring)
-        published = self._serve(wanted | still_loaded, still_loaded)
+        still_loaded = set(old.values()) | self._retirements.versions()
+        published = self.publication.serve(wanted | still_loaded, still_loaded)
         published = [v for v in published if v in wanted]
         for name, target in new.items():
             if old.get(name) != target:
@@ -491,7 +378,7 @@ class ModelRegistryService:
             if name not in new:
                 self.store.delete_alias(self.model_name, name)
         for name, target in new.items():
-            self._tag(target, **{TAG_STAGE: _stage_name(_STAGE_OF_ALIAS[name])})
+            self._tag(target, **{TAG_STAGE: stage_name(_STAGE_OF_ALIAS[name])})
         if alias in (CANARY, SHADOW) and version:
             self._tag(version, **{TAG_TRAFFIC: str(traffic_percent)})
         retired = sorted(set(old.values()) - set(new.values()))
@@ -499,15 +386,13 @@ class ModelRegistryService:
             self._tag(
                 gone,
                 **{
-                    TAG_STAGE: _stage_name(Stage.MODEL_STAGE_ARCHIVED),
+                    TAG_STAGE: stage_name(Stage.MODEL_STAGE_ARCHIVED),
                     TAG_STAGE_REASON: archive_reason or reason,
                 },
             )
         if history is not None:
             self.store.set_production_history(self.model_name, history)
-        with self._retiring_lock:  # back in the table before its grace ended: stays loaded
-            for back in wanted:
-                self._retiring.pop(back, None)
+        self._retirements.keep(wanted)  # back in the table before its grace ended
         retiring = self._retire_later(retired, reason, actor)
         served = self.routing()
         events = [
@@ -546,75 +431,101 @@ class ModelRegistryService:
     ) -> Transition:
         """Verify, version, gate and (when it passes) publish a finished training run."""
         self._check_name(model_name)
-        if not run_id:
-            raise InvalidArgument("run_id", "is required")
-        sha = artifact_sha256.strip().lower()
-        if not _SHA256.match(sha):
-            raise InvalidArgument("artifact_sha256", "must be 64 hexadecimal characters")
-        if not 0 <= canary_traffic_percent <= 100:
-            raise InvalidArgument("canary_traffic_percent", "must be between 0 and 100")
-        run = self.store.run(run_id)
-        if run.status != "FINISHED":
-            raise FailedPrecondition(f"run {run_id} is {run.status}, not FINISHED")
-        payload = self.store.download(run_id, rc.MODEL_ARTIFACT)
-        actual = sha256_hex(payload)
-        recorded = run.tags.get(rc.TAG_MODEL_SHA256, sha)
-        if actual != sha or recorded != sha:
-            raise IntegrityError(
-                f"run {run_id}: model artifact sha256 {actual} does not match the declared "
-                f"{sha} (run records {recorded}); refused, nothing registered"
-            )
-        try:
-            existing = [v for v in self.store.versions(self.model_name) if v.run_id == run_id]
-        except NotFound:
-            existing = []
-        if existing:  # a retried registration (the trainer crashed after the call)
-            log.info("registration_repeated", run_id=run_id, version=existing[0].version)
-            return Transition(self._proto(existing[0].version))
-        try:
-            feature_names = json.loads(run.tags[rc.TAG_FEATURE_NAMES])
-            threshold = float(run.tags[rc.TAG_THRESHOLD])
-        except (KeyError, ValueError) as exc:
-            raise InvalidArgument(
-                "run_id", f"run {run_id} lacks the model's feature names or threshold tags"
-            ) from exc
+        sha = checked_registration(run_id, artifact_sha256, canary_traffic_percent)
+        model, run = verified_run(self.store, run_id, sha)
+        repeated = self._registered_version(run_id)
+        if repeated:  # a retried registration (the trainer crashed after the call)
+            log.info("registration_repeated", run_id=run_id, version=repeated)
+            return Transition(self._version(repeated))
+        candidate = candidate_of(run, model, sha)
         held_out = read_held_out_set(
-            self.store.download(run_id, rc.TEST_SET_ARTIFACT), feature_names
+            self.store.download(run_id, rc.TEST_SET_ARTIFACT), candidate.feature_names
         )
-        candidate = evaluate_model(payload, held_out, threshold)  # also proves it loads
+        scores = score_torchscript(model, held_out.features)  # also proves it loads
 
-        self.store.ensure_model(self.model_name)
-        view = self.store.create_version(
-            self.model_name,
-            run,
-            {
-                TAG_SHA256: sha,
-                TAG_STAGE: _stage_name(Stage.MODEL_STAGE_CANDIDATE),
-                TAG_THRESHOLD: repr(threshold),
-                TAG_FEATURE_NAMES: json.dumps(feature_names),
-            },
-            description,
-        )
-        version = view.version
-        log.info("version_registered", model=self.model_name, version=version, run_id=run_id)
+        version = self._create_version(candidate, description)
         served_now = self.routing()
         events = [
             self._event(
                 EventType.MODEL_EVENT_TYPE_REGISTERED, version, actor=actor, served=served_now
             )
         ]
-
         aliases = self._aliases()
-        production_version = aliases.get(PRODUCTION, 0)
-        production = None
+        decision = self._gate(version, candidate, scores, held_out, aliases.get(PRODUCTION, 0))
+        events.append(
+            self._event(
+                EventType.MODEL_EVENT_TYPE_GATE_PASSED
+                if decision.passed
+                else EventType.MODEL_EVENT_TYPE_GATE_REJECTED,
+                version,
+                reason=decision.reason,
+                actor=actor,
+                gate=decision,
+                served=served_now,
+            )
+        )
+        if not decision.passed:
+            return Transition(self._version(version), events)
+        moved, retiring = self._publish_passed(
+            version, decision, aliases, canary_traffic_percent, actor
+        )
+        return Transition(self._version(version), events + moved, retiring)
+
+    def _registered_version(self, run_id: str) -> int:
+        """The version already registered from ``run_id`` (0: none)."""
+        try:
+            existing = [v for v in self.store.versions(self.model_name) if v.run_id == run_id]
+        except NotFound:
+            existing = []
+        return existing[0].version if existing else 0
+
+    def _create_version(self, candidate: Candidate, description: str) -> int:
+        self.store.ensure_model(self.model_name)
+        view = self.store.create_version(
+            self.model_name,
+            candidate.run,
+            {
+                TAG_SHA256: candidate.sha256,
+                TAG_STAGE: stage_name(Stage.MODEL_STAGE_CANDIDATE),
+                TAG_THRESHOLD: repr(candidate.threshold),
+                TAG_FEATURE_NAMES: json.dumps(candidate.feature_names),
+            },
+            description,
+        )
+        log.info(
+            "version_registered",
+            model=self.model_name,
+            version=view.version,
+            run_id=candidate.run.run_id,
+        )
+        return view.version
+
+    def _gate(
+        self,
+        version: int,
+        candidate: Candidate,
+        scores: np.ndarray,
+        held_out: HeldOutSet,
+        production_version: int,
+    ) -> GateDecision:
+        """The evaluation gate on the candidate's held-out set, against production scored on
+        the same rows; the decision is recorded on the version (stage and gate tags)."""
+        production, production_threshold = None, 0.5
         if production_version:
             production_view = self.store.version(self.model_name, production_version)
-            production = evaluate_model(
-                self._verified_artifact(production_view),
-                held_out,
-                float(production_view.tags.get(TAG_THRESHOLD, "0.5")),
+            production = score_torchscript(
+                self.publication.verified_artifact(production_version), held_out.features
             )
-        decision = decide(self.policy, candidate, production, production_version)
+            production_threshold = float(production_view.tags.get(TAG_THRESHOLD, "0.5"))
+        decision = decide(
+            self.policy,
+            held_out.labels,
+            scores,
+            candidate.threshold,
+            production,
+            production_threshold,
+            production_version,
+        )
         self._tag(version, **{TAG_GATE: decision.to_json()})
         log.info(
             "gate_decided",
@@ -624,36 +535,30 @@ class ModelRegistryService:
             reason=decision.reason,
         )
         if not decision.passed:
+            # too little data is no verdict: the version stays a candidate (not published)
+            stage = (
+                Stage.MODEL_STAGE_CANDIDATE
+                if decision.outcome == "insufficient_data"
+                else Stage.MODEL_STAGE_REJECTED
+            )
             self._tag(
                 version,
-                **{
-                    TAG_STAGE: _stage_name(Stage.MODEL_STAGE_REJECTED),
-                    TAG_STAGE_REASON: decision.reason,
-                },
+                **{TAG_STAGE: stage_name(stage), TAG_STAGE_REASON: decision.reason},
             )
-            events.append(
-                self._event(
-                    EventType.MODEL_EVENT_TYPE_GATE_REJECTED,
-                    version,
-                    reason=decision.reason,
-                    actor=actor,
-                    gate=decision,
-                    served=served_now,
-                )
-            )
-            return Transition(self._proto(version), events)
-        events.append(
-            self._event(
-                EventType.MODEL_EVENT_TYPE_GATE_PASSED,
-                version,
-                reason=decision.reason,
-                actor=actor,
-                gate=decision,
-                served=served_now,
-            )
-        )
-        if not production_version:
-            moved, retiring = self._move_traffic(
+        return decision
+
+    def _publish_passed(
+        self,
+        version: int,
+        decision: GateDecision,
+        aliases: dict[str, int],
+        canary_traffic_percent: int,
+        actor: str,
+    ) -> tuple[list[LifecycleEvent], list[Retirement]]:
+        """A version that passed the gate: production when there is none, else canary (or,
+        with ``publish_passed_as`` none, left to the autopilot)."""
+        if not aliases.get(PRODUCTION):
+            return self._move_traffic(
                 {**aliases, PRODUCTION: version},
                 kind=EventType.MODEL_EVENT_TYPE_PROMOTED,
                 version=version,
@@ -663,20 +568,21 @@ class ModelRegistryService:
                 gate=decision,
                 history=[version],
             )
-        else:
-            share = canary_traffic_percent or self.settings.default_canary_percent
-            moved, retiring = self._move_traffic(
-                {**aliases, CANARY: version},
-                kind=EventType.MODEL_EVENT_TYPE_ALIAS_SET,
-                version=version,
-                alias=CANARY,
-                reason=f"passed the evaluation gate: {decision.reason}",
-                actor=actor,
-                traffic_percent=share,
-                gate=decision,
-                archive_reason=f"replaced as canary by v{version}",
-            )
-        return Transition(self._proto(version), events + moved, retiring)
+        if self.settings.publish_passed_as == "none" and not canary_traffic_percent:
+            log.info("candidate_awaits_autopilot", model=self.model_name, version=version)
+            return [], []
+        share = canary_traffic_percent or self.settings.default_canary_percent
+        return self._move_traffic(
+            {**aliases, CANARY: version},
+            kind=EventType.MODEL_EVENT_TYPE_ALIAS_SET,
+            version=version,
+            alias=CANARY,
+            reason=f"passed the evaluation gate: {decision.reason}",
+            actor=actor,
+            traffic_percent=share,
+            gate=decision,
+            archive_reason=f"replaced as canary by v{version}",
+        )
 
     def set_alias(
         self,
@@ -713,10 +619,10 @@ class ModelRegistryService:
                 actor=actor,
                 archive_reason=reason or f"{alias} removed",
             )
-            return Transition(self._proto(current), events, retiring)
+            return Transition(self._version(current), events, retiring)
 
         view = self.store.version(self.model_name, version)  # NotFound for unknown versions
-        stage = _stage_value(view.tags.get(TAG_STAGE, ""))
+        stage = stage_value(view.tags.get(TAG_STAGE, ""))
         if stage == Stage.MODEL_STAGE_REJECTED:
             raise FailedPrecondition(
                 f"v{version} was rejected by the evaluation gate "
@@ -725,7 +631,7 @@ class ModelRegistryService:
         if alias == PRODUCTION:
             current = aliases.get(PRODUCTION, 0)
             if current == version:
-                return Transition(self._proto(version))
+                return Transition(self._version(version))
             history = self.store.production_history(self.model_name) if current else []
             new = {k: v for k, v in aliases.items() if v != version}
             new[PRODUCTION] = version
@@ -739,7 +645,7 @@ class ModelRegistryService:
                 history=[*history, version],
                 archive_reason=f"replaced in production by v{version}",
             )
-            return Transition(self._proto(version), events, retiring)
+            return Transition(self._version(version), events, retiring)
 
         if aliases.get(PRODUCTION) == version:
             raise FailedPrecondition(f"v{version} is production; it cannot also be {alias}")
@@ -763,7 +669,7 @@ class ModelRegistryService:
             traffic_percent=share,
             archive_reason=f"replaced as {alias} by v{version}",
         )
-        return Transition(self._proto(version), events, retiring)
+        return Transition(self._version(version), events, retiring)
 
     def rollback(self, model_name: str, *, reason: str = "", actor: str = "") -> Transition:
         """Production goes back to the previous production version; the current is archived."""
@@ -792,7 +698,7 @@ class ModelRegistryService:
             history=history,
             archive_reason=f"rolled back: {reason}" if reason else "rolled back",
         )
-        return Transition(self._proto(previous), events, retiring)
+        return Transition(self._version(previous), events, retiring)
 
     # ------------------------------------------------------------------ reconciliation
 
@@ -810,8 +716,7 @@ class ModelRegistryService:
         desired = sorted(set(aliases.values()))
         if not desired:
             return ReconcileReport([], [], [], False)
-        with self._retiring_lock:
-            retiring = set(self._retiring)
+        retiring = self._retirements.versions()
         ready = self.triton.ready_versions()
         unrouted = set(ready) - set(desired) - retiring
         keep = set(desired) | retiring | unrouted
@@ -826,14 +731,9 @@ class ModelRegistryService:
                 ready=",".join(map(str, ready)),
                 files_intact=intact,
             )
-            self._serve(keep, set())
+            self.publication.serve(keep, set())
             published = True
-        n_inputs = self._n_inputs({v: self.store.version(self.model_name, v) for v in desired})
-        reloaded = [v for v in desired if not self.triton.probe(v, n_inputs)]
-        if reloaded:
-            log.warning("triton_reloading", model=self.model_name, versions=reloaded)
-            self.triton.unload()
-            self.triton.load()
+        reloaded = self.publication.reload_failing(desired)
         found = self._retire_later(
             unrouted, "loaded in Triton but in no alias (a switch that did not finish)", ""
         )

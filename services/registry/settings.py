@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field, SecretStr
 from pydantic_settings import SettingsConfigDict
 
-from services.shared.settings import MlflowSettings, ServiceSettings, TritonSettings
+from services.shared.settings import (
+    GrpcTlsSettings,
+    MlflowSettings,
+    ObjectStorageSettings,
+    ServiceSettings,
+    TritonSettings,
+)
 
 
-class RegistrySettings(ServiceSettings):
+class RegistrySettings(ServiceSettings, GrpcTlsSettings):
     """The registry: gRPC control plane over MLflow's model registry, publishing to Triton."""
 
     model_config = SettingsConfigDict(env_prefix="MLOPS_REGISTRY_", extra="ignore", frozen=True)
@@ -24,17 +32,53 @@ class RegistrySettings(ServiceSettings):
     model_name: str = Field(
         "fraud_detector", description="The registered model the platform manages."
     )
+    gate_metric: Literal["pr_auc", "log_loss"] = Field(
+        "pr_auc",
+        description="The gate's metric: the candidate's improvement over production in "
+        "PR-AUC (candidate minus production) or in mean log-loss (production minus candidate) "
+        "on the same held-out transactions, by a paired bootstrap.",
+    )
     gate_metric_margin: float = Field(
         0.0,
         ge=0,
-        description="A candidate must beat production's PR-AUC on its held-out test set by "
-        "more than this (absolute) to pass the gate.",
+        description="The lower end of the improvement's confidence interval must exceed this "
+        "(absolute, in the gate metric's units) for a candidate to pass the gate.",
+    )
+    gate_confidence: float = Field(
+        0.95,
+        gt=0.5,
+        lt=1,
+        description="Confidence of the gate's two-sided bootstrap interval of the improvement "
+        "(its lower end is a one-sided bound at 1 - (1 - confidence) / 2: a candidate no "
+        "better than production passes with probability at most about (1 - confidence) / 2).",
+    )
+    gate_resamples: int = Field(
+        1000, ge=100, description="Bootstrap resamples of the gate's paired comparison."
+    )
+    gate_min_rows: int = Field(
+        300,
+        ge=1,
+        description="Held-out transactions the gate needs to compare a candidate with "
+        "production; fewer: 'insufficient data' (no verdict, the version stays a candidate).",
+    )
+    gate_min_positives: int = Field(
+        20,
+        ge=1,
+        description="Frauds among the held-out transactions the gate needs to compare a "
+        "candidate with production; fewer: 'insufficient data'.",
     )
     gate_calibration_tolerance: float = Field(
         0.02,
         ge=0,
         description="A candidate's expected calibration error may exceed production's by at "
         "most this much.",
+    )
+    publish_passed_as: Literal["canary", "none"] = Field(
+        "canary",
+        description="What a registered candidate that passed the gate becomes while a "
+        "production version exists: 'canary' (at default_canary_percent), or 'none': it stays "
+        "a candidate until the autopilot (or an operator) puts it in shadow. The local stack "
+        "and compose, which run the autopilot, set 'none'.",
     )
     default_canary_percent: int = Field(
         10, ge=1, le=100, description="Traffic share of a new canary unless the request sets one."
@@ -70,3 +114,4 @@ class RegistrySettings(ServiceSettings):
     )
     mlflow: MlflowSettings = Field(default_factory=MlflowSettings)
     triton: TritonSettings = Field(default_factory=TritonSettings)
+    s3: ObjectStorageSettings = Field(default_factory=ObjectStorageSettings)

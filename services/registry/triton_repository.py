@@ -27,7 +27,7 @@ import numpy as np
 from services.shared.errors import IntegrityError, Unavailable
 from services.shared.logging import get_logger
 from services.shared.settings import TritonSettings
-from services.shared.usecase.model import TRITON_INPUT, TRITON_OUTPUT
+from services.shared.usecase.features import TRITON_INPUT, TRITON_OUTPUT
 
 log = get_logger("registry.triton")
 
@@ -51,6 +51,17 @@ def render_config(
     torch_threads: int = 1,
 ) -> str:
     served = ", ".join(str(v) for v in sorted(set(versions)))
+    # on a GPU instance Triton may hand inputs over in GPU memory (the model takes them by
+    # DLPack, no copy through the host); by default the Python backend copies them to the CPU
+    gpu_inputs = (
+        """
+parameters: {
+  key: "FORCE_CPU_ONLY_INPUT_TENSORS"
+  value: { string_value: "no" }
+}"""
+        if instance_kind == "KIND_GPU"
+        else ""
+    )
     return f"""name: "{model_name}"
 backend: "python"
 max_batch_size: {max_batch_size}
@@ -81,7 +92,7 @@ version_policy: {{ specific: {{ versions: [ {served} ] }} }}
 parameters: {{
   key: "torch_threads"
   value: {{ string_value: "{torch_threads}" }}
-}}
+}}{gpu_inputs}
 """
 
 

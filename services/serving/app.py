@@ -9,11 +9,10 @@ and Triton scores it.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gc
 
 from services.serving.health import ServingHealth
-from services.serving.online_features import OnlineFeatureLayout, OnlineFeatureReader
+from services.serving.online_features import LayoutCache, OnlineFeatureLayout, OnlineFeatureReader
 from services.serving.prediction_log import PredictionLog
 from services.serving.predictor import Predictor
 from services.serving.routing import CanaryRouter
@@ -26,7 +25,8 @@ from services.shared.grpc_server import GrpcServer
 from services.shared.kafka import create_producer
 from services.shared.logging import get_logger
 from services.shared.proto.mlops.v1 import predictor_pb2_grpc
-from services.shared.runtime import SERVICE_READY
+from services.shared.retry import pause
+from services.shared.runtime import set_ready
 from services.shared.topics import Topics
 
 log = get_logger("serving")
@@ -37,7 +37,28 @@ SERVICE = "serving"
 async def load_feature_layout(
     settings: ServingSettings, stop: asyncio.Event
 ) -> OnlineFeatureLayout | None:
-    """The feature service's layout from the Feast registry; waits until it is applied."""
+    """The feature service's layout from the Feast registry; waits until it is applied.
+
+    Taken from the layout cache while the registry is unchanged: importing Feast would cost
+    a restarted process seconds before it answers."""
+    cache = LayoutCache(
+        settings.storage.data_dir / "serving" / "feature-layout.json",
+        settings.storage.feast_registry_path,
+        settings.feast.feature_service,
+    )
+    cached = await asyncio.to_thread(cache.read)
+    if cached is not None:
+        log.info("feature_layout_cached", path=str(cache.path))
+        return cached
+    layout = await _layout_from_registry(settings, stop)
+    if layout is not None:
+        await asyncio.to_thread(cache.write, layout)
+    return layout
+
+
+async def _layout_from_registry(
+    settings: ServingSettings, stop: asyncio.Event
+) -> OnlineFeatureLayout | None:
     from feast.errors import FeastObjectNotFoundException
 
     store = await asyncio.to_thread(open_store, settings.feast, settings.redis, settings.storage)
@@ -48,8 +69,8 @@ async def load_feature_layout(
             )
         except FeastObjectNotFoundException as exc:
             log.warning("feature_definitions_missing", error=str(exc))
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), settings.registry_retry_interval_s)
+        if await pause(stop, settings.registry_retry_interval_s):
+            break
         await asyncio.to_thread(store.refresh_registry)
     return None
 
@@ -73,6 +94,8 @@ class ServingApp:
             lambda: create_producer(settings.kafka, client_id="serving-predictions", linger_ms=20),
             topics.predictions,
             capacity=settings.prediction_log_capacity,
+            dlq_topic=topics.dlq,
+            max_record_bytes=settings.kafka.max_record_bytes,
         )
         self.predictor = Predictor(
             model_name=settings.registry.model_name,
@@ -81,6 +104,7 @@ class ServingApp:
             scorer=self.scorer,
             prediction_log=self.prediction_log,
             batch_max_size=settings.batch_max_size,
+            max_batch_requests=settings.max_batch_requests,
             batch_max_delay_s=settings.batch_max_delay_ms / 1000.0,
             batch_max_in_flight=settings.batch_max_in_flight,
             default_timeout_s=settings.default_timeout_ms / 1000.0,
@@ -95,6 +119,7 @@ class ServingApp:
             port=settings.port,
             service_names=[SERVICE_NAME],
             reuse_port=settings.workers > 1,
+            tls=settings,
         )
         predictor_pb2_grpc.add_PredictorServicer_to_server(
             PredictorServicer(self.predictor), self.server.server
@@ -118,7 +143,7 @@ class ServingApp:
 
     async def _publish_health(self, serving: bool) -> None:
         await self.server.health.set(serving)
-        SERVICE_READY.labels(SERVICE).set(1 if serving else 0)
+        set_ready(SERVICE, serving)
 
     async def start(self) -> None:
         self.prediction_log.start()

@@ -4,7 +4,10 @@ Each request served alone costs a Redis round trip and a Triton call; their fixe
 (system calls, protobuf framing, Triton's Python-backend IPC) dominate the work itself. The
 ``MicroBatcher`` collects the requests that arrive within ``max_delay_s`` of the first (or
 until ``max_size`` have arrived) and hands them to one batch handler; each caller awaits its
-own result. Batches run concurrently, so a slow batch never holds the next one back.
+own result. By default one batch runs at a time (``max_in_flight=1``; serving's
+``batch_max_in_flight``): the requests that arrive meanwhile gather into the next batch,
+which is what makes batches grow under load. A larger ``max_in_flight`` lets batches overlap,
+so that one slow batch does not hold the next back.
 """
 
 from __future__ import annotations

@@ -8,11 +8,11 @@ after its Python-backend stub died, and only an inference shows that.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Awaitable, Callable
 
 from services.serving.predictor import Predictor
 from services.shared.logging import get_logger
+from services.shared.retry import pause
 
 log = get_logger("serving.health")
 
@@ -52,5 +52,4 @@ class ServingHealth:
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
             await self.check()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), self._interval_s)
+            await pause(stop, self._interval_s)

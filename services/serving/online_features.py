@@ -8,36 +8,40 @@ hashes with one pipelined ``HMGET`` per distinct entity over a pooled ``redis.as
 connection, which costs a few microseconds per row (``loadtests/bench_serving.py`` measures
 both side by side).
 
-What it reads is exactly what Feast wrote, because the layout comes from Feast itself:
+What it reads is exactly what Feast wrote:
 - the feature service, its views, their features and entity join keys are read from the
   Feast registry (``open_store``), not restated here;
-- keys are ``feast.infra.online_stores.helpers._redis_key`` (entity key serialised with the
-  store's ``entity_key_serialization_version`` + project), fields are ``_mmh3("view:feature")``
-  and ``_ts:view``, values are Feast ``ValueProto`` messages: Feast's own helpers and types,
-  the same ones ``RedisOnlineStore.online_read`` uses;
+- keys, fields and values follow Feast's Redis layout as services/shared/feast_layout.py
+  states it (the writer uses the same module; a unit test holds it to Feast's own bytes);
 - a missing hash or field reads as ``None`` (an entity Feast has never written), as in the SDK.
 The integration tests compare this reader with ``get_online_features`` on values pushed
 through the Feast SDK.
+
+Importing Feast takes seconds (4 s measured on the 2-core machine), which a restarted serving
+process must not spend before it answers: the layout (views, fields and the checked key
+prefix of each view) is kept as JSON (``LayoutCache``, beside the hash of the Feast registry
+it came from), and with it nothing here imports Feast.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
+import os
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import hiredis
 import redis.asyncio as aioredis
-from feast.infra.online_stores.helpers import _mmh3, _redis_key
-from feast.protos.feast.types.EntityKey_pb2 import EntityKey as EntityKeyProto
-from feast.protos.feast.types.Value_pb2 import Value as ValueProto
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from services.shared.errors import Unavailable
+from services.shared.feast_layout import EntityKeys, decode_value, event_time_field, feature_field
 from services.shared.logging import get_logger
 from services.shared.settings import RedisSettings
 
@@ -83,7 +87,7 @@ class OnlineView:
     @property
     def hash_fields(self) -> list[bytes | str]:
         """The hash fields of the features, then the view's event-time field (Feast's order)."""
-        return [*(_mmh3(f"{self.name}:{f}") for f in self.features), f"_ts:{self.name}"]
+        return [*(feature_field(self.name, f) for f in self.features), event_time_field(self.name)]
 
 
 @dataclass(frozen=True)
@@ -93,6 +97,60 @@ class OnlineFeatureLayout:
     project: str
     entity_key_serialization_version: int
     views: tuple[OnlineView, ...]
+    # per view: the checked prefix of its Redis keys (``EntityKeys.head``), once computed
+    key_heads: Mapping[str, bytes] = field(default_factory=dict)
+
+    def entity_keys(self, view: OnlineView) -> EntityKeys:
+        return EntityKeys(
+            self.project,
+            self.entity_key_serialization_version,
+            view.join_key,
+            int_entity=view.int_entity,
+            head=self.key_heads.get(view.name),
+        )
+
+    def with_key_heads(self) -> OnlineFeatureLayout:
+        """This layout with the checked key prefix of each view (needs Feast; what
+        ``to_json`` keeps, so that a restart does not)."""
+        heads = {}
+        for view in self.views:
+            head = self.entity_keys(view).head
+            if head is not None:
+                heads[view.name] = head
+        return OnlineFeatureLayout(
+            self.project, self.entity_key_serialization_version, self.views, heads
+        )
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "project": self.project,
+                "entity_key_serialization_version": self.entity_key_serialization_version,
+                "views": [
+                    {
+                        "name": v.name,
+                        "join_key": v.join_key,
+                        "int_entity": v.int_entity,
+                        "features": list(v.features),
+                    }
+                    for v in self.views
+                ],
+                "key_heads": {view: head.hex() for view, head in self.key_heads.items()},
+            }
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> OnlineFeatureLayout:
+        data = json.loads(text)
+        return cls(
+            project=data["project"],
+            entity_key_serialization_version=int(data["entity_key_serialization_version"]),
+            views=tuple(
+                OnlineView(v["name"], v["join_key"], bool(v["int_entity"]), tuple(v["features"]))
+                for v in data["views"]
+            ),
+            key_heads={view: bytes.fromhex(head) for view, head in data["key_heads"].items()},
+        )
 
     @classmethod
     def from_store(cls, store: FeatureStore, feature_service: str) -> OnlineFeatureLayout:
@@ -120,7 +178,7 @@ class OnlineFeatureLayout:
             project=store.config.project,
             entity_key_serialization_version=store.config.entity_key_serialization_version,
             views=tuple(views),
-        )
+        ).with_key_heads()
 
     @property
     def join_keys(self) -> list[str]:
@@ -131,63 +189,49 @@ class OnlineFeatureLayout:
         return [f for v in self.views for f in v.features]
 
 
-def decode_value(raw: bytes | None) -> Any:
-    """A stored Feast ``ValueProto`` as a Python value; ``None`` when absent or unset."""
-    if not raw:
-        return None
-    value = ValueProto.FromString(raw)
-    kind = value.WhichOneof("val")
-    if kind is None or kind == "null_val":
-        return None
-    return getattr(value, kind)
+class LayoutCache:
+    """The layout resolved from a Feast registry, kept as JSON beside a hash of that registry.
 
+    ``read`` gives the layout only while the registry file is byte for byte the one it was
+    resolved from (an apply changes it), so a restart skips Feast without ever serving an
+    outdated layout."""
 
-class EntityKeys:
-    """Feast's Redis key for each entity of one view, at a fraction of Feast's cost.
+    def __init__(self, path: Path, registry_path: Path, feature_service: str) -> None:
+        self.path = path
+        self.registry_path = registry_path
+        self.feature_service = feature_service
 
-    Feast's ``_redis_key`` (serialise an ``EntityKey`` proto, append the project) costs about
-    25 us per entity, more than the rest of a read. For a single string join key the key is
-    ``head + <uint32 length> + utf-8 value + project``: ``head`` is taken from Feast's own
-    output for the empty string, and the rule is checked against Feast for a set of probe
-    values when the view is loaded. If Feast's layout ever differs, every key comes from
-    ``_redis_key`` itself.
-    """
+    def _fingerprint(self) -> str | None:
+        try:
+            registry = self.registry_path.read_bytes()
+        except OSError:
+            return None
+        digest = hashlib.sha256(registry)
+        digest.update(self.feature_service.encode())
+        return digest.hexdigest()
 
-    _PROBES = ("", "u", "user-12345", "ü-é-中", "x" * 300)
+    def read(self) -> OnlineFeatureLayout | None:
+        fingerprint = self._fingerprint()
+        if fingerprint is None:
+            return None
+        try:
+            cached = json.loads(self.path.read_text())
+            if cached.get("registry_sha256") != fingerprint:
+                return None
+            return OnlineFeatureLayout.from_json(cached["layout"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None  # absent, or not ours to trust: resolved again
 
-    def __init__(self, layout: OnlineFeatureLayout, view: OnlineView) -> None:
-        self._project = layout.project
-        self._version = layout.entity_key_serialization_version
-        self._view = view
-        self._head: bytes | None = None
-        self._tail = layout.project.encode()
-        if not view.int_entity:
-            empty = self.feast_key("")
-            head = empty[: len(empty) - 4 - len(self._tail)]
-            self._head = head
-            if any(self._fast(p) != self.feast_key(p) for p in self._PROBES):
-                self._head = None
-                log.warning("feast_key_layout_unknown", view=view.name, using="feast helper")
-
-    def feast_key(self, entity: str) -> bytes:
-        """The key exactly as Feast builds it."""
-        value = (
-            ValueProto(int64_val=int(entity))
-            if self._view.int_entity
-            else ValueProto(string_val=entity)
+    def write(self, layout: OnlineFeatureLayout) -> None:
+        fingerprint = self._fingerprint()
+        if fingerprint is None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = self.path.with_suffix(f".{os.getpid()}.tmp")
+        temporary.write_text(
+            json.dumps({"registry_sha256": fingerprint, "layout": layout.to_json()})
         )
-        key = EntityKeyProto(join_keys=[self._view.join_key], entity_values=[value])
-        return _redis_key(self._project, key, entity_key_serialization_version=self._version)
-
-    def _fast(self, entity: str) -> bytes:
-        assert self._head is not None
-        encoded = entity.encode()
-        return b"".join((self._head, len(encoded).to_bytes(4, "little"), encoded, self._tail))
-
-    def __call__(self, entity: str) -> bytes:
-        if self._head is None:
-            return self.feast_key(entity)
-        return self._fast(entity)
+        temporary.replace(self.path)  # atomic: several workers may write it
 
 
 class OnlineFeatureReader:
@@ -218,7 +262,23 @@ class OnlineFeatureReader:
         self._retry_at = 0.0
         self._timeouts_in_a_row = 0
         self._last_warning = 0.0
-        self._address = settings.connection_string
+        self._address = settings.address  # never the credentials
+        options = settings.client_options()
+        # a Redis Cluster spreads a batch's keys over its nodes: no single script can read
+        # them; the cluster client pipelines one HMGET per key, grouped by node
+        self._cluster: aioredis.RedisCluster | None = None
+        if settings.cluster:
+            self._cluster = aioredis.RedisCluster(
+                host=settings.host,
+                port=settings.port,
+                socket_timeout=timeout_s,
+                socket_connect_timeout=timeout_s,
+                socket_keepalive=True,
+                max_connections=pool_size,
+                **options,
+            )
+        if options.pop("ssl", False):
+            options["connection_class"] = aioredis.SSLConnection
         pool = aioredis.BlockingConnectionPool(
             host=settings.host,
             port=settings.port,
@@ -227,11 +287,12 @@ class OnlineFeatureReader:
             socket_timeout=timeout_s,
             socket_connect_timeout=timeout_s,
             socket_keepalive=True,
+            **options,
         )
         self._redis = aioredis.Redis(connection_pool=pool)
         self._script_sha = hashlib.sha1(_HMGET_MANY.encode(), usedforsecurity=False).hexdigest()
         self._values: dict[bytes, Any] = {}
-        self._keys = {v.name: EntityKeys(layout, v) for v in layout.views}
+        self._keys = {v.name: layout.entity_keys(v) for v in layout.views}
 
     @property
     def available(self) -> bool:
@@ -308,6 +369,8 @@ class OnlineFeatureReader:
 
     async def _fetch(self, plan: list[tuple[OnlineView, list[str], list[int]]]) -> list[Any]:
         """One command for the whole batch: HMGET of every entity of every view."""
+        if self._cluster is not None:
+            return await self._fetch_from_cluster(plan)
         keys: list[bytes] = []
         args: list[Any] = []
         for view, distinct, _ in plan:
@@ -322,6 +385,26 @@ class OnlineFeatureReader:
             # a restarted Redis has forgotten the script: load it again, once
             await self._redis.script_load(_HMGET_MANY)
             return list(await self._execute(command))
+
+    async def _fetch_from_cluster(
+        self, plan: list[tuple[OnlineView, list[str], list[int]]]
+    ) -> list[Any]:
+        """The same replies as the script's, from one pipeline of HMGETs over the cluster
+        (one round trip per node that holds keys of the batch)."""
+        assert self._cluster is not None
+        async with self._cluster.pipeline() as pipe:
+            for view, distinct, _ in plan:
+                key = self._keys[view.name]
+                fields = self._fields[view.name]
+                for entity in distinct:
+                    pipe.hmget(key(entity), fields)
+            flat = await pipe.execute()
+        replies: list[Any] = []
+        at = 0
+        for _, distinct, _ in plan:
+            replies.append(flat[at : at + len(distinct)])
+            at += len(distinct)
+        return replies
 
     async def _execute(self, command: tuple[Any, ...]) -> Any:
         """Send one command on a pooled connection, packed by hiredis (C) rather than by
@@ -342,3 +425,5 @@ class OnlineFeatureReader:
 
     async def close(self) -> None:
         await self._redis.close(close_connection_pool=True)
+        if self._cluster is not None:
+            await self._cluster.close()

@@ -3,10 +3,12 @@
 The answer never waits for Kafka. ``record`` puts one scored batch's answers (a
 ``PredictionBatch``: columns, not an object per row) into a bounded buffer and returns; a
 background task wakes at most every ``drain_interval_s``, turns what is buffered into protobuf
-wire bytes and hands it to the aiokafka producer as one record batch per partition. When the
-buffer is full (Kafka slow or down) new records are dropped and counted
-(``mlops_serving_prediction_log_dropped_total``); when Kafka is unreachable at start the task
-keeps retrying while serving answers.
+wire bytes and hands it to the shared ``RecordSender`` (one record batch per partition; a
+record over the broker's limit is dead-lettered and counted there, as by every service). When
+the buffer is full (Kafka slow or down) new records are dropped and counted
+(``mlops_serving_prediction_log_dropped_total``, by design: an answer never waits for the
+log); a failed delivery is counted (``mlops_serving_prediction_log_failed_total``); when
+Kafka is unreachable at start the task keeps retrying while serving answers.
 """
 
 from __future__ import annotations
@@ -17,19 +19,20 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
-from aiokafka.producer.message_accumulator import BatchBuilder
-from google.protobuf.timestamp_pb2 import Timestamp
 
 from services.serving import metrics
 from services.shared.codecs import protobuf_headers
 from services.shared.logging import get_logger
-from services.shared.partitioning import partition_for
 from services.shared.proto.mlops.v1 import events_pb2, monitoring_pb2
 from services.shared.protowire import DOUBLE, length_delimited, varint
+from services.shared.retry import Backoff, retry
+from services.shared.sender import OutboundRecord, RecordSender, RecordTooLarge
+from services.shared.topics import Topics
 from services.shared.usecase.features import MODEL_INPUTS
 
 log = get_logger("serving.prediction_log")
@@ -39,42 +42,10 @@ _DRAIN_RECORDS = 2048  # most records encoded and handed to the producer in one 
 
 
 @dataclass(slots=True)
-class PredictionEntry:
-    """What the hot path hands over; the protobuf is built later, off the answer's path."""
-
-    request_id: str
-    transaction: events_pb2.Transaction
-    features: np.ndarray  # the model inputs of this row, in MODEL_INPUTS order
-    fraud_probability: float
-    flagged: bool
-    model_name: str
-    model_version: int
-    route: int
-    degraded: bool
-    latency_ms: float
-    predicted_at: float  # epoch seconds
-
-    def to_record(self) -> monitoring_pb2.PredictionRecord:
-        seconds = int(self.predicted_at)
-        return monitoring_pb2.PredictionRecord(
-            request_id=self.request_id,
-            transaction=self.transaction,
-            features=dict(zip(MODEL_INPUTS, self.features.tolist(), strict=True)),
-            fraud_probability=self.fraud_probability,
-            flagged=self.flagged,
-            model_name=self.model_name,
-            model_version=self.model_version,
-            route=self.route,  # type: ignore[arg-type]
-            degraded=self.degraded,
-            latency_ms=self.latency_ms,
-            predicted_at=Timestamp(seconds=seconds, nanos=int((self.predicted_at - seconds) * 1e9)),
-        )
-
-
-@dataclass(slots=True)
 class PredictionBatch:
-    """The answers of one version to some rows of a scored batch, as columns (what the hot
-    path hands over: no object per row); row ``i`` is ``entries()[i]``."""
+    """The answers of one version to some rows of a scored batch, as columns: the predictor
+    records a batch as it scored it, no object per row; ``RecordEncoder`` turns each row into
+    a ``PredictionRecord`` when the log is sent."""
 
     request_ids: list[str]
     transactions: list[events_pb2.Transaction]
@@ -107,24 +78,6 @@ class PredictionBatch:
             self.predicted_at,
         )
 
-    def entries(self) -> list[PredictionEntry]:
-        return [
-            PredictionEntry(
-                request_id=self.request_ids[i],
-                transaction=self.transactions[i],
-                features=self.features[i],
-                fraud_probability=self.fraud_probabilities[i],
-                flagged=self.flagged[i],
-                model_name=self.model_name,
-                model_version=self.model_version,
-                route=self.route,
-                degraded=self.degraded,
-                latency_ms=self.latencies_ms[i],
-                predicted_at=self.predicted_at,
-            )
-            for i in range(len(self))
-        ]
-
 
 class RecordEncoder:
     """``PredictionRecord`` wire bytes for many entries, without building the messages.
@@ -133,7 +86,8 @@ class RecordEncoder:
     serialising it cost more of serving's CPU than scoring the row. The encoding is the
     protobuf wire format of monitoring.proto's field numbers; the map entries of every row
     of a batch come out of one numpy array whose per-feature key prefixes are constant.
-    Parsing the bytes gives exactly ``PredictionEntry.to_record()`` (unit-tested).
+    Parsing the bytes gives exactly the message built field by field with the protobuf API
+    (unit-tested against such a reference).
     """
 
     def __init__(self) -> None:
@@ -190,8 +144,7 @@ class RecordEncoder:
         return b"\x5a" + bytes((len(timestamp),)) + timestamp  # at most 17 bytes: one byte
 
     def encode_batch(self, batch: PredictionBatch) -> list[bytes]:
-        """The serialised record of each row of ``batch``, in order (the bytes ``encode``
-        gives for ``batch.entries()``)."""
+        """The serialised ``PredictionRecord`` of each row of ``batch``, in order."""
         if not len(batch):
             return []
         pack = DOUBLE.pack
@@ -245,10 +198,14 @@ class PredictionLog:
         topic: str,
         *,
         capacity: int,
+        dlq_topic: str = Topics.dlq,
+        max_record_bytes: int = 1_000_000,
         retry_interval_s: float = 1.0,
         drain_interval_s: float = 0.02,
     ) -> None:
         self.topic = topic
+        self._dlq_topic = dlq_topic
+        self._max_record_bytes = max_record_bytes
         self._producer_factory = producer_factory
         self._capacity = capacity
         self._batches: deque[PredictionBatch] = deque()
@@ -262,6 +219,7 @@ class PredictionLog:
         self._task: asyncio.Task[None] | None = None
         self._producer: AIOKafkaProducer | None = None
         self.dropped = 0
+        self.dead_lettered = 0
         self.sent = 0
         self.failed = 0
         self._last_warning = 0.0
@@ -312,19 +270,31 @@ class PredictionLog:
             self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def _connect(self) -> AIOKafkaProducer:
-        while True:
+        async def start() -> AIOKafkaProducer:
             producer = self._producer_factory()
             try:
                 await producer.start()
-                log.info("prediction_log_connected", topic=self.topic)
-                return producer
-            except (KafkaError, OSError) as exc:
-                log.warning("prediction_log_unreachable", topic=self.topic, error=repr(exc))
+            except (KafkaError, OSError):
                 await producer.stop()
-                await asyncio.sleep(self._retry_interval_s)
+                raise
+            return producer
+
+        producer = await retry(
+            start,
+            retryable=(KafkaError, OSError),
+            backoff=Backoff(self._retry_interval_s),
+            on_retry=lambda exc, _: log.warning(
+                "prediction_log_unreachable", topic=self.topic, error=repr(exc)
+            ),
+        )
+        log.info("prediction_log_connected", topic=self.topic)
+        return producer
 
     async def _run(self) -> None:
         self._producer = producer = await self._connect()
+        sender = RecordSender(
+            producer, dlq_topic=self._dlq_topic, max_record_bytes=self._max_record_bytes
+        )
         loop = asyncio.get_running_loop()
         while True:
             await self._wake.wait()
@@ -334,8 +304,8 @@ class PredictionLog:
                 batches = self.take()
                 count = sum(len(b) for b in batches)
                 try:
-                    await self._send(producer, batches)
-                except KafkaError as exc:
+                    await self._send(sender, batches)
+                except (KafkaError, RecordTooLarge) as exc:
                     self._failed(exc, count)
                 finally:
                     self._handed_over(count)
@@ -345,44 +315,25 @@ class PredictionLog:
             if pause > 0:
                 await asyncio.sleep(pause)
 
-    async def _send(
-        self,
-        producer: AIOKafkaProducer,
-        batches: list[PredictionBatch],
-    ) -> None:
-        """Hand records to the producer as one batch per partition (per-record ``send`` costs
-        several times more Python per record); keyed by transaction id, partitioned as
-        ``send`` would (Kafka's murmur2 of the key)."""
-        partitions = sorted(await producer.partitions_for(self.topic))
-        by_partition: dict[int, list[tuple[bytes, bytes]]] = {}
-        for batch in batches:
+    async def _send(self, sender: RecordSender, batches: list[PredictionBatch]) -> None:
+        """Hand the records to the sender, keyed by transaction id (one record batch per
+        partition; per-record ``send`` costs several times more Python per record)."""
+        records = [
+            OutboundRecord(self.topic, transaction.transaction_id.encode(), value, _HEADERS)
+            for batch in batches
             for transaction, value in zip(
                 batch.transactions, self._encoder.encode_batch(batch), strict=True
-            ):
-                key = transaction.transaction_id.encode()
-                partition = partition_for(key, partitions)
-                by_partition.setdefault(partition, []).append((key, value))
-        for partition, records in by_partition.items():
-            batch = producer.create_batch()
-            count = 0
-            for key, value in records:
-                if batch.append(key=key, value=value, timestamp=None, headers=_HEADERS) is None:
-                    # full: send it and start the next one with this record
-                    await self._submit(producer, batch, partition, count)
-                    batch, count = producer.create_batch(), 0
-                    batch.append(key=key, value=value, timestamp=None, headers=_HEADERS)
-                count += 1
-            await self._submit(producer, batch, partition, count)
+            )
+        ]
+        for delivery in await sender.submit(records):
+            count = len(delivery.records)
+            if delivery.topic != self.topic:
+                # over the broker's limit: dead-lettered (counted and logged by the sender)
+                self.dead_lettered += count
+                continue
+            delivery.future.add_done_callback(partial(self._delivered, count=count))
 
-    async def _submit(
-        self, producer: AIOKafkaProducer, batch: BatchBuilder, partition: int, count: int
-    ) -> None:
-        if count == 0:
-            return
-        delivery = await producer.send_batch(batch, self.topic, partition=partition)
-        delivery.add_done_callback(lambda done: self._delivered(done, count))
-
-    def _delivered(self, delivery: asyncio.Future[object], count: int) -> None:
+    def _delivered(self, delivery: asyncio.Future[object], *, count: int) -> None:
         if delivery.cancelled():
             self._failed(asyncio.CancelledError(), count)
         elif delivery.exception() is not None:

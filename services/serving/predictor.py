@@ -32,17 +32,12 @@ from services.serving.routing import CanaryRouter, RouteDecision, ServedModel
 from services.serving.scoring import TritonScorer, VersionNotServed
 from services.shared.errors import DeadlineExceeded, InvalidArgument, PlatformError, Unavailable
 from services.shared.logging import get_logger
-from services.shared.proto.mlops.v1 import events_pb2, monitoring_pb2
+from services.shared.model_aliases import ROUTE_NAMES
+from services.shared.proto.mlops.v1 import events_pb2
 from services.shared.usecase.features import MODEL_INPUTS, TransactionColumns, model_inputs
 from services.shared.usecase.schemas import transaction_fields, validate_transaction
 
 log = get_logger("serving.predictor")
-
-_ROUTE_NAMES: dict[int, str] = {
-    monitoring_pb2.ROUTE_PRODUCTION: "production",
-    monitoring_pb2.ROUTE_CANARY: "canary",
-    monitoring_pb2.ROUTE_SHADOW: "shadow",
-}
 
 
 class RequestIds:
@@ -114,8 +109,10 @@ class Predictor:
         degrade_without_features: bool = True,
         shadow_max_inflight: int = 8,
         switch_wait_s: float = 2.0,
+        max_batch_requests: int = 1000,
     ) -> None:
         self.model_name = model_name
+        self._max_batch_requests = max_batch_requests
         self.router = router
         self._features = features
         self._scorer = scorer
@@ -201,7 +198,15 @@ class Predictor:
         transactions: Sequence[tuple[events_pb2.Transaction | None, str]],
         timeout_s: float | None = None,
     ) -> list[Prediction]:
-        """Score many transactions (answers in order); any invalid one fails the call."""
+        """Score many transactions (answers in order); any invalid one fails the call, and so
+        does a call of more than ``max_batch_requests`` (one caller must not hold every
+        batch slot)."""
+        if len(transactions) > self._max_batch_requests:
+            raise InvalidArgument(
+                "requests",
+                f"at most {self._max_batch_requests} per call, got {len(transactions)}",
+                code="too_many_requests",
+            )
         budget = self._budget(timeout_s)
         requests = [
             self._admit(txn, request_id, budget, f"requests[{i}].transaction")
@@ -379,7 +384,7 @@ class Predictor:
     async def _score(
         self, model: ServedModel, rows: list[int], matrix: np.ndarray, timeout_s: float
     ) -> _Scored:
-        route = _ROUTE_NAMES[model.route]
+        route = ROUTE_NAMES[model.route]
         metrics.TRITON_BATCH_SIZE.labels(route).observe(len(rows))
         try:
             scores = await self._scorer.score(model.version, matrix[rows], timeout_s)
@@ -402,8 +407,8 @@ class Predictor:
         assert group.scores is not None
         route = model.route
         version = str(model.version)
-        counter = metrics.PREDICTIONS.labels(version, _ROUTE_NAMES[route])
-        latency = metrics.PREDICTION_LATENCY.labels(version, _ROUTE_NAMES[route])
+        counter = metrics.PREDICTIONS.labels(version, ROUTE_NAMES[route])
+        latency = metrics.PREDICTION_LATENCY.labels(version, ROUTE_NAMES[route])
         now = time.perf_counter()
         scores: list[float] = group.scores.tolist()
         answered = [rows[position] for position in group.rows]

@@ -1,7 +1,8 @@
 """Which model version answers a request: production, a sticky canary share, a shadow mirror.
 
-The routing table is the registry's: the ``served`` list of every ``models.lifecycle`` event
-(or, at start-up, the registry's aliases). ``CanaryRouter`` maps a user to a version with a
+The routing table is the registry's, applied as given (shares included): the ``served`` list of
+every ``models.lifecycle`` event, or at start-up the registry's ``GetRoutingTable``.
+``CanaryRouter`` maps a user to a version with a
 stable hash of the user id, so a user stays on the canary (or off it) for as long as the
 canary's share does not change, and raising the share only adds users to it.
 """
@@ -15,12 +16,8 @@ from dataclasses import dataclass
 import mmh3
 
 from services.shared.errors import Unavailable
+from services.shared.model_aliases import CANARY, PRODUCTION, SHADOW, served_alias
 from services.shared.proto.mlops.v1 import models_pb2, monitoring_pb2
-
-PRODUCTION = "production"
-CANARY = "canary"
-SHADOW = "shadow"
-ALIASES = (PRODUCTION, CANARY, SHADOW)
 
 BUCKETS = 10_000  # traffic shares have a resolution of 0.01 %
 _CANARY_SEED = 0x5EED_0001
@@ -61,12 +58,11 @@ class RoutingTable:
 
     @classmethod
     def from_served(cls, served: Iterable[models_pb2.ServedVersion]) -> RoutingTable:
-        """The table of a lifecycle event; ``ValueError`` when it has no production version."""
+        """The registry's table (a lifecycle event's ``served``, or ``GetRoutingTable``);
+        ``ValueError`` when it has no production version."""
         by_alias: dict[str, ServedModel] = {}
         for entry in served:
-            alias = entry.alias.lower()
-            if alias not in ALIASES:
-                raise ValueError(f"unknown alias {entry.alias!r} for version {entry.version}")
+            alias = served_alias(entry)
             if alias in by_alias:
                 raise ValueError(f"alias {alias} appears twice in the routing table")
             if entry.version <= 0:

@@ -1,17 +1,16 @@
 """Keeps the router's table current: the registry at start-up, then ``models.lifecycle``.
 
 Start-up: the consumer is positioned at the end of models.lifecycle first, then the registry
-is asked for its production / canary / shadow aliases (``GetModelVersion`` by alias), and
-asked once more after the consumer is in place if no event has arrived meanwhile, so no
-change can fall between the two. From then on every lifecycle event of the model carries the
-complete routing table (``served``) and replaces the current one; events older than the
-table in force are ignored. Every replica reads every event (no consumer group).
+is asked for its routing table (``GetRoutingTable``), and asked once more after the consumer is
+in place if no event has arrived meanwhile, so no change can fall between the two. From then on
+every lifecycle event of the model carries the complete routing table (``served``) and replaces
+the current one; events older than the table in force are ignored. Every replica reads every
+event (no consumer group). The table is applied as the registry computed it, shares included.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Callable
 
 import grpc
@@ -21,19 +20,14 @@ from aiokafka.structs import TopicPartition
 from google.protobuf.message import DecodeError
 
 from services.serving import metrics
-from services.serving.routing import (
-    CANARY,
-    PRODUCTION,
-    SHADOW,
-    CanaryRouter,
-    RoutingTable,
-    ServedModel,
-)
+from services.serving.routing import CanaryRouter, RoutingTable
 from services.shared.errors import Unavailable
 from services.shared.kafka import create_consumer, ensure_topics
 from services.shared.logging import get_logger
 from services.shared.proto.mlops.v1 import models_pb2, registry_pb2, registry_pb2_grpc
+from services.shared.retry import pause
 from services.shared.settings import KafkaSettings, RegistryClientSettings
+from services.shared.tls import registry_aio_channel
 
 log = get_logger("serving.routing")
 
@@ -47,10 +41,7 @@ def apply_table(router: CanaryRouter, table: RoutingTable, source: str) -> None:
             metrics.ROUTING.labels(str(model.version), model.alias).set(0)
             metrics.ROUTING.remove(str(model.version), model.alias)
     for model in table.entries():
-        share = model.traffic_percent
-        if model.alias == PRODUCTION:
-            share = 100 - (table.canary.traffic_percent if table.canary else 0)
-        metrics.ROUTING.labels(str(model.version), model.alias).set(share)
+        metrics.ROUTING.labels(str(model.version), model.alias).set(model.traffic_percent)
     metrics.ROUTING_UPDATES.labels(source).inc()
     log.info("routing_updated", source=source, table=table.describe())
 
@@ -58,44 +49,27 @@ def apply_table(router: CanaryRouter, table: RoutingTable, source: str) -> None:
 async def read_registry_table(
     registry: RegistryClientSettings, timeout_s: float = 5.0
 ) -> RoutingTable | None:
-    """The registry's current aliases as a table; None when there is no production version.
+    """The registry's routing table now; None when there is no production version.
 
     Raises ``Unavailable`` when the registry cannot be reached.
     """
-    async with grpc.aio.insecure_channel(registry.address) as channel:
+    async with registry_aio_channel(registry) as channel:
         stub = registry_pb2_grpc.ModelRegistryStub(channel)
-        found: dict[str, models_pb2.ModelVersion] = {}
-        for alias in (PRODUCTION, CANARY, SHADOW):
-            try:
-                found[alias] = await stub.GetModelVersion(
-                    registry_pb2.GetModelVersionRequest(
-                        model_name=registry.model_name, alias=alias
-                    ),
-                    timeout=timeout_s,
-                )
-            except grpc.aio.AioRpcError as exc:
-                if exc.code() == grpc.StatusCode.NOT_FOUND:
-                    continue
-                raise Unavailable(
-                    f"registry {registry.address}: {exc.code().name} {exc.details()}"
-                ) from exc
-    if PRODUCTION not in found:
+        try:
+            response = await stub.GetRoutingTable(
+                registry_pb2.GetRoutingTableRequest(model_name=registry.model_name),
+                timeout=timeout_s,
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise Unavailable(
+                f"registry {registry.address}: {exc.code().name} {exc.details()}"
+            ) from exc
+    if not response.routes:
         return None
-
-    def served(alias: str) -> ServedModel | None:
-        version = found.get(alias)
-        if version is None:
-            return None
-        return ServedModel(
-            version=int(version.version),
-            alias=alias,
-            traffic_percent=int(version.traffic_percent) if alias != PRODUCTION else 100,
-            threshold=float(version.threshold),
-        )
-
-    production = served(PRODUCTION)
-    assert production is not None
-    return RoutingTable(production=production, canary=served(CANARY), shadow=served(SHADOW))
+    try:
+        return RoutingTable.from_served(response.routes)
+    except ValueError as exc:
+        raise Unavailable(f"registry {registry.address}: {exc}") from exc
 
 
 class RoutingFollower:
@@ -143,7 +117,7 @@ class RoutingFollower:
         while not stop.is_set() and self.router.table is None:
             await self._read_registry_once()
             if self.router.table is None:
-                await self._pause(stop)
+                await pause(stop, self._retry_s)
         # a change made between that read and the consumer taking its position would be
         # missed: once the consumer is in place, read once more
         waits = [asyncio.ensure_future(self.following.wait()), asyncio.ensure_future(stop.wait())]
@@ -165,10 +139,6 @@ class RoutingFollower:
             return
         if table is not None and not self._events_applied:
             apply_table(self.router, table, "registry")
-
-    async def _pause(self, stop: asyncio.Event) -> None:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), self._retry_s)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -199,7 +169,7 @@ class RoutingFollower:
             except (KafkaError, OSError, Unavailable) as exc:
                 log.warning("lifecycle_unreachable", topic=self._topic, error=repr(exc))
                 await consumer.stop()
-                await self._pause(stop)
+                await pause(stop, self._retry_s)
             except BaseException:  # cancelled while connecting: close before leaving
                 await asyncio.shield(consumer.stop())
                 raise

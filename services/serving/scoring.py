@@ -20,7 +20,7 @@ from tritonclient.grpc import service_pb2
 
 from services.shared.errors import Unavailable
 from services.shared.settings import TritonSettings
-from services.shared.usecase.model import TRITON_INPUT, TRITON_OUTPUT
+from services.shared.usecase.features import TRITON_INPUT, TRITON_OUTPUT
 
 _MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
 _MAX_MESSAGE = 64 * 1024 * 1024

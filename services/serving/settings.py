@@ -9,6 +9,7 @@ from pydantic_settings import SettingsConfigDict
 
 from services.shared.settings import (
     FeastSettings,
+    GrpcTlsSettings,
     RedisSettings,
     RegistryClientSettings,
     ServiceSettings,
@@ -17,7 +18,7 @@ from services.shared.settings import (
 )
 
 
-class ServingSettings(ServiceSettings):
+class ServingSettings(ServiceSettings, GrpcTlsSettings):
     """The prediction API: where it listens, how it batches, how it degrades."""
 
     model_config = SettingsConfigDict(env_prefix="MLOPS_SERVING_", extra="ignore", frozen=True)
@@ -38,6 +39,12 @@ class ServingSettings(ServiceSettings):
     )
     batch_max_size: int = Field(
         256, ge=1, description="Most requests coalesced into one feature read and Triton call."
+    )
+    max_batch_requests: int = Field(
+        1000,
+        ge=1,
+        description="Most transactions one PredictBatch call may carry (more: "
+        "INVALID_ARGUMENT naming requests); a gRPC message is at most 16 MiB on top.",
     )
     batch_max_delay_ms: float = Field(
         1.0,

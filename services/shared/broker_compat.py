@@ -10,9 +10,24 @@ fixtures set it). Everything the platform does differently for Tansu is in this 
 - Tansu 0.6 does not answer a long-polling fetch when data arrives: it holds it for the full
   ``fetch_max_wait_ms`` (aiokafka's default 500 ms; faust hard-codes 1500 ms), so every
   consumer hop added up to that much latency (measured: faust hop p50 410 ms, two hops
-  970 ms; with a 20 ms cap 8 ms and 16 ms). The fetcher's wait is capped at
-  ``TANSU_FETCH_MAX_WAIT_MS`` for every consumer created after ``activate``; an idle consumer
-  then polls 50 times a second, which the local broker takes easily.
+  970 ms; with a 20 ms wait 8 ms and 16 ms). A fixed 20 ms wait made every idle consumer
+  poll 50 times a second: an idle local stack spent 0.4 of a core in the broker alone. So
+  the wait adapts, per consumer: ``TANSU_FETCH_MIN_WAIT_MS`` after a fetch that brought
+  records (under load a hop stays short), doubled after each empty one up to
+  ``TANSU_FETCH_IDLE_WAIT_MS`` (an idle consumer polls about twice a second). The first
+  record after an idle spell waits at most that long per hop; the ones behind it do not.
+  A consumer that asks for fuller fetches (``fetch_min_bytes`` > 1: monitoring, through
+  ``kafka.create_consumer(batching_wait_ms=...)``) waits its whole ``fetch_max_wait_ms`` (at
+  most ``TANSU_FETCH_BATCHING_WAIT_MS``) every time: Tansu ignores min bytes, and with the
+  20 ms wait monitoring's reading of predictions.log cost the broker 0.36 of a core at
+  800 Predict/s.
+- Tansu 0.6 answers a fetch from beyond a partition's end with no records and no
+  OFFSET_OUT_OF_RANGE (Kafka's answer, on which the client resets the position per
+  ``auto_offset_reset``). After a restart of the in-memory broker every topic starts again at
+  offset 0, so every consumer whose position was further waited at it for ever (ingestion's
+  validator, serving's routing follower: measured by loadtests/chaos.py), and would then have
+  skipped everything before it. A fetch answered with a high watermark below the position is
+  therefore treated as out of range: the position is reset as Kafka would have it.
 """
 
 from __future__ import annotations
@@ -20,7 +35,7 @@ from __future__ import annotations
 import collections
 from typing import Any
 
-from aiokafka.consumer.fetcher import Fetcher
+from aiokafka.consumer.fetcher import Fetcher, OffsetResetStrategy
 from aiokafka.protocol.fetch import FetchRequest
 from aiokafka.structs import TopicPartition
 
@@ -30,7 +45,10 @@ from services.shared.settings import KafkaSettings
 log = get_logger("broker_compat")
 _original_end_offsets = Fetcher.end_offsets
 _original_fetcher_init = Fetcher.__init__
-TANSU_FETCH_MAX_WAIT_MS = 20
+_original_proc_fetch_request = Fetcher._proc_fetch_request
+TANSU_FETCH_MIN_WAIT_MS = 20
+TANSU_FETCH_IDLE_WAIT_MS = 500
+TANSU_FETCH_BATCHING_WAIT_MS = 1000
 
 
 async def _end_offsets_from_high_watermark(
@@ -56,10 +74,57 @@ async def _end_offsets_from_high_watermark(
     return result
 
 
-def _fetcher_init_with_short_wait(self: Fetcher, *args: Any, **kwargs: Any) -> None:
-    wait = kwargs.get("fetch_max_wait_ms", TANSU_FETCH_MAX_WAIT_MS)
-    kwargs["fetch_max_wait_ms"] = min(wait, TANSU_FETCH_MAX_WAIT_MS)
+def _fetcher_init_with_adaptive_wait(self: Fetcher, *args: Any, **kwargs: Any) -> None:
+    wanted = kwargs.get("fetch_max_wait_ms", 500)
+    if kwargs.get("fetch_min_bytes", 1) > 1:  # batching: always the whole wait
+        floor = ceiling = min(wanted, TANSU_FETCH_BATCHING_WAIT_MS)
+    else:
+        floor, ceiling = TANSU_FETCH_MIN_WAIT_MS, min(wanted, TANSU_FETCH_IDLE_WAIT_MS)
+    kwargs["fetch_max_wait_ms"] = floor
     _original_fetcher_init(self, *args, **kwargs)
+    self._tansu_busy_wait_ms = floor
+    self._tansu_idle_wait_ms = max(ceiling, floor)
+
+
+async def _proc_fetch_request_adapting_wait(
+    self: Fetcher, assignment: Any, node_id: int, request: Any
+) -> bool:
+    """The next fetch's wait: short after records, doubled (up to the idle wait) after none;
+    a position past the partition's end is out of range (reset, as Kafka would answer)."""
+    woke: bool = await _original_proc_fetch_request(self, assignment, node_id, request)
+    if not woke and assignment.active:
+        _reset_positions_past_the_end(self, assignment, request)
+    if woke:
+        self._fetch_max_wait_ms = self._tansu_busy_wait_ms
+    else:
+        self._fetch_max_wait_ms = min(self._fetch_max_wait_ms * 2, self._tansu_idle_wait_ms)
+    return woke
+
+
+def _reset_positions_past_the_end(self: Fetcher, assignment: Any, request: Any) -> None:
+    for topic, partitions in request.topics:
+        for partition, offset, *_ in partitions:
+            tp = TopicPartition(topic, partition)
+            state = assignment.state_value(tp)
+            if (
+                state is None
+                or not state.has_valid_position
+                or state.position != offset
+                or state.highwater is None
+                or offset <= state.highwater
+            ):
+                continue
+            if self._default_reset_strategy == OffsetResetStrategy.NONE:
+                continue  # the caller wants to decide: nothing to reset to
+            log.warning(
+                "tansu_offset_out_of_range",
+                topic=topic,
+                partition=partition,
+                position=offset,
+                high_watermark=state.highwater,
+                note="the topic was re-created (a broker restart): position reset",
+            )
+            state.await_reset(self._default_reset_strategy)
 
 
 def activate(settings: KafkaSettings) -> None:
@@ -67,8 +132,11 @@ def activate(settings: KafkaSettings) -> None:
     if settings.broker_flavor != "tansu" or Fetcher.end_offsets is _end_offsets_from_high_watermark:
         return
     Fetcher.end_offsets = _end_offsets_from_high_watermark  # type: ignore[method-assign,unused-ignore]
-    Fetcher.__init__ = _fetcher_init_with_short_wait  # type: ignore[method-assign,unused-ignore]
+    Fetcher.__init__ = _fetcher_init_with_adaptive_wait  # type: ignore[method-assign,unused-ignore]
+    Fetcher._proc_fetch_request = _proc_fetch_request_adapting_wait  # type: ignore[method-assign,unused-ignore]
     log.info(
         "tansu_workarounds_active",
-        patched="aiokafka.Fetcher.end_offsets,aiokafka.Fetcher.__init__(fetch_max_wait_ms)",
+        patched="aiokafka.Fetcher.end_offsets,aiokafka.Fetcher.__init__/_proc_fetch_request"
+        "(adaptive fetch_max_wait_ms)",
+        fetch_wait_ms=f"{TANSU_FETCH_MIN_WAIT_MS}-{TANSU_FETCH_IDLE_WAIT_MS}",
     )

@@ -3,7 +3,8 @@
 Plain numpy (no scikit-learn import on the registry's or monitoring's paths), with the same
 definitions as scikit-learn's: PR-AUC is average precision (step-wise, no interpolation),
 ROC-AUC the Mann-Whitney statistic with ties counted half. Expected calibration error uses
-equal-width probability bins weighted by their share of rows.
+equal-width probability bins weighted by their share of rows; log-loss clips probabilities
+to [1e-6, 1 - 1e-6].
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import itertools
 from dataclasses import asdict, dataclass
 
 import numpy as np
+
+_EPS = 1e-6
 
 
 def _as_arrays(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -70,6 +73,18 @@ def expected_calibration_error(labels: np.ndarray, scores: np.ndarray, bins: int
     return float(total)
 
 
+def log_loss_rows(labels: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """Per-row log-loss (probabilities clipped to [1e-6, 1 - 1e-6])."""
+    y, p = _as_arrays(labels, scores)
+    p = np.clip(p, _EPS, 1 - _EPS)
+    return np.asarray(-(y * np.log(p) + (1 - y) * np.log(1 - p)))
+
+
+def log_loss(labels: np.ndarray, scores: np.ndarray) -> float:
+    """Mean log-loss (cross-entropy) of the probabilities."""
+    return float(log_loss_rows(labels, scores).mean())
+
+
 def precision_recall_at(
     labels: np.ndarray, scores: np.ndarray, threshold: float
 ) -> tuple[float, float]:
@@ -111,6 +126,7 @@ class BinaryMetrics:
     precision: float
     recall: float
     calibration_error: float
+    log_loss: float
     threshold: float
     rows: int
     positives: int
@@ -128,6 +144,7 @@ def evaluate(labels: np.ndarray, scores: np.ndarray, threshold: float) -> Binary
         precision=precision,
         recall=recall,
         calibration_error=expected_calibration_error(y, p),
+        log_loss=log_loss(y, p),
         threshold=float(threshold),
         rows=int(y.size),
         positives=int(y.sum()),

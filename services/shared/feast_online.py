@@ -3,10 +3,10 @@
 Feast 0.49's ``RedisOnlineStore`` skips a write whose event time, truncated to whole seconds,
 is not newer than the stored one. Two transactions of one user within the same second would
 then leave the second one's features unwritten, and a late event (recomputed at the user's
-latest event time) would never reach Redis. This store keeps Feast's Redis layout and read
-path unchanged and only changes that rule: a row is written unless it is strictly older, to
-the nanosecond, than what is stored. Configured in feature_store.yaml as
-``services.shared.feast_online.EventTimeRedisOnlineStore``.
+latest event time) would never reach Redis. This store keeps Feast's Redis layout
+(services/shared/feast_layout.py) and read path unchanged and only changes that rule: a row is
+written unless it is strictly older, to the nanosecond, than what is stored. Configured in
+feature_store.yaml as ``services.shared.feast_online.EventTimeRedisOnlineStore``.
 
 On a plain Redis the comparison and the write run in one Lua script per batch: one round
 trip instead of two, and atomic, so two writers of one entity (a worker handing a partition
@@ -21,13 +21,12 @@ from datetime import UTC, datetime
 from typing import Any, Literal
 
 from feast import FeatureView, RepoConfig, utils
-from feast.infra.online_stores.helpers import _mmh3, _redis_key
 from feast.infra.online_stores.redis import RedisOnlineStore, RedisOnlineStoreConfig, RedisType
 from feast.protos.feast.types.EntityKey_pb2 import EntityKey as EntityKeyProto
 from feast.protos.feast.types.Value_pb2 import Value as ValueProto
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from services.shared.protowire import DOUBLE, length_delimited, varint
+from services.shared.feast_layout import event_time_field, feature_field, redis_key
 
 
 class EventTimeRedisOnlineStoreConfig(RedisOnlineStoreConfig):
@@ -82,37 +81,9 @@ return written
 """
 
 
-# ------------------------------------------------------------------ pre-encoded rows
-#
-# A writer that knows its rows' types (the features service) skips the protos per value:
-# ``encode_value`` writes the bytes ``Value(<kind>_val=v).SerializeToString()`` writes (a
-# unit test holds them equal), ``entity_redis_key`` the key Feast's ``_redis_key`` makes.
-# The Redis layout is the same either way.
-
-
-def encode_value(kind: str, value: Any) -> bytes:
-    """The serialized feast ``Value`` of a feature of type ``kind`` (int64/float64/string)."""
-    if kind == "int64":
-        return b"\x20" + varint(int(value))  # field 4 (int64_val), varint
-    if kind == "float64":
-        return b"\x29" + DOUBLE.pack(float(value))  # field 5 (double_val), fixed64
-    data = str(value).encode()
-    return length_delimited(0x12, data)  # field 2 (string_val)
-
-
-def entity_redis_key(config: RepoConfig, join_key: str, entity_value: str) -> bytes:
-    """Feast's Redis key of a single-key string entity (``_redis_key`` of its EntityKey)."""
-    entity_key = EntityKeyProto(
-        join_keys=[join_key], entity_values=[ValueProto(string_val=entity_value)]
-    )
-    return _redis_key(
-        config.project,
-        entity_key,
-        entity_key_serialization_version=config.entity_key_serialization_version,
-    )
-
-
-# (redis key, event time in epoch microseconds, [(feature name, encoded Value)])
+# (redis key, event time in epoch microseconds, [(feature name, encoded Value)]): a writer that
+# knows its rows' types (the features service) encodes them with feast_layout.encode_value and
+# entity_redis_key, skipping the protos per value; the Redis layout is the same either way.
 EncodedRow = tuple[bytes, int, list[tuple[str, bytes]]]
 
 
@@ -123,7 +94,7 @@ class EventTimeRedisOnlineStore(RedisOnlineStore):
     def _field(self, view: str, feature: str) -> bytes:
         name = self._field_names.get((view, feature))
         if name is None:
-            name = self._field_names[(view, feature)] = _mmh3(f"{view}:{feature}")
+            name = self._field_names[(view, feature)] = feature_field(view, feature)
         return name
 
     def online_write_batch(
@@ -135,11 +106,7 @@ class EventTimeRedisOnlineStore(RedisOnlineStore):
     ) -> None:
         rows: list[EncodedRow] = []
         for entity_key, values, event_time, _ in data:
-            key = _redis_key(
-                config.project,
-                entity_key,
-                entity_key_serialization_version=config.entity_key_serialization_version,
-            )
+            key = redis_key(config.project, entity_key, config.entity_key_serialization_version)
             delta = utils.make_tzaware(event_time) - _EPOCH
             event_us = (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
             encoded = [(name, value.SerializeToString()) for name, value in values.items()]
@@ -158,7 +125,7 @@ class EventTimeRedisOnlineStore(RedisOnlineStore):
             self._write_in_two_steps(client, store_config, view, rows)
             return
         field = self._field
-        args: list[Any] = [f"_ts:{view}", store_config.key_ttl_seconds or 0]
+        args: list[Any] = [event_time_field(view), store_config.key_ttl_seconds or 0]
         for _, event_us, values in rows:
             seconds, micros = divmod(event_us, 1_000_000)
             ts = Timestamp(seconds=seconds, nanos=micros * 1000)
@@ -176,7 +143,7 @@ class EventTimeRedisOnlineStore(RedisOnlineStore):
     def _write_in_two_steps(
         self, client: Any, store_config: Any, view: str, rows: list[EncodedRow]
     ) -> None:
-        ts_key = f"_ts:{view}"
+        ts_key = event_time_field(view)
         with client.pipeline(transaction=False) as pipe:
             for key, _, _ in rows:
                 pipe.hget(key, ts_key)

@@ -32,7 +32,11 @@ def repo_config_dict(
         "project": feast.project,
         "provider": "local",
         "registry": str(registry_path),
-        "online_store": {"type": ONLINE_STORE_TYPE, "connection_string": redis.connection_string},
+        "online_store": {
+            "type": ONLINE_STORE_TYPE,
+            "connection_string": redis.connection_string,
+            "redis_type": "redis_cluster" if redis.cluster else "redis",
+        },
         "offline_store": {"type": "duckdb"},
         "entity_key_serialization_version": 3,
         "repo_path": str(feast.repo_path),

@@ -16,12 +16,15 @@ from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import Counter, Histogram
 
-from services.shared.errors import PermissionDenied, PlatformError, Unauthenticated
+from services.shared.errors import InvalidArgument, PermissionDenied, PlatformError, Unauthenticated
 from services.shared.logging import get_logger
+from services.shared.settings import GrpcTlsSettings
+from services.shared.tls import server_credentials
 
 log = get_logger("grpc")
 
@@ -61,6 +64,32 @@ class BearerTokenAuth:
             raise Unauthenticated("authorization metadata must be 'Bearer <token>'")
         if not hmac.compare_digest(token.strip().encode(), self._token):
             raise PermissionDenied(f"the token is not allowed to call {method}")
+
+
+_MAX_DETAIL = 1024
+
+
+class _Undecodable:
+    """What a request that is no message of its type deserialises to (gRPC would answer
+    UNKNOWN for the deserializer's exception; the edge answers INVALID_ARGUMENT)."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: str) -> None:
+        self.error = error
+
+
+def _tolerant(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserialize is None:
+        return None
+
+    def tolerant(data: bytes) -> Any:
+        try:
+            return deserialize(data)
+        except DecodeError as exc:
+            return _Undecodable(str(exc))
+
+    return tolerant
 
 
 class _EdgeInterceptor(grpc.aio.ServerInterceptor):
@@ -103,13 +132,22 @@ class _EdgeInterceptor(grpc.aio.ServerInterceptor):
             try:
                 if auth is not None:
                     auth.check(short, context.invocation_metadata())
+                if isinstance(request, _Undecodable):
+                    raise InvalidArgument(
+                        "request",
+                        f"not a valid {short} request message: {request.error}",
+                        code="malformed_request",
+                    )
                 return await behavior(request, context)
             except PlatformError as exc:
                 code = exc.grpc_code
-                log.info(
-                    "rpc_error", method=short, code=code.name, reason=exc.code, detail=exc.message
-                )
-                await context.abort(code, exc.message)
+                # a message echoing a huge field would not fit gRPC's 8 KiB of trailers (the
+                # caller would get RESOURCE_EXHAUSTED instead of the error): cut it
+                detail = exc.message
+                if len(detail) > _MAX_DETAIL:
+                    detail = f"{detail[:_MAX_DETAIL]}... ({len(exc.message)} characters, cut)"
+                log.info("rpc_error", method=short, code=code.name, reason=exc.code, detail=detail)
+                await context.abort(code, detail)
             except grpc.aio.AbortError:
                 code = context.code() or grpc.StatusCode.UNKNOWN
                 raise
@@ -126,7 +164,7 @@ class _EdgeInterceptor(grpc.aio.ServerInterceptor):
 
         return grpc.unary_unary_rpc_method_handler(
             wrapped,
-            request_deserializer=handler.request_deserializer,
+            request_deserializer=_tolerant(handler.request_deserializer),
             response_serializer=handler.response_serializer,
         )
 
@@ -159,9 +197,12 @@ class GrpcServer:
         service_names: Iterable[str],
         auth: BearerTokenAuth | None = None,
         reuse_port: bool = False,
+        tls: GrpcTlsSettings | None = None,
     ) -> None:
         """``reuse_port``: several processes may bind the same port (SO_REUSEPORT) and the
-        kernel spreads connections over them; off, a second server on the port fails."""
+        kernel spreads connections over them; off, a second server on the port fails.
+        ``tls``: with a certificate the port speaks TLS only (mutual TLS with a client CA);
+        its ``health_port`` adds a plaintext port that serves only the health service."""
         self._names = list(service_names)
         self.server = grpc.aio.server(
             interceptors=[_EdgeInterceptor(auth)],
@@ -178,15 +219,42 @@ class GrpcServer:
             [*self._names, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server
         )
         self.health = HealthStatus(self._health_servicer, self._names)
-        self.port = self.server.add_insecure_port(f"{host}:{port}")
+        credentials = server_credentials(tls) if tls is not None else None
+        self.tls = credentials is not None
+        self.mutual_tls = tls is not None and tls.tls_client_ca_file is not None
+        if credentials is None:
+            self.port = self.server.add_insecure_port(f"{host}:{port}")
+        else:
+            self.port = self.server.add_secure_port(f"{host}:{port}", credentials)
         if self.port == 0:
             raise OSError(f"cannot bind gRPC server to {host}:{port}")
+        # the probes' port: the same health servicer (same statuses), nothing else on it
+        self._health_server: grpc.aio.Server | None = None
+        self.health_port = 0
+        if tls is not None and tls.health_port:
+            self._health_server = grpc.aio.server(
+                options=[("grpc.so_reuseport", 1 if reuse_port else 0)]
+            )
+            health_pb2_grpc.add_HealthServicer_to_server(self._health_servicer, self._health_server)
+            self.health_port = self._health_server.add_insecure_port(f"{host}:{tls.health_port}")
+            if self.health_port == 0:
+                raise OSError(f"cannot bind the health port {host}:{tls.health_port}")
 
     async def start(self, *, serving: bool = True) -> None:
         await self.health.set(serving)
         await self.server.start()
-        log.info("grpc_started", port=self.port, services=",".join(self._names))
+        if self._health_server is not None:
+            await self._health_server.start()
+        log.info(
+            "grpc_started",
+            port=self.port,
+            services=",".join(self._names),
+            tls="mutual" if self.mutual_tls else "on" if self.tls else "off",
+            health_port=self.health_port,
+        )
 
     async def stop(self, grace: float = 5.0) -> None:
         await self.health.set(False)
         await self.server.stop(grace)
+        if self._health_server is not None:
+            await self._health_server.stop(grace)

@@ -18,12 +18,12 @@ by the interval instead of every few seconds).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gc
 import time
 from typing import TYPE_CHECKING
 
 from services.shared.logging import get_logger
+from services.shared.retry import pause
 
 if TYPE_CHECKING:
     from services.shared.settings import HeapSettings
@@ -70,5 +70,4 @@ async def freeze_periodically(settings: HeapSettings, stop: asyncio.Event) -> No
     heap = HeapFreezer(settings.gc_full_interval_s)
     while not stop.is_set():
         heap.tick()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), timeout=settings.gc_freeze_interval_s)
+        await pause(stop, settings.gc_freeze_interval_s)

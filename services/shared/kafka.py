@@ -8,19 +8,70 @@ service commits an offset only after what it produced from that record is acknow
 from __future__ import annotations
 
 import asyncio
+import ssl
 from collections.abc import Iterable, Mapping
+from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
+from aiokafka.helpers import create_ssl_context
+from prometheus_client import Counter
 
 from services.shared.broker_compat import activate as activate_broker_workarounds
 from services.shared.errors import Unavailable
 from services.shared.logging import get_logger
+from services.shared.retry import pause
 from services.shared.settings import KafkaSettings
 from services.shared.topics import Topics
 
 log = get_logger("kafka")
+TOPICS_RECREATED = Counter(
+    "mlops_kafka_topics_recreated_total",
+    "Topics this process found missing on the broker and created again",
+)
+
+
+def kafka_ssl_context(settings: KafkaSettings) -> ssl.SSLContext | None:
+    """The TLS context of SSL/SASL_SSL connections (None for plaintext protocols)."""
+    if not settings.uses_tls:
+        return None
+    return create_ssl_context(
+        cafile=str(settings.ssl_ca_file) if settings.ssl_ca_file else None,
+        certfile=str(settings.ssl_cert_file) if settings.ssl_cert_file else None,
+        keyfile=str(settings.ssl_key_file) if settings.ssl_key_file else None,
+    )
+
+
+def security_options(settings: KafkaSettings) -> dict[str, Any]:
+    """aiokafka's keyword arguments for the configured protocol: every client of the
+    platform (producers, consumers, admin) gets them."""
+    options: dict[str, Any] = {"security_protocol": settings.security_protocol}
+    context = kafka_ssl_context(settings)
+    if context is not None:
+        options["ssl_context"] = context
+    if settings.uses_sasl:
+        options["sasl_mechanism"] = settings.sasl_mechanism
+        options["sasl_plain_username"] = settings.sasl_username
+        options["sasl_plain_password"] = settings.sasl_password.get_secret_value()
+    return options
+
+
+def faust_credentials(settings: KafkaSettings) -> Any:
+    """The same security as faust's ``broker_credentials`` (None: plaintext)."""
+    import faust
+
+    context = kafka_ssl_context(settings)
+    if settings.uses_sasl:
+        return faust.SASLCredentials(
+            username=settings.sasl_username,
+            password=settings.sasl_password.get_secret_value(),
+            ssl_context=context,
+            mechanism=settings.sasl_mechanism,
+        )
+    if context is not None:
+        return faust.SSLCredentials(context)
+    return None
 
 
 def create_producer(
@@ -39,6 +90,7 @@ def create_producer(
         linger_ms=linger_ms,
         max_batch_size=max_batch_size,
         request_timeout_ms=settings.request_timeout_ms,
+        **security_options(settings),
     )
 
 
@@ -49,10 +101,23 @@ def create_consumer(
     client_id: str,
     auto_offset_reset: str = "earliest",
     max_poll_records: int = 500,
+    partition_assignment_strategy: tuple[Any, ...] | None = None,
+    batching_wait_ms: int | None = None,
 ) -> AIOKafkaConsumer:
+    """``batching_wait_ms``: for a reader that is not on a latency path (monitoring), how
+    long a fetch may wait to fill up (fetch.min.bytes 256 KiB, fetch.max.wait this): fewer,
+    fuller fetches, which is most of what such a reader costs the broker. None: records are
+    wanted as soon as they arrive."""
     activate_broker_workarounds(settings)
+    extra: dict[str, Any] = {}
+    if partition_assignment_strategy is not None:
+        extra["partition_assignment_strategy"] = partition_assignment_strategy
+    if batching_wait_ms is not None:
+        extra["fetch_max_wait_ms"] = batching_wait_ms
+        extra["fetch_min_bytes"] = 256 * 1024
     return AIOKafkaConsumer(
         *topics,
+        **extra,
         bootstrap_servers=settings.bootstrap,
         group_id=group_id,
         client_id=client_id,
@@ -63,22 +128,31 @@ def create_consumer(
         session_timeout_ms=settings.session_timeout_ms,
         heartbeat_interval_ms=max(1000, settings.session_timeout_ms // 5),
         request_timeout_ms=settings.request_timeout_ms,
+        **security_options(settings),
     )
 
 
 async def ensure_topics(
-    settings: KafkaSettings, names: Iterable[str] | None = None, *, timeout_s: float = 30.0
+    settings: KafkaSettings,
+    names: Iterable[str] | None = None,
+    *,
+    timeout_s: float = 30.0,
+    compacted: Iterable[str] = (),
 ) -> list[str]:
     """Create the contract's topics (or ``names``) if missing; returns the ones created.
+    Those also in ``compacted`` (table changelogs) are created with ``cleanup.policy=compact``.
 
     Retries until the broker answers or ``timeout_s`` passes, so a service started before
     its broker waits for it instead of crashing in a restart loop.
     """
     wanted = list(names) if names is not None else Topics.from_settings(settings).all()
+    compact = set(compacted)
     deadline = asyncio.get_running_loop().time() + timeout_s
     while True:
         admin = AIOKafkaAdminClient(
-            bootstrap_servers=settings.bootstrap, request_timeout_ms=settings.request_timeout_ms
+            bootstrap_servers=settings.bootstrap,
+            request_timeout_ms=settings.request_timeout_ms,
+            **security_options(settings),
         )
         try:
             await admin.start()
@@ -93,6 +167,9 @@ async def ensure_topics(
                                 topic,
                                 num_partitions=settings.partitions,
                                 replication_factor=settings.replication_factor,
+                                topic_configs={"cleanup.policy": "compact"}
+                                if topic in compact
+                                else None,
                             )
                         ]
                     )
@@ -107,6 +184,49 @@ async def ensure_topics(
                 raise Unavailable(f"Kafka at {settings.bootstrap} unreachable: {exc}") from exc
             log.warning("kafka_unreachable", bootstrap=settings.bootstrap, error=str(exc))
             await asyncio.sleep(1.0)
+        finally:
+            await admin.close()
+
+
+async def keep_topics(
+    settings: KafkaSettings,
+    stop: asyncio.Event,
+    names: Iterable[str] | None = None,
+    *,
+    interval_s: float = 10.0,
+    compacted: Iterable[str] = (),
+) -> None:
+    """Re-create ``names`` (default: the contract's topics) whenever they are missing, until
+    ``stop``.
+
+    A broker that lost its topics (the local in-memory broker after a restart; a topic
+    deleted by hand on a real cluster) would otherwise leave every consumer committing to
+    partitions that do not exist, and every producer failing, until someone restarts the
+    services. Consumers whose position is past the new topics' end then start them over from
+    their beginning (``auto_offset_reset=earliest``). One metadata request per interval.
+    """
+    wanted = list(names) if names is not None else Topics.from_settings(settings).all()
+    while not await pause(stop, interval_s):
+        admin = AIOKafkaAdminClient(
+            bootstrap_servers=settings.bootstrap,
+            request_timeout_ms=settings.request_timeout_ms,
+            **security_options(settings),
+        )
+        try:
+            await admin.start()
+            while not stop.is_set():
+                existing = set(await admin.list_topics())
+                missing = [t for t in wanted if t not in existing]
+                if missing:
+                    created = await ensure_topics(
+                        settings, missing, timeout_s=0, compacted=compacted
+                    )
+                    if created:
+                        TOPICS_RECREATED.inc(len(created))
+                        log.warning("topics_recreated", topics=",".join(created))
+                await pause(stop, interval_s)
+        except (KafkaError, Unavailable, OSError) as exc:  # the broker away: look again later
+            log.info("topic_check_failed", error=f"{type(exc).__name__}: {exc}")
         finally:
             await admin.close()
 
@@ -133,10 +253,14 @@ async def consumer_groups_lag(
     """
     activate_broker_workarounds(settings)
     consumer = AIOKafkaConsumer(
-        bootstrap_servers=settings.bootstrap, request_timeout_ms=settings.request_timeout_ms
+        bootstrap_servers=settings.bootstrap,
+        request_timeout_ms=settings.request_timeout_ms,
+        **security_options(settings),
     )
     admin = AIOKafkaAdminClient(
-        bootstrap_servers=settings.bootstrap, request_timeout_ms=settings.request_timeout_ms
+        bootstrap_servers=settings.bootstrap,
+        request_timeout_ms=settings.request_timeout_ms,
+        **security_options(settings),
     )
     await consumer.start()
     await admin.start()

@@ -84,5 +84,14 @@ def configure_logging(level: str = "INFO", fmt: Literal["logfmt", "json"] = "log
     root.setLevel(level.upper())
     # chatty libraries stay at WARNING unless we are debugging
     if level.upper() != "DEBUG":
-        for noisy in ("aiokafka", "kafka", "faust", "mode", "feast", "urllib3", "alembic"):
+        for noisy in (
+            "aiokafka",
+            "kafka",
+            "faust",
+            "mode",
+            "feast",
+            "urllib3",
+            "alembic",
+            "httpx",  # one line per request (the autopilot polls every few seconds)
+        ):
             logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -1,4 +1,4 @@
-"""The Kafka topics of the contract (DESIGN.md), resolved with the configured prefix."""
+"""The Kafka topics of the contract (docs/architecture.md), with the configured prefix."""
 
 from __future__ import annotations
 

@@ -42,7 +42,7 @@ def fit_baseline(
     )
     # as many OpenMP threads as torch gets: on a shared machine more threads only spin
     with threadpool_limits(limits=params.torch_threads):
-        model.fit(train.features, train.labels.astype(np.int64))
+        model.fit(train.features, train.labels.astype(np.int64), sample_weight=train.row_weights())
     fitted = FittedBaseline(model, 0.5)
     fitted.threshold = max_f1_threshold(validation.labels, fitted.scores(validation.features))
     return fitted

@@ -4,12 +4,16 @@ The request's offset is committed only after its run finished (logged and regist
 crash re-runs it; the pipeline recognises a request it already carried out. While a training
 runs (minutes, in a worker thread) the partitions are paused and the consumer keeps polling,
 so the group does not consider it dead.
+
+A record that is not a ``RetrainRequest`` (it does not parse, names no model, or its
+``message-type`` header names another message) never starts a training: it goes to the
+dead-letter topic with the reason (``not_a_retrain_request``), and only then is its offset
+committed.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 
 from aiokafka import AIOKafkaConsumer, ConsumerRecord
@@ -17,10 +21,13 @@ from aiokafka.structs import OffsetAndMetadata, TopicPartition
 from google.protobuf.message import DecodeError
 from prometheus_client import Counter, Gauge, Histogram
 
+from services.shared.codecs import MESSAGE_TYPE, header
 from services.shared.errors import PlatformError, Unavailable
-from services.shared.kafka import create_consumer
+from services.shared.kafka import create_consumer, create_producer
 from services.shared.logging import get_logger
 from services.shared.proto.mlops.v1 import monitoring_pb2
+from services.shared.retry import pause
+from services.shared.sender import RecordSender, Source, dead_letter
 from services.shared.topics import Topics
 from services.training.pipeline import (
     LoggedProgress,
@@ -48,8 +55,10 @@ class TrainingRequestConsumer:
     def __init__(self, settings: TrainingSettings, pipeline: TrainingPipeline) -> None:
         self.settings = settings
         self.pipeline = pipeline
-        self.topic = Topics.from_settings(settings.kafka).training_requests
+        self.topics = Topics.from_settings(settings.kafka)
+        self.topic = self.topics.training_requests
         self.retry_backoff_s = 10.0
+        self._sender: RecordSender | None = None
 
     async def run(self, stop: asyncio.Event) -> None:
         consumer = create_consumer(
@@ -59,7 +68,14 @@ class TrainingRequestConsumer:
             client_id="training",
             max_poll_records=1,
         )
+        producer = create_producer(self.settings.kafka, client_id="training-dlq", linger_ms=0)
         await consumer.start()
+        await producer.start()
+        self._sender = RecordSender(
+            producer,
+            dlq_topic=self.topics.dlq,
+            max_record_bytes=self.settings.kafka.max_record_bytes,
+        )
         log.info("training_consumer_started", topic=self.topic, group=self.settings.consumer_group)
         try:
             while not stop.is_set():
@@ -69,6 +85,33 @@ class TrainingRequestConsumer:
                         await self._handle(consumer, partition, record, stop)
         finally:
             await consumer.stop()
+            await producer.stop()
+
+    async def _reject(self, record: ConsumerRecord, why: str, stop: asyncio.Event) -> None:
+        """Dead-letter a record that is not a request (retried until the broker has it)."""
+        assert self._sender is not None
+        letter = dead_letter(
+            self.topics.dlq,
+            key=record.key,
+            value=record.value,
+            headers=list(record.headers or ()),
+            source=Source(record.topic, record.partition, record.offset, record.timestamp),
+            reason_code="not_a_retrain_request",
+            reason=f"training service: {why}",
+        )
+        while not stop.is_set():
+            report = await self._sender.deliver([letter])
+            if not report.failed:
+                break
+            log.warning("dead_letter_retry", error=repr(report.error))
+            await pause(stop, 1.0)
+        TRAINING_RUNS.labels("dead_lettered").inc()
+        log.error(
+            "training_request_dead_lettered",
+            partition=record.partition,
+            offset=record.offset,
+            reason=why,
+        )
 
     async def _handle(
         self,
@@ -78,11 +121,20 @@ class TrainingRequestConsumer:
         stop: asyncio.Event,
     ) -> None:
         message = monitoring_pb2.RetrainRequest()
-        try:
-            message.ParseFromString(record.value or b"")
-        except DecodeError as exc:
-            log.error("training_request_unreadable", offset=record.offset, error=str(exc))
-            TRAINING_RUNS.labels("unreadable").inc()
+        declared = header(list(record.headers or ()), MESSAGE_TYPE)
+        why = ""
+        if declared and declared != message.DESCRIPTOR.full_name:
+            why = f"the record is a {declared[:80]!r}, not a {message.DESCRIPTOR.full_name}"
+        else:
+            try:
+                message.ParseFromString(record.value or b"")
+            except DecodeError as exc:
+                why = f"not a {message.DESCRIPTOR.full_name}: {exc}"
+            else:
+                if not message.model_name:
+                    why = "the request names no model (model_name is empty)"
+        if why:
+            await self._reject(record, why, stop)
             await self._commit(consumer, partition, record.offset)
             return
         request = TrainingRequest.from_proto(message)
@@ -114,7 +166,7 @@ class TrainingRequestConsumer:
             log.error("training_retry_later", request_id=request.request_id, error=exc.message)
             TRAINING_RUNS.labels("retry").inc()
             consumer.seek(partition, record.offset)
-            await _wait(stop, self.retry_backoff_s)
+            await pause(stop, self.retry_backoff_s)
             return
         except PlatformError as exc:
             log.error(
@@ -139,8 +191,3 @@ class TrainingRequestConsumer:
     @staticmethod
     async def _commit(consumer: AIOKafkaConsumer, partition: TopicPartition, offset: int) -> None:
         await consumer.commit({partition: OffsetAndMetadata(offset + 1, "")})
-
-
-async def _wait(stop: asyncio.Event, seconds: float) -> None:
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(stop.wait(), seconds)

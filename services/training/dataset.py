@@ -15,7 +15,7 @@
 from __future__ import annotations
 
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 
@@ -24,11 +24,11 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from services.registry.run_contract import LABEL_COLUMN, TIME_COLUMN
 from services.shared import featurestore
 from services.shared.datasets import LABELS, TRANSACTIONS, Snapshot
 from services.shared.errors import FailedPrecondition
 from services.shared.logging import get_logger
+from services.shared.run_contract import LABEL_COLUMN, TIME_COLUMN
 from services.shared.settings import FeastSettings, RedisSettings, StorageSettings
 from services.shared.usecase.features import (
     MERCHANT_FEATURES,
@@ -64,6 +64,8 @@ class LabelledSet:
     labels: np.ndarray  # float32 0/1
     event_time: np.ndarray  # datetime64[us] (UTC)
     transaction_ids: np.ndarray  # object (str)
+    # training weight of each row (services/training/window.py); None: every row weighs 1
+    weights: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -72,12 +74,22 @@ class LabelledSet:
     def positives(self) -> int:
         return int(self.labels.sum())
 
+    def row_weights(self) -> np.ndarray:
+        """float32 weight per row (ones unless weighted)."""
+        if self.weights is None:
+            return np.ones(len(self), dtype=np.float32)
+        return self.weights.astype(np.float32)
+
+    def weighted(self, weights: np.ndarray) -> LabelledSet:
+        return replace(self, weights=np.asarray(weights, dtype=np.float32))
+
     def subset(self, index: np.ndarray) -> LabelledSet:
         return LabelledSet(
             self.features[index],
             self.labels[index],
             self.event_time[index],
             self.transaction_ids[index],
+            None if self.weights is None else self.weights[index],
         )
 
     def to_table(self) -> pa.Table:
@@ -117,6 +129,12 @@ def time_split(data: LabelledSet, validation_fraction: float, test_fraction: flo
         validation_start=pd.Timestamp(validation_at, tz="UTC").to_pydatetime(),
         test_start=pd.Timestamp(test_at, tz="UTC").to_pydatetime(),
     )
+    require_both_classes(split)
+    return split
+
+
+def require_both_classes(split: TimeSplit) -> None:
+    """Every period must hold frauds and legitimate rows, or nothing can be learnt or judged."""
     for name, part in (
         ("train", split.train),
         ("validation", split.validation),
@@ -127,7 +145,6 @@ def time_split(data: LabelledSet, validation_fraction: float, test_fraction: flo
                 f"the {name} period has {len(part)} rows and {part.positives} frauds: "
                 "a model needs both classes in every period (more labelled history needed)"
             )
-    return split
 
 
 def _read(paths: list[Path], columns: list[str]) -> pd.DataFrame:

@@ -98,12 +98,16 @@ def fit_fraud_mlp(
         pos_weight = (
             (len(train) - train.positives) / positives if params.imbalance == "pos_weight" else 1.0
         )
-        loss_fn = nn.BCEWithLogitsLoss(pos_weight=torch.tensor([pos_weight], dtype=torch.float32))
+        # per-row losses, weighted by the rows' training weights (recency: window.py)
+        loss_fn = nn.BCEWithLogitsLoss(
+            pos_weight=torch.tensor([pos_weight], dtype=torch.float32), reduction="none"
+        )
         optimiser = torch.optim.Adam(
             model.parameters(), lr=params.learning_rate, weight_decay=params.weight_decay
         )
         x = torch.from_numpy(np.ascontiguousarray(train.features, dtype=np.float32))
         y = torch.from_numpy(np.ascontiguousarray(train.labels, dtype=np.float32)).reshape(-1, 1)
+        w = torch.from_numpy(np.ascontiguousarray(train.row_weights())).reshape(-1, 1)
         shuffle = torch.Generator().manual_seed(params.seed)
         best_auc = -1.0
         best_state = copy.deepcopy(model.state_dict())
@@ -117,7 +121,8 @@ def fit_fraud_mlp(
             for start in range(0, len(train), params.batch_size):
                 index = order[start : start + params.batch_size]
                 optimiser.zero_grad()
-                loss = loss_fn(model.logits(x[index]), y[index])
+                weight = w[index]
+                loss = (loss_fn(model.logits(x[index]), y[index]) * weight).sum() / weight.sum()
                 loss.backward()
                 optimiser.step()
                 total += float(loss.detach()) * len(index)

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import asyncio
 
-from services.registry.client import RegistryClient
 from services.shared.kafka import ensure_topics
 from services.shared.logging import get_logger
-from services.shared.runtime import SERVICE_READY, run_service
+from services.shared.registry_client import RegistryClient
+from services.shared.runtime import run_service, set_ready
 from services.shared.topics import Topics
 from services.training.consumer import TrainingRequestConsumer
 from services.training.pipeline import TrainingPipeline
@@ -26,11 +26,11 @@ def build_pipeline(settings: TrainingSettings, *, actor: str = "training") -> Tr
 async def serve(settings: TrainingSettings, stop: asyncio.Event) -> None:
     await ensure_topics(settings.kafka, [Topics.from_settings(settings.kafka).training_requests])
     consumer = TrainingRequestConsumer(settings, build_pipeline(settings))
-    SERVICE_READY.labels("training").set(1)
+    set_ready("training", True)
     try:
         await consumer.run(stop)
     finally:
-        SERVICE_READY.labels("training").set(0)
+        set_ready("training", False)
 
 
 def main() -> int:

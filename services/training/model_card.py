@@ -38,6 +38,25 @@ def render_model_card(
     )
     params = "\n".join(f"- `{k}` = `{v}`" for k, v in trained.params.as_logged().items())
     env = ", ".join(f"{k} {v}" for k, v in sorted(environment.items()))
+    params_ = trained.params
+    window = (
+        f"around the drift onset {params_.drift_onset.isoformat()}: test = the latest "
+        f"{params_.drift_test_fraction:.0%} of the labelled rows after it, validation the "
+        f"{params_.drift_validation_fraction:.0%} before those, post-onset training rows "
+        f"weighted {params_.drift_post_onset_weight:g}x"
+        + (
+            f", history from {params_.drift_window_days:g} days before the onset"
+            if params_.drift_window_days
+            else ""
+        )
+        if params_.drift_onset is not None
+        else "oldest to newest over the whole snapshot"
+    )
+    imbalance = (
+        f"positive weight {trained.pos_weight:.3f} in the loss, prior-corrected output"
+        if trained.pos_weight != 1.0
+        else "none (plain log-loss; the output is a calibrated probability as it is)"
+    )
     return f"""# Model card: {model_name}
 
 A card-payment fraud scorer: a tabular MLP (`FraudMLP`) that returns the probability that a
@@ -57,11 +76,11 @@ chosen on the validation period). Not for decisions without human review of flag
 - dataset snapshot `{trained.snapshot.id}` (sha256 `{trained.snapshot.sha256}`)
 - features: feature service `{feature_service}` (point-in-time, as of 1 microsecond before each
   transaction) and the request-time transform; inputs: {", ".join(MODEL_INPUTS)}
-- split by event time: train {len(split.train)} rows ({split.train.positives} frauds) before
-  {split.validation_start.isoformat()}; validation {len(split.validation)} rows
+- split by event time ({window}): train {len(split.train)} rows ({split.train.positives}
+  frauds) before {split.validation_start.isoformat()}; validation {len(split.validation)} rows
   ({split.validation.positives} frauds); test {len(split.test)} rows ({split.test.positives}
   frauds) from {split.test_start.isoformat()}
-- class imbalance: positive weight {trained.pos_weight:.3f} in the loss, prior-corrected output
+- class imbalance: {imbalance}
 
 ## Evaluation on the held-out test period
 | metric | model | baseline (HistGradientBoosting) |

@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Protocol
@@ -28,16 +28,21 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from services.registry import run_contract as rc
 from services.shared import featurestore
+from services.shared import run_contract as rc
 from services.shared.datasets import Snapshot, create_snapshot, load_snapshot
+from services.shared.drift_reference import (
+    REFERENCE_ARTIFACT,
+    TAG_REFERENCE_SHA256,
+    build_reference,
+)
 from services.shared.errors import FailedPrecondition, IntegrityError
 from services.shared.evaluation import BinaryMetrics, evaluate, max_f1_threshold
 from services.shared.logging import get_logger
 from services.shared.proto.mlops.v1 import models_pb2, monitoring_pb2
 from services.shared.usecase.features import MODEL_INPUTS
 from services.training.baseline import fit_baseline
-from services.training.dataset import TimeSplit, TrainingSetBuilder, time_split
+from services.training.dataset import TimeSplit, TrainingSetBuilder
 from services.training.fit import (
     EpochReport,
     fit_fraud_mlp,
@@ -50,10 +55,13 @@ from services.training.model_card import render_model_card
 from services.training.provenance import code_version, environment_versions
 from services.training.settings import TrainingParams, TrainingSettings
 from services.training.tracking import TAG_REGISTERED_VERSION, ExperimentTracker, RunRecord
+from services.training.window import split_for_training, training_window
 
 log = get_logger("training")
 
 THRESHOLD_RULE = "max_f1_on_validation"
+TAG_TRAINING_WINDOW = "mlops.training_window"  # services/training/window.py
+REFERENCE_ROWS = 20_000  # rows of the drift reference monitoring measures live traffic against
 
 
 class TrainingProgress(Protocol):
@@ -84,7 +92,7 @@ class LoggedProgress:
 
 
 class ModelRegistration(Protocol):
-    """The registry's RegisterModelVersion (services.registry.client.RegistryClient)."""
+    """The registry's RegisterModelVersion (services.shared.registry_client.RegistryClient)."""
 
     def register(
         self,
@@ -104,16 +112,33 @@ class TrainingRequest:
     reason: str
     requested_by: str
     snapshot_id: str = ""
+    # the shift the run answers (a drift event's onset_at): train and test around it
+    drift_onset: datetime | None = None
+    drift_event_id: str = ""
 
     @classmethod
     def from_proto(cls, message: monitoring_pb2.RetrainRequest) -> TrainingRequest:
+        drift = message.drift if message.HasField("drift") else None
+        onset = (
+            drift.onset_at.ToDatetime(tzinfo=UTC)
+            if drift is not None and drift.HasField("onset_at")
+            else None
+        )
         return cls(
             request_id=message.request_id or f"req-{uuid.uuid4().hex[:12]}",
             model_name=message.model_name,
             reason=message.reason or "manual",
             requested_by=message.requested_by or "unknown",
             snapshot_id=message.dataset_snapshot_id,
+            drift_onset=onset,
+            drift_event_id=drift.event_id if drift is not None else "",
         )
+
+    def params(self, defaults: TrainingParams) -> TrainingParams:
+        """The run's parameters: the service's, with the onset of the shift it answers."""
+        if self.drift_onset is None:
+            return defaults
+        return defaults.model_copy(update={"drift_onset": self.drift_onset})
 
 
 @dataclass
@@ -133,6 +158,7 @@ class TrainedModel:
     model_sha256: str
     weights_sha256: str
     history: list[EpochReport] = field(default_factory=list)
+    drift_reference: bytes = b""  # monitoring/reference.parquet (services/shared/drift_reference)
 
     @property
     def threshold(self) -> float:
@@ -148,6 +174,7 @@ class TrainedModel:
             "pos_weight": self.pos_weight,
             "train_rows": float(len(self.split.train)),
             "train_positives": float(self.split.train.positives),
+            "train_weight_sum": float(self.split.train.row_weights().sum()),
             "validation_rows": float(len(self.split.validation)),
             "validation_positives": float(self.split.validation.positives),
         }
@@ -184,6 +211,27 @@ class ReproductionReport:
         return self.metrics_identical and self.weights_identical
 
 
+def drift_reference(
+    split: TimeSplit, score: Callable[[np.ndarray], np.ndarray], seed: int
+) -> bytes:
+    """The version's drift reference (services/shared/drift_reference.py): a sample of the
+    rows it was trained and evaluated on, with its own scores, so monitoring measures live
+    inputs and scores against what this version learnt from."""
+    parts = (split.train, split.validation, split.test)
+    features = np.concatenate([p.features for p in parts])
+    labels = np.concatenate([p.labels for p in parts])
+    held_out = np.concatenate([np.full(len(p), i > 0) for i, p in enumerate(parts)])
+    return build_reference(
+        MODEL_INPUTS,
+        features,
+        score(features),
+        labels,
+        held_out,
+        max_rows=REFERENCE_ROWS,
+        seed=seed,
+    ).to_parquet()
+
+
 class TrainingPipeline:
     def __init__(
         self,
@@ -203,10 +251,11 @@ class TrainingPipeline:
     ) -> TrainedModel:
         progress.stage(f"building the training set of {snapshot.id}")
         data = self.builder.build(snapshot)
-        split = time_split(data, params.validation_fraction, params.test_fraction)
+        split = split_for_training(data, params)
         progress.stage(
             f"training on {len(split.train)} rows ({split.train.positives} frauds), validating "
-            f"on {len(split.validation)}, testing on {len(split.test)}"
+            f"on {len(split.validation)}, testing on {len(split.test)} "
+            f"({training_window(params)} split)"
         )
         fitted = fit_fraud_mlp(split.train, split.validation, params, progress.epoch)
         validation_scores = scores(fitted.model, split.validation.features)
@@ -220,6 +269,7 @@ class TrainingPipeline:
             split.test.labels, baseline.scores(split.test.features), baseline.threshold
         )
         payload = torchscript_bytes(fitted.model)
+        reference = drift_reference(split, lambda x: scores(fitted.model, x), params.seed)
         return TrainedModel(
             snapshot=snapshot,
             params=params,
@@ -234,6 +284,7 @@ class TrainingPipeline:
             model_sha256=hashlib.sha256(payload).hexdigest(),
             weights_sha256=weights_sha256(fitted.model),
             history=fitted.history,
+            drift_reference=reference,
         )
 
     # ------------------------------------------------------------------ a request, end to end
@@ -251,7 +302,7 @@ class TrainingPipeline:
             return self._finish_previous(request, previous.run_id, previous.tags)
         progress.stage("snapshotting the offline store")
         snapshot = self.resolve_snapshot(request.snapshot_id)
-        trained = self.train(snapshot, self.settings.params, progress)
+        trained = self.train(snapshot, request.params(self.settings.params), progress)
         progress.stage("logging the run to MLflow")
         run_id = self.tracker.log_run(self.run_record(request, trained))
         log.info(
@@ -317,8 +368,11 @@ class TrainingPipeline:
             rc.TAG_REQUEST_REASON: request.reason,
             rc.TAG_REQUESTED_BY: request.requested_by,
             "mlops.threshold_rule": THRESHOLD_RULE,
+            TAG_TRAINING_WINDOW: training_window(trained.params),
+            "mlops.drift_event_id": request.drift_event_id,
             "mlops.validation_start": trained.split.validation_start.isoformat(),
             "mlops.test_start": trained.split.test_start.isoformat(),
+            TAG_REFERENCE_SHA256: hashlib.sha256(trained.drift_reference).hexdigest(),
             **{f"{rc.TAG_ENV_PREFIX}{k}": v for k, v in environment.items()},
         }
         metrics = trained.metrics()
@@ -343,6 +397,7 @@ class TrainingPipeline:
                 rc.MODEL_CARD_ARTIFACT: card.encode(),
                 rc.TEST_SET_ARTIFACT: sink.getvalue().to_pybytes(),
                 rc.METRICS_ARTIFACT: json.dumps(metrics, indent=2, sort_keys=True).encode(),
+                REFERENCE_ARTIFACT: trained.drift_reference,
             },
             metric_history={
                 "epoch_train_loss": [(r.epoch, r.train_loss) for r in trained.history],

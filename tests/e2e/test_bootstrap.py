@@ -15,13 +15,14 @@ from pathlib import Path
 
 import pytest
 from registry_harness import RegistryInThread, registry_settings
+from service_env import settings_environment
 
-from services.registry.client import RegistryClient
+from services.cli import localinfra
 from services.registry.triton_repository import TritonModelRepository
-from services.shared import localinfra
 from services.shared.datasets import load_snapshot
 from services.shared.featurestore import apply_definitions, open_store
 from services.shared.proto.mlops.v1 import models_pb2
+from services.shared.registry_client import RegistryClient
 from services.shared.settings import (
     FeastSettings,
     KafkaSettings,
@@ -71,22 +72,7 @@ def _env(
     mlflow: MlflowSettings,
     triton: TritonSettings,
 ) -> dict[str, str]:
-    return {
-        "MLOPS_KAFKA_BOOTSTRAP": kafka.bootstrap,
-        "MLOPS_KAFKA_TOPIC_PREFIX": kafka.topic_prefix,
-        "MLOPS_KAFKA_PARTITIONS": str(kafka.partitions),
-        "MLOPS_KAFKA_BROKER_FLAVOR": kafka.broker_flavor,
-        "MLOPS_KAFKA_SESSION_TIMEOUT_MS": str(kafka.session_timeout_ms),
-        "MLOPS_REDIS_HOST": redis.host,
-        "MLOPS_REDIS_PORT": str(redis.port),
-        "MLOPS_STORAGE_DATA_DIR": str(storage.data_dir),
-        "MLOPS_FEAST_PROJECT": feast.project,
-        "MLOPS_MLFLOW_TRACKING_URI": mlflow.tracking_uri,
-        "MLOPS_MLFLOW_EXPERIMENT": mlflow.experiment,
-        "MLOPS_TRITON_GRPC_PORT": str(triton.grpc_port),
-        "MLOPS_TRITON_HTTP_PORT": str(triton.http_port),
-        "MLOPS_TRITON_MODEL_REPOSITORY": str(triton.model_repository),
-    }
+    return settings_environment(kafka, redis, storage, feast, mlflow, triton)
 
 
 @pytest.fixture

@@ -23,8 +23,9 @@ from typing import Any
 
 from aiokafka import AIOKafkaProducer
 from prometheus_client.parser import text_string_to_metric_families
+from service_env import settings_environment
 
-from services.shared import localinfra
+from services.cli import localinfra
 from services.shared.kafka import create_producer, ensure_topics
 from services.shared.proto.mlops.v1 import events_pb2
 from services.shared.settings import FeastSettings, KafkaSettings, RedisSettings, StorageSettings
@@ -135,16 +136,7 @@ def worker_env(
     **features: str,
 ) -> dict[str, str]:
     env = {
-        "MLOPS_KAFKA_BOOTSTRAP": kafka.bootstrap,
-        "MLOPS_KAFKA_TOPIC_PREFIX": kafka.topic_prefix,
-        "MLOPS_KAFKA_PARTITIONS": str(kafka.partitions),
-        "MLOPS_KAFKA_BROKER_FLAVOR": kafka.broker_flavor,
-        "MLOPS_KAFKA_SESSION_TIMEOUT_MS": str(kafka.session_timeout_ms),
-        "MLOPS_REDIS_HOST": redis.host,
-        "MLOPS_REDIS_PORT": str(redis.port),
-        "MLOPS_STORAGE_DATA_DIR": str(storage.data_dir),
-        "MLOPS_FEAST_PROJECT": feast.project,
-        "MLOPS_FEAST_REPO_PATH": str(feast.repo_path),
+        **settings_environment(kafka, redis, storage, feast),
         "MLOPS_FEATURES_METRICS_PORT": str(metrics_port),
     }
     env.update({f"MLOPS_FEATURES_{k.upper()}": v for k, v in features.items()})

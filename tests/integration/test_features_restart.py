@@ -30,7 +30,7 @@ from features_harness import (
     worker_env,
 )
 
-from services.shared import localinfra
+from services.cli import localinfra
 from services.shared.featurestore import apply_definitions, open_store
 from services.shared.settings import FeastSettings, KafkaSettings, RedisSettings, StorageSettings
 from services.shared.usecase.features import USER_FEATURES

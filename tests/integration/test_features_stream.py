@@ -25,7 +25,7 @@ from features_harness import (
     worker_env,
 )
 
-from services.shared import localinfra
+from services.cli import localinfra
 from services.shared.featurestore import apply_definitions, open_store
 from services.shared.kafka import create_consumer
 from services.shared.proto.mlops.v1 import events_pb2

@@ -29,20 +29,21 @@ import pytest
 from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.structs import ConsumerRecord
 from prometheus_client import REGISTRY
+from service_env import settings_environment
 
+from services.cli import localinfra
 from services.cli.simulate import publish, record_value
+from services.cli.simulator import SimulationConfig, TrafficSimulator
 from services.ingestion.archive import OfflineArchive
 from services.ingestion.claims import RedisClaims, connect
 from services.ingestion.main import serve
 from services.ingestion.settings import IngestionSettings
-from services.shared import localinfra
 from services.shared.codecs import CONTENT_TYPE, PROTOBUF
 from services.shared.datasets import LABELS, TRANSACTIONS
 from services.shared.kafka import create_consumer, ensure_topics
 from services.shared.proto.mlops.v1 import events_pb2
 from services.shared.settings import KafkaSettings, RedisSettings, StorageSettings
 from services.shared.topics import Topics
-from services.shared.usecase.simulator import SimulationConfig, TrafficSimulator
 
 Record = ConsumerRecord[bytes, bytes]
 
@@ -490,14 +491,7 @@ def _service_process(
 ) -> localinfra.RunningProcess:
     port = localinfra.free_port()
     env = {
-        "MLOPS_KAFKA_BOOTSTRAP": kafka.bootstrap,
-        "MLOPS_KAFKA_TOPIC_PREFIX": kafka.topic_prefix,
-        "MLOPS_KAFKA_BROKER_FLAVOR": kafka.broker_flavor,
-        "MLOPS_KAFKA_PARTITIONS": str(kafka.partitions),
-        "MLOPS_KAFKA_SESSION_TIMEOUT_MS": str(kafka.session_timeout_ms),
-        "MLOPS_REDIS_HOST": redis.host,
-        "MLOPS_REDIS_PORT": str(redis.port),
-        "MLOPS_STORAGE_DATA_DIR": str(storage.data_dir),
+        **settings_environment(kafka, redis, storage),
         "MLOPS_INGESTION_METRICS_PORT": str(port),
         "MLOPS_INGESTION_GROUP_ID": f"{kafka.topic_prefix}ingestion",
         "MLOPS_INGESTION_ARCHIVE_GROUP_ID": f"{kafka.topic_prefix}ingestion-archive",
@@ -721,11 +715,7 @@ async def test_mlops_data_dlq_shows_what_was_dead_lettered(
     settings = _settings(kafka, redis_server, storage)
     async with _running(settings):
         await _wait_processed(kafka, settings.group_id, [topics.transactions])
-    for name, value in {
-        "MLOPS_KAFKA_BOOTSTRAP": kafka.bootstrap,
-        "MLOPS_KAFKA_TOPIC_PREFIX": kafka.topic_prefix,
-        "MLOPS_KAFKA_BROKER_FLAVOR": kafka.broker_flavor,
-    }.items():
+    for name, value in settings_environment(kafka).items():
         monkeypatch.setenv(name, value)
     result = await asyncio.to_thread(
         CliRunner().invoke, app, ["dlq", "--last", "5"], terminal_width=200

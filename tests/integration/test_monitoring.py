@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from services.cli.localinfra import free_port, wait_until
 from services.shared.codecs import protobuf_headers
 from services.shared.kafka import create_producer
-from services.shared.localinfra import free_port, wait_until
 from services.shared.proto.mlops.v1 import monitoring_pb2
 from services.shared.settings import PROJECT_ROOT, KafkaSettings
 from services.shared.topics import Topics

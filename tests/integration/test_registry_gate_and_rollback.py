@@ -30,11 +30,11 @@ from registry_harness import (
     training_settings,
 )
 
-from services.registry.client import RegistryClient
+from services.cli import localinfra
 from services.registry.triton_repository import TritonModelRepository
-from services.shared import localinfra
 from services.shared.errors import FailedPrecondition
 from services.shared.proto.mlops.v1 import models_pb2
+from services.shared.registry_client import RegistryClient
 from services.shared.settings import (
     FeastSettings,
     KafkaSettings,
@@ -64,6 +64,9 @@ def registry(
             triton_server,
             default_canary_percent=15,
             retire_grace_s=GRACE_S,
+            # the generated history is small (its test period has a few dozen frauds)
+            gate_min_rows=200,
+            gate_min_positives=10,
         )
     ).start()
     try:
@@ -126,7 +129,12 @@ async def test_gate_promotion_and_rollback(
     assert v2.version == 2
     assert v2.gate.passed, v2.gate.reason
     assert v2.gate.baseline_version == 1
-    assert v2.gate.candidate_value > v2.gate.baseline_value + v2.gate.margin
+    assert v2.gate.outcome == models_pb2.GATE_OUTCOME_PASSED
+    assert v2.gate.test.startswith("paired bootstrap of the pr_auc difference")
+    assert v2.gate.interval_low > v2.gate.margin  # the interval, not the point estimate
+    assert v2.gate.interval_low <= v2.gate.statistic <= v2.gate.interval_high
+    assert v2.gate.confidence == 0.95 and v2.gate.resamples == 1000
+    assert v2.gate.rows > 0 and 10 <= v2.gate.positives < v2.gate.rows
     assert v2.gate.candidate_calibration_error <= v2.gate.baseline_calibration_error + 0.02
     assert v2.stage == Stage.MODEL_STAGE_CANARY
     assert list(v2.aliases) == ["canary"] and v2.traffic_percent == 15
@@ -160,7 +168,9 @@ async def test_gate_promotion_and_rollback(
     assert v3.version == 3
     assert not v3.gate.passed
     assert v3.stage == Stage.MODEL_STAGE_REJECTED
-    assert "does not beat production v2" in v3.gate.reason
+    assert v3.gate.outcome == models_pb2.GATE_OUTCOME_FAILED
+    assert "not shown better than production v2" in v3.gate.reason
+    assert v3.gate.interval_low <= v3.gate.margin
     assert v3.gate.candidate_value < v3.gate.baseline_value
     assert list(v3.aliases) == []
     assert client.get_version(version=3).gate.reason == v3.gate.reason

@@ -14,9 +14,9 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from registry_harness import TOKEN, RegistryInThread, registry_settings
 
-from services.registry.client import RegistryClient
-from services.shared import localinfra
+from services.cli import localinfra
 from services.shared.errors import FailedPrecondition, NotFound, PermissionDenied, Unauthenticated
+from services.shared.registry_client import RegistryClient
 from services.shared.settings import KafkaSettings, MlflowSettings, TritonSettings
 
 

@@ -37,17 +37,19 @@ import tritonclient.grpc.aio as tritonaio
 from registry_harness import RegistryInThread, read_lifecycle, registry_settings
 from tritonclient.utils import InferenceServerException
 
-from services.registry import run_contract as rc
-from services.registry.client import RegistryClient
+from services.cli import localinfra
 from services.registry.triton_repository import TritonModelRepository, sha256_hex
-from services.shared import localinfra
+from services.serving.routing_source import read_registry_table
+from services.shared import run_contract as rc
 from services.shared.errors import Unavailable
 from services.shared.kafka import create_consumer
+from services.shared.model_aliases import served_alias
 from services.shared.proto.mlops.v1 import models_pb2
+from services.shared.registry_client import RegistryClient
 from services.shared.settings import KafkaSettings, MlflowSettings, TritonSettings
 from services.shared.topics import Topics
-from services.shared.usecase.features import MODEL_INPUTS
-from services.shared.usecase.model import TRITON_INPUT, TRITON_OUTPUT, FraudMLP
+from services.shared.usecase.features import MODEL_INPUTS, TRITON_INPUT, TRITON_OUTPUT
+from services.shared.usecase.model import FraudMLP
 from services.training.tracking import ExperimentTracker, RunRecord
 
 GRACE_S = 4.0
@@ -174,6 +176,18 @@ async def test_the_old_version_answers_until_a_grace_period_after_the_switch_eve
         model = {1: register(client, mlflow_server, 1), 2: register(client, mlflow_server, 2)}
         assert client.get_version(alias="canary").version == 2
         assert repository.ready_versions() == [1, 2]
+        # the routing table is the registry's, whole: the CLI's call and serving's start-up read
+        # (GetRoutingTable) agree with the table the last lifecycle event carries
+        routes = client.routing_table()
+        assert [(r.version, served_alias(r), r.traffic_percent, r.shadow) for r in routes] == [
+            (1, "production", 90, False),
+            (2, "canary", 10, False),
+        ]
+        serving_table = await read_registry_table(registry.client_settings())
+        assert serving_table is not None
+        assert serving_table.describe() == "production=v1@90%,canary=v2@10%"
+        events = await lifecycle(kafka, 8)
+        assert table(events[-1]) == [(1, "production", 90), (2, "canary", 10)]
 
         # promotion of the canary: its event is on the topic while v1 still answers
         client.set_alias("production", 2, reason="canary looked good")

@@ -3,6 +3,7 @@ gRPC bootstrap (health, reflection, error mapping, auth)."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import grpc
@@ -56,6 +57,38 @@ async def test_end_offsets_is_the_log_end_on_tansu(kafka: KafkaSettings) -> None
     try:
         tp = TopicPartition(topic, 0)
         assert (await consumer.end_offsets([tp]))[tp] == 26
+    finally:
+        await consumer.stop()
+
+
+async def test_a_position_past_the_end_is_reset_as_kafka_would(kafka: KafkaSettings) -> None:
+    """Tansu answers a fetch from beyond the log end with nothing (Kafka: OFFSET_OUT_OF_RANGE);
+    a consumer left there (its topic re-created by a broker restart) would wait for ever. With
+    the workaround it starts over per auto_offset_reset, and reads what is there."""
+    topic = f"{kafka.topic_prefix}past-end"
+    producer = create_producer(kafka, client_id="test")
+    await producer.start()
+    try:
+        for i in range(5):
+            await producer.send_and_wait(topic, b"r%d" % i, partition=0)
+    finally:
+        await producer.stop()
+    consumer = create_consumer(kafka, group_id=None, client_id="test")  # earliest
+    await consumer.start()
+    try:
+        tp = TopicPartition(topic, 0)
+        consumer.assign([tp])
+        consumer.seek(tp, 12_000)  # where it was before the broker restart
+        values: list[bytes] = []
+        deadline = asyncio.get_running_loop().time() + 30
+        while len(values) < 5:
+            assert asyncio.get_running_loop().time() < deadline, (
+                values,
+                await consumer.position(tp),
+            )
+            batches = await consumer.getmany(timeout_ms=500)
+            values += [r.value for records in batches.values() for r in records]
+        assert values == [b"r%d" % i for i in range(5)]
     finally:
         await consumer.stop()
 
@@ -132,7 +165,9 @@ async def test_errors_map_to_status_codes(registry_channel: grpc.aio.Channel) ->
 
 async def test_mutating_calls_need_the_token(registry_channel: grpc.aio.Channel) -> None:
     registry_stub = registry_pb2_grpc.ModelRegistryStub(registry_channel)
-    request = registry_pb2.SetAliasRequest(model_name="m", version=2, alias="production")
+    request = registry_pb2.SetAliasRequest(
+        model_name="m", version=2, alias=models_pb2.MODEL_ALIAS_PRODUCTION
+    )
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await registry_stub.SetAlias(request)
     assert info.value.code() is grpc.StatusCode.UNAUTHENTICATED

@@ -15,10 +15,10 @@ from aiokafka import TopicPartition
 from aiokafka.structs import ConsumerRecord
 
 from services.cli.simulate import publish, record_value
+from services.cli.simulator import SimulationConfig, TrafficSimulator
 from services.shared.kafka import create_consumer, ensure_topics
 from services.shared.settings import KafkaSettings
 from services.shared.topics import Topics
-from services.shared.usecase.simulator import SimulationConfig, TrafficSimulator
 
 
 async def _read(kafka: KafkaSettings, topic: str) -> list[ConsumerRecord[bytes, bytes]]:

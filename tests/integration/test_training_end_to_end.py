@@ -37,16 +37,18 @@ from registry_harness import (
     registry_settings,
     training_settings,
 )
+from service_env import settings_environment
 
+from services.cli import localinfra
 from services.cli.train import publish_request, retrain_request
-from services.registry import run_contract as rc
-from services.registry.client import RegistryClient
 from services.registry.triton_repository import TritonModelRepository
-from services.shared import featurestore, localinfra
+from services.shared import featurestore
+from services.shared import run_contract as rc
 from services.shared.datasets import load_snapshot
 from services.shared.errors import IntegrityError, Unavailable
 from services.shared.kafka import create_consumer
 from services.shared.proto.mlops.v1 import models_pb2
+from services.shared.registry_client import RegistryClient
 from services.shared.settings import (
     PROJECT_ROOT,
     FeastSettings,
@@ -87,24 +89,15 @@ class FirstModel:
 
 
 def _training_service_env(settings: TrainingSettings, kafka: KafkaSettings) -> dict[str, str]:
-    registry = settings.registry
     params = settings.params
     return {
-        "MLOPS_KAFKA_BOOTSTRAP": kafka.bootstrap,
-        "MLOPS_KAFKA_TOPIC_PREFIX": kafka.topic_prefix,
-        "MLOPS_KAFKA_BROKER_FLAVOR": kafka.broker_flavor,
-        "MLOPS_KAFKA_SESSION_TIMEOUT_MS": str(kafka.session_timeout_ms),
+        **settings_environment(
+            kafka, settings.storage, settings.feast, settings.mlflow, settings.registry
+        ),
         "MLOPS_TRAINING_CONSUMER_GROUP": settings.consumer_group,
         "MLOPS_TRAINING_PARAM_EPOCHS": str(params.epochs),
         "MLOPS_TRAINING_PARAM_PATIENCE": str(params.patience),
         "MLOPS_TRAINING_PARAM_BASELINE_MAX_ITER": str(params.baseline_max_iter),
-        "MLOPS_STORAGE_DATA_DIR": str(settings.storage.data_dir),
-        "MLOPS_FEAST_PROJECT": settings.feast.project,
-        "MLOPS_MLFLOW_TRACKING_URI": settings.mlflow.tracking_uri,
-        "MLOPS_MLFLOW_EXPERIMENT": settings.mlflow.experiment,
-        "MLOPS_REGISTRY_CLIENT_ADDRESS": registry.address,
-        "MLOPS_REGISTRY_CLIENT_TOKEN": registry.token.get_secret_value(),
-        "MLOPS_REGISTRY_CLIENT_MODEL_NAME": registry.model_name,
     }
 
 

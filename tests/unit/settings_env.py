@@ -9,12 +9,21 @@ from pydantic_settings import BaseSettings
 
 from services.shared.settings import PROJECT_ROOT
 
-SERVICES = ("ingestion", "features", "training", "registry", "serving", "monitoring")
+SERVICES = (
+    "ingestion",
+    "features",
+    "training",
+    "registry",
+    "serving",
+    "monitoring",
+    "autopilot",
+    "dashboard",
+)
 
 
 def settings_modules() -> list[str]:
     """The shared settings, the local stack's, and each service's that exists so far."""
-    modules = ["services.shared.settings", "services.cli.localstack"]
+    modules = ["services.shared.settings", "services.cli.localstack.settings"]
     modules += [
         f"services.{s}.settings"
         for s in SERVICES

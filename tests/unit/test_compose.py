@@ -14,8 +14,16 @@ from settings_env import known_env_names
 from services.shared.settings import PROJECT_ROOT
 from services.shared.topics import Topics
 
-SERVICES = ("ingestion", "features", "training", "registry", "serving", "monitoring")
-# DESIGN.md's contract: compose service -> {container port: port published on the host}
+SERVICES = (
+    "ingestion",
+    "features",
+    "training",
+    "registry",
+    "serving",
+    "monitoring",
+    "autopilot",
+)
+# the contract (docs/architecture.md): compose service -> {container port: host port}
 CONTRACT_PORTS = {
     "kafka": {9092: 9092},
     "redis": {6379: 6379},
@@ -28,6 +36,8 @@ CONTRACT_PORTS = {
     "features": {9102: 9102},
     "training": {9103: 9103},
     "monitoring": {9106: 9106},
+    "autopilot": {9107: 9107},
+    "dashboard": {8080: 8080},
 }
 METRICS_PORTS = {
     "ingestion": 9101,
@@ -36,6 +46,7 @@ METRICS_PORTS = {
     "registry": 9104,
     "serving": 9105,
     "monitoring": 9106,
+    "autopilot": 9107,
 }
 _VARIABLE = re.compile(r"\$\{(\w+)(?::?([-?])([^}]*))?\}")
 
@@ -181,3 +192,25 @@ def test_prometheus_scrapes_every_service(services: dict[str, dict[str, Any]]) -
     for service, port in METRICS_PORTS.items():
         assert targets[service] == f"{service}:{port}"
     assert targets["triton"] == "triton:8002"
+
+
+def test_compose_file_validates_against_the_compose_specification(
+    compose: dict[str, Any],
+) -> None:
+    """The Compose specification's own JSON schema (as vendored by check-jsonschema), not only
+    our expectations: what `docker compose config` would reject fails here."""
+    import importlib.util
+    import json
+
+    import jsonschema
+
+    # the file only: importing check_jsonschema loads its CLI, which needs a newer click
+    spec = importlib.util.find_spec("check_jsonschema")
+    assert spec is not None and spec.submodule_search_locations
+    package = Path(next(iter(spec.submodule_search_locations)))
+    schema = json.loads((package / "builtin_schemas" / "vendor" / "compose-spec.json").read_text())
+    validator = jsonschema.validators.validator_for(schema)(schema)  # 2020-12
+    errors = [f"{'/'.join(map(str, e.path))}: {e.message}" for e in validator.iter_errors(compose)]
+    assert not errors, "\n".join(errors)
+    broken = {**compose, "services": {**compose["services"], "kafka": {"imagee": "typo"}}}
+    assert not validator.is_valid(broken)  # the schema rejects unknown keys

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from doubles import MemoryRecordLog
+
 from services.features.events import LabelEvent, MerchantFact, TransactionRef
 from services.features.label_join import TransactionLabelJoin
-from services.features.windows import DAY_US, HOUR_US, MemoryRecordLog
+from services.shared.usecase.features import DAY_US, HOUR_US
 
 T0 = 1_767_225_600_000_000
 

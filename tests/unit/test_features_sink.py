@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import math
 import os
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
@@ -138,6 +137,9 @@ class SlowBroker:
 
         return BatchBuilder(16384, 0, is_transactional=False)
 
+    async def partitions_for(self, topic: str) -> set[int]:
+        return {0, 1, 2, 3}
+
     async def send_batch(self, batch: Any, topic: str, partition: int) -> asyncio.Future[None]:
         await self.leave.wait()
         self.sent.append((topic, partition, [None] * batch.record_count()))
@@ -150,10 +152,11 @@ class SlowBroker:
 
 def test_outbound_send_hands_over_without_waiting_and_flush_waits_for_the_broker() -> None:
     from services.features.outbound import OutboundRecords
+    from services.shared.sender import RecordSender
 
     async def scenario() -> None:
         broker = SlowBroker()
-        outbound = OutboundRecords(broker, 4)
+        outbound = OutboundRecords(RecordSender(broker, dlq_topic="events.dlq"), 4)
         outbound.add("changelog", 1, b"k1", b"v1")
         outbound.add("changelog", 1, b"k2", None)
         await asyncio.wait_for(outbound.send(), 1)  # returns although nothing could leave yet
@@ -366,36 +369,3 @@ async def test_sink_flushes_early_when_many_rows_wait(tmp_path: Path) -> None:
         assert sink.pending_rows == 0
     finally:
         await sink.close()
-
-
-@pytest.mark.parametrize(
-    ("kind", "value", "proto"),
-    [
-        *(("int64", v, {"int64_val": v}) for v in (0, 1, -1, 127, 128, 300, 2**40, -(2**63))),
-        *(("float64", v, {"double_val": v}) for v in (0.0, 1.5, -3.25, 1e300, math.inf)),
-        *(("string", v, {"string_val": v}) for v in ("", "DE", "é" * 200)),
-    ],
-)
-def test_encoded_values_are_the_bytes_of_feast_value_protos(
-    kind: str, value: Any, proto: dict[str, Any]
-) -> None:
-    from feast.protos.feast.types.Value_pb2 import Value
-
-    from services.shared.feast_online import encode_value
-
-    assert encode_value(kind, value) == Value(**proto).SerializeToString()
-
-
-def test_entity_redis_key_is_feasts_key_of_the_entity() -> None:
-    from types import SimpleNamespace
-
-    from feast.infra.online_stores.helpers import _redis_key
-    from feast.protos.feast.types.EntityKey_pb2 import EntityKey
-    from feast.protos.feast.types.Value_pb2 import Value
-
-    from services.shared.feast_online import entity_redis_key
-
-    config = SimpleNamespace(project="proj", entity_key_serialization_version=3)
-    entity = EntityKey(join_keys=["user_id"], entity_values=[Value(string_val="u42")])
-    expected = _redis_key("proj", entity, entity_key_serialization_version=3)
-    assert entity_redis_key(config, "user_id", "u42") == expected  # type: ignore[arg-type]

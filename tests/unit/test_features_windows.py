@@ -8,18 +8,16 @@ from collections import Counter
 from typing import Any
 
 import pytest
+from doubles import MemoryRecordLog
 
 from services.features.events import MerchantFact, TransactionEvent
 from services.features.windows import (
-    DAY_US,
-    HOUR_US,
-    WEEK_US,
-    MemoryRecordLog,
     MerchantActivity,
     Outcome,
     UserActivity,
     WindowPolicy,
 )
+from services.shared.usecase.features import DAY_US, HOUR_US, WEEK_US
 
 T0 = 1_767_225_600_000_000  # 2026-01-01T00:00:00Z in microseconds
 MINUTE_US = 60_000_000

@@ -13,6 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from aiokafka import TopicPartition
+from doubles import InMemoryClaims
 
 from services.ingestion.archive import (
     SCHEMAS,
@@ -27,8 +28,7 @@ from services.ingestion.archive import (
     transaction_row,
     utc_day,
 )
-from services.ingestion.consumers import ArchiveLoop, Backoff
-from services.ingestion.routing import InMemoryClaims
+from services.ingestion.consumers import ArchiveLoop, Retry
 from services.shared.datasets import LABELS, TRANSACTIONS, create_snapshot, load_snapshot
 from services.shared.proto.mlops.v1 import events_pb2
 from services.shared.settings import KafkaSettings, StorageSettings
@@ -360,12 +360,19 @@ class _Consumer:
         self.assigned: set[TopicPartition] = set()
         self.positions: dict[TopicPartition, int] = {}
         self.commits: list[dict[TopicPartition, int]] = []
+        self.ends: dict[TopicPartition, int] = {}  # log end offsets (default: far away)
 
     def assignment(self) -> set[TopicPartition]:
         return self.assigned
 
     def seek(self, tp: TopicPartition, offset: int) -> None:
         self.positions[tp] = offset
+
+    async def end_offsets(self, tps: list[TopicPartition]) -> dict[TopicPartition, int]:
+        return {tp: self.ends.get(tp, 10**9) for tp in tps}
+
+    def highwater(self, tp: TopicPartition) -> int | None:
+        return self.ends.get(tp)
 
     async def commit(self, offsets: dict[TopicPartition, int]) -> None:
         self.commits.append(dict(offsets))
@@ -390,7 +397,7 @@ async def test_a_batch_fetched_before_a_rebalance_is_not_archived_twice(tmp_path
         consumer,  # type: ignore[arg-type]
         archiver,
         archive,
-        Backoff(stop, initial_s=0.01, max_s=0.01),
+        Retry(stop, initial_s=0.01, max_s=0.01),
         group="g",
         poll_timeout_ms=10,
         lag_interval_s=60,
@@ -415,3 +422,46 @@ async def test_a_batch_fetched_before_a_rebalance_is_not_archived_twice(tmp_path
     ]
     assert sorted(ids) == sorted(f"tx-{o}" for o in range(30))
     assert consumer.commits[-1] == {tp: 20}
+
+
+async def test_a_re_created_topic_is_archived_from_its_new_beginning(tmp_path: Path) -> None:
+    """After the in-memory local broker restarts, every topic starts again at offset 0, below
+    what the archive holds: its records are new and must be archived, not skipped as if
+    they were on disk already (found by loadtests/chaos.py)."""
+    consumer = _Consumer()
+    archive = OfflineArchive(tmp_path / "offline")
+    archiver = Archiver(
+        TOPICS, InMemoryClaims(), ArchiveBatcher(max_rows=10_000, max_age_s=600), namespace="ns"
+    )
+    stop = asyncio.Event()
+    loop = ArchiveLoop(
+        consumer,  # type: ignore[arg-type]
+        archiver,
+        archive,
+        Retry(stop, initial_s=0.01, max_s=0.01),
+        group="g",
+        poll_timeout_ms=10,
+        lag_interval_s=60,
+    )
+    tp = TopicPartition(TOPICS.validated, 0)
+    archive.write(_file(0, 0, 99))  # the old topic's offsets 0-99, on disk
+    consumer.assigned = {tp}
+    await loop.on_partitions_assigned([tp])  # before the restart: resumes at 100
+    assert consumer.positions[tp] == 100
+    # the broker restarts; the topic holds 5 new events at offsets 0-4
+    consumer.ends[tp] = 5
+    new = [_Record(o, _transaction(f"new-{o}", DAY, o)) for o in range(5)]
+    await loop.handle({tp: new[:2]})  # still assigned: the position was reset to 0
+    await loop.on_partitions_revoked([tp])
+    consumer.positions.clear()
+    await loop.on_partitions_assigned([tp])  # reassigned after the restart
+    assert tp not in consumer.positions  # no seek past the end: from the committed offset
+    await loop.handle({tp: new[2:]})
+    for archive_file in loop.batcher.take_all():
+        archive.write(archive_file)
+    ids = [
+        tx_id
+        for path, *_ in archive.files(TRANSACTIONS)
+        for tx_id in pq.read_table(path, partitioning=None).column("transaction_id").to_pylist()
+    ]
+    assert sorted(i for i in ids if i.startswith("new-")) == [f"new-{o}" for o in range(5)]

@@ -7,23 +7,21 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
+from doubles import InMemoryClaims, SourceRecord
 
 from services.ingestion.routing import (
-    MAX_DEAD_LETTER_VALUE,
-    REASON_HEADER,
     Accepted,
     EventKind,
     EventRouter,
     Ingestor,
-    InMemoryClaims,
     Rejected,
-    SourceRecord,
     Verdict,
     topic_tag,
     verdict,
 )
 from services.shared.codecs import CONTENT_TYPE, MESSAGE_TYPE, PROTOBUF
 from services.shared.proto.mlops.v1 import events_pb2
+from services.shared.sender import MAX_DEAD_LETTER_VALUE, REASON_HEADER
 from services.shared.settings import KafkaSettings
 from services.shared.topics import Topics
 

@@ -3,14 +3,27 @@
 from __future__ import annotations
 
 import configparser
+import os
+import signal
 import stat
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from services.cli.localstack import SERVICES, LocalStack, StackSettings, stack_processes
+from services.cli import localinfra
+from services.cli.localstack import (
+    PROGRAM_MARKER,
+    SERVICES,
+    STACK_MARKER,
+    LocalStack,
+    ServiceSpec,
+    StackSettings,
+    end_processes,
+    stack_processes,
+)
 
 
 @pytest.fixture
@@ -127,9 +140,56 @@ def test_the_prometheus_template_has_the_contract_targets() -> None:
     targets = {j["job_name"]: j["static_configs"][0]["targets"] for j in config["scrape_configs"]}
     assert targets["prometheus"] == ["127.0.0.1:9090"]
     assert targets["triton"] == ["127.0.0.1:8002"]
-    for port, service in enumerate(SERVICES, start=9101):
-        assert targets[service] == [f"127.0.0.1:{port}"]
+    for service in SERVICES:
+        assert targets[service] == [f"127.0.0.1:{StackSettings().metrics_port(service)}"]
 
 
 def test_no_process_carries_the_marker_of_a_stack_that_never_ran(stack: LocalStack) -> None:
     assert stack_processes(stack.var_dir) == []
+
+
+def test_a_service_with_an_http_api_is_one_entry_of_the_table(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from services.cli.localstack import components
+
+    # ports nobody listens on (a developer's own stack may hold the defaults 8080/9108)
+    http, metrics = localinfra.free_port(), localinfra.free_port()
+
+    class WithDashboard(StackSettings):
+        dashboard_port: int = http
+        dashboard_metrics_port: int = metrics
+
+    spec = ServiceSpec("dashboard", http_api="operator dashboard", http_health_path="/healthz")
+    monkeypatch.setitem(components.SERVICE_SPECS, "dashboard", spec)
+    stack = LocalStack(WithDashboard(var_dir=tmp_path / "var"), python=Path(sys.executable))
+
+    component = components.service_component(stack, spec)
+    assert component.command == (sys.executable, "-m", "services.dashboard")
+    assert component.ports == (metrics, http)
+    assert component.scrape_port == metrics
+    assert [e.address for e in component.endpoints] == [
+        f"http://127.0.0.1:{http}",
+        f"http://127.0.0.1:{metrics}/metrics",
+    ]
+    assert component.env["MLOPS_DASHBOARD_PORT"] == str(http)
+    assert component.env["MLOPS_DASHBOARD_METRICS_PORT"] == str(metrics)
+    assert component.env["MLOPS_KAFKA_BOOTSTRAP"] == "127.0.0.1:9092"
+    assert not component.probe().ok  # nothing listens: both probes say so
+    assert "HTTP no answer" in component.probe().detail
+
+
+def test_the_stacks_processes_are_found_by_their_markers_and_ended(stack: LocalStack) -> None:
+    env = {**os.environ, STACK_MARKER: str(stack.var_dir), PROGRAM_MARKER: "sleeper"}
+    child = subprocess.Popen(["sleep", "60"], env=env)
+    try:
+        found = stack_processes(stack.var_dir)
+        assert [(p.pid, p.program, p.command) for p in found] == [
+            (child.pid, "sleeper", "sleep 60")
+        ]
+        assert stack_processes(stack.var_dir, program="other") == []
+        end_processes(found, timeout_s=5)
+        assert child.wait(timeout=5) == -signal.SIGTERM
+    finally:
+        child.kill()
+        child.wait()

@@ -16,7 +16,7 @@ def test_every_mutating_rpc_and_no_read_needs_the_token() -> None:
     methods = {m.name for m in registry_pb2.DESCRIPTOR.services_by_name["ModelRegistry"].methods}
     reads = {m for m in methods if m.startswith(("Get", "List"))}
     assert set(MUTATING_METHODS) == methods - reads
-    assert reads == {"ListModelVersions", "GetModelVersion", "GetLineage"}
+    assert reads == {"ListModelVersions", "GetModelVersion", "GetLineage", "GetRoutingTable"}
 
 
 @pytest.mark.parametrize("method", MUTATING_METHODS)

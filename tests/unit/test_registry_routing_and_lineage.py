@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 from datetime import UTC, datetime
 
-from services.registry import run_contract as rc
-from services.registry.mlflow_store import RunView, VersionView
+from services.registry.mlflow_store import VersionView
 from services.registry.routing import routing_table
 from services.registry.service import assemble_lineage
+from services.shared import run_contract as rc
+from services.shared.mlflow_client import RunView
 
 
 def rows(aliases: dict[str, int], tags: dict[int, dict[str, str]]) -> list[tuple]:
@@ -85,3 +86,18 @@ def test_lineage_follows_version_to_run_to_snapshot_to_code() -> None:
     assert lineage.artifact_sha256 == "ab" * 32
     assert lineage.training_request_id == "req-9"
     assert dict(lineage.params) == {"seed": "42"} and lineage.metrics["test_pr_auc"] == 0.7
+
+
+def test_the_routes_go_out_with_role_name_and_shadow_flag() -> None:
+    from services.registry.views import routes_message
+    from services.shared.proto.mlops.v1 import models_pb2
+
+    table = routing_table(
+        {"production": 1, "shadow": 3},
+        {1: {"threshold": "0.5"}, 3: {"threshold": "0.7", "traffic_percent": "40"}},
+    )
+    messages = routes_message(table)
+    assert [(m.version, m.role, m.alias, m.traffic_percent, m.shadow) for m in messages] == [
+        (1, models_pb2.MODEL_ALIAS_PRODUCTION, "production", 100, False),
+        (3, models_pb2.MODEL_ALIAS_SHADOW, "shadow", 40, True),
+    ]

@@ -20,12 +20,13 @@ import pytest
 from pydantic import SecretStr
 
 from services.registry.coordinator import RegistryCoordinator
-from services.registry.mlflow_store import RunView, VersionView
+from services.registry.mlflow_store import VersionView
 from services.registry.outbox import LifecycleOutbox
 from services.registry.service import ModelRegistryService
 from services.registry.settings import RegistrySettings
 from services.registry.triton_repository import sha256_hex
 from services.shared.errors import NotFound, Unavailable
+from services.shared.mlflow_client import RunView
 from services.shared.proto.mlops.v1 import models_pb2
 
 EventType = models_pb2.ModelEventType

@@ -68,9 +68,12 @@ def test_a_valid_transaction_is_parsed() -> None:
     assert valid.transaction_id == "tx-1"
     assert valid.amount == 12.5
     assert valid.event_time == datetime(2025, 6, 1, 11, 59, tzinfo=UTC)
-    message = valid.to_proto()
-    assert message.event_time.ToDatetime(tzinfo=UTC) == valid.event_time
-    assert message.user_id == "user-1"
+    assert (valid.user_id, valid.merchant_id) == ("user-1", VALID["merchant_id"])
+    assert (valid.currency, valid.channel, valid.country) == (
+        VALID["currency"],
+        VALID["channel"],
+        VALID["country"],
+    )
 
 
 @pytest.mark.parametrize(
@@ -141,18 +144,24 @@ def test_each_transaction_rule_has_its_code_and_field(
 
 
 @pytest.mark.parametrize(
-    "event_time",
+    ("event_time", "instant"),
     [
-        "2025-06-01T12:05:00Z",  # exactly 5 minutes ahead: allowed
-        "2025-06-01t11:00:00z",  # lower-case T and Z are RFC 3339
-        "2025-06-01T13:59:00.123456789+02:00",
-        "2020-01-01T00:00:00-08:00",
-        "1999-12-31T23:59:59.5Z",
+        # exactly 5 minutes ahead: allowed
+        ("2025-06-01T12:05:00Z", datetime(2025, 6, 1, 12, 5, tzinfo=UTC)),
+        # lower-case T and Z are RFC 3339
+        ("2025-06-01t11:00:00z", datetime(2025, 6, 1, 11, 0, tzinfo=UTC)),
+        # an offset is applied; digits past the microsecond are cut
+        ("2025-06-01T13:59:00.123456789+02:00", datetime(2025, 6, 1, 11, 59, 0, 123456, UTC)),
+        ("2020-01-01T00:00:00-08:00", datetime(2020, 1, 1, 8, 0, tzinfo=UTC)),
+        ("1999-12-31T23:59:59.5Z", datetime(1999, 12, 31, 23, 59, 59, 500000, UTC)),
     ],
 )
-def test_rfc3339_times_within_the_future_margin_are_accepted(event_time: str) -> None:
+def test_rfc3339_times_within_the_future_margin_are_accepted(
+    event_time: str, instant: datetime
+) -> None:
     valid = validate_transaction(_with(VALID, event_time=event_time), now=NOW)
-    assert valid.event_time.tzinfo is not None
+    assert valid.event_time.utcoffset() is not None
+    assert valid.event_time == instant
 
 
 def test_boundaries_of_amount_and_ids_are_accepted() -> None:
@@ -178,7 +187,7 @@ def test_a_valid_label_is_parsed() -> None:
     label = validate_label(LABEL, now=NOW)
     assert label.is_fraud is True
     assert label.event_time == datetime(2025, 6, 1, 10, 0, tzinfo=UTC)
-    assert label.to_proto().is_fraud
+    assert label.transaction_id == LABEL["transaction_id"]
 
 
 @pytest.mark.parametrize(

@@ -1,20 +1,11 @@
-"""The online reader's pure parts: Feast keys and Feast values (no Redis here)."""
+"""The online reader's pure parts: the layout of a feature service and the circuit breaker
+(no Redis here; Feast's keys and values: test_feast_layout.py)."""
 
 from __future__ import annotations
 
-import random
+from pathlib import Path
 
-import pytest
-from feast.infra.online_stores.helpers import _redis_key
-from feast.protos.feast.types.EntityKey_pb2 import EntityKey
-from feast.protos.feast.types.Value_pb2 import Null, Value
-
-from services.serving.online_features import (
-    EntityKeys,
-    OnlineFeatureLayout,
-    OnlineView,
-    decode_value,
-)
+from services.serving.online_features import OnlineFeatureLayout, OnlineView
 
 VIEW = OnlineView(name="user_activity", join_key="user_id", int_entity=False, features=("a", "b"))
 
@@ -25,37 +16,10 @@ def layout(project: str = "mlops", version: int = 3) -> OnlineFeatureLayout:
     )
 
 
-def feast_key(project: str, entity: str, version: int = 3) -> bytes:
-    key = EntityKey(join_keys=["user_id"], entity_values=[Value(string_val=entity)])
-    return _redis_key(project, key, entity_key_serialization_version=version)
-
-
-@pytest.mark.parametrize("project", ["mlops", "t0123456789", "ünïcode"])
-def test_entity_keys_are_byte_for_byte_feasts(project: str) -> None:
-    keys = EntityKeys(layout(project), VIEW)
-    rng = random.Random(5)
-    alphabet = "abcXYZ019-_.:/ éü中\U0001f600"
-    entities = ["", "u", "user-1", "x" * 64] + [
-        "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 80))) for _ in range(300)
-    ]
-    for entity in entities:
-        assert keys(entity) == feast_key(project, entity), entity
-
-
-def test_integer_entities_use_feasts_own_helper() -> None:
-    view = OnlineView(name="card_activity", join_key="card_id", int_entity=True, features=("a",))
-    keys = EntityKeys(layout(), view)
-    expected = _redis_key(
-        "mlops",
-        EntityKey(join_keys=["card_id"], entity_values=[Value(int64_val=42)]),
-        entity_key_serialization_version=3,
-    )
-    assert keys("42") == expected
-
-
 def test_hash_fields_are_feasts_then_the_event_time() -> None:
     from feast.infra.online_stores.helpers import _mmh3
 
+    # what serving asks Redis for, in its order: the features, the event time last
     assert VIEW.hash_fields == [
         _mmh3("user_activity:a"),
         _mmh3("user_activity:b"),
@@ -63,30 +27,6 @@ def test_hash_fields_are_feasts_then_the_event_time() -> None:
     ]
     assert layout().join_keys == ["user_id"]
     assert layout().feature_names == ["a", "b"]
-
-
-@pytest.mark.parametrize(
-    ("value", "expected"),
-    [
-        (Value(int64_val=7), 7),
-        (Value(int64_val=0), 0),
-        (Value(double_val=0.25), 0.25),
-        (Value(string_val="FR"), "FR"),
-        (Value(string_val=""), ""),
-        (Value(bool_val=True), True),
-        (Value(null_val=Null.NULL), None),
-        (Value(), None),
-    ],
-)
-def test_values_decode_as_feast_returns_them(value: Value, expected: object) -> None:
-    decoded = decode_value(value.SerializeToString())
-    assert decoded == expected
-    assert type(decoded) is type(expected)
-
-
-def test_an_absent_field_is_none() -> None:
-    assert decode_value(None) is None
-    assert decode_value(b"") is None
 
 
 def test_refused_connections_open_the_circuit_at_once_slow_reads_only_when_repeated() -> None:
@@ -110,3 +50,24 @@ def test_refused_connections_open_the_circuit_at_once_slow_reads_only_when_repea
     )
     refused._failed(RedisConnectionError("Connection refused"))
     assert not refused.available
+
+
+def test_a_layout_is_cached_while_the_registry_it_came_from_is_unchanged(tmp_path: Path) -> None:
+    from services.serving.online_features import LayoutCache
+
+    registry = tmp_path / "registry.db"
+    cache = LayoutCache(tmp_path / "serving" / "layout.json", registry, "fraud_model_v1")
+    resolved = layout().with_key_heads()
+    assert resolved.key_heads["user_activity"]
+    cache.write(resolved)  # no registry yet: nothing to tie it to, nothing kept
+    assert cache.read() is None
+    registry.write_bytes(b"applied once")
+    cache.write(resolved)
+    again = cache.read()
+    assert again == resolved
+    assert again is not None
+    # keys from the cached prefix equal those of a layout checked afresh
+    assert again.entity_keys(VIEW)("user-9") == layout().entity_keys(VIEW)("user-9")
+    registry.write_bytes(b"applied twice")  # an apply: resolved from the registry again
+    assert cache.read() is None
+    assert LayoutCache(cache.path, registry, "another_service").read() is None

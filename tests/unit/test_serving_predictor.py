@@ -13,7 +13,7 @@ import pytest
 from aiokafka import AIOKafkaProducer
 from prometheus_client import REGISTRY
 
-from services.serving.prediction_log import PredictionEntry, PredictionLog
+from services.serving.prediction_log import PredictionLog, RecordEncoder
 from services.serving.predictor import Predictor
 from services.serving.routing import CanaryRouter, RoutingTable, ServedModel, user_bucket
 from services.serving.scoring import VersionNotServed
@@ -86,8 +86,14 @@ def producer_never_used() -> AIOKafkaProducer:
     raise AssertionError("unit tests never start the prediction log")
 
 
-def pending(log: PredictionLog) -> list[PredictionEntry]:
-    return [entry for batch in log.take(10**9) for entry in batch.entries()]
+def pending(log: PredictionLog) -> list[monitoring_pb2.PredictionRecord]:
+    """What the log would send, parsed back."""
+    encoder = RecordEncoder()
+    return [
+        monitoring_pb2.PredictionRecord.FromString(raw)
+        for batch in log.take(10**9)
+        for raw in encoder.encode_batch(batch)
+    ]
 
 
 def make(
@@ -175,7 +181,7 @@ async def test_concurrent_requests_share_one_feature_read_and_one_triton_call() 
         assert not answer.degraded
     entries = pending(log)
     assert [e.request_id for e in entries] == [f"r{i}" for i in range(12)]
-    record = entries[3].to_record()
+    record = entries[3]
     assert record.transaction == txns[3]
     assert record.fraud_probability == pytest.approx(answers[3].fraud_probability)
     assert record.flagged == answers[3].declined
@@ -184,7 +190,7 @@ async def test_concurrent_requests_share_one_feature_read_and_one_triton_call() 
         monitoring_pb2.ROUTE_PRODUCTION,
         False,
     )
-    assert list(record.features) == list(MODEL_INPUTS) or set(record.features) == set(MODEL_INPUTS)
+    assert set(record.features) == set(MODEL_INPUTS)
     np.testing.assert_allclose(
         [record.features[n] for n in MODEL_INPUTS], expected_inputs([txns[3]], ROWS)[0], rtol=1e-6
     )
@@ -237,7 +243,8 @@ async def test_a_hung_model_is_unavailable_within_the_callers_time() -> None:
     started = time.monotonic()
     with pytest.raises(Unavailable, match="within the deadline"):
         await predictor.predict(txn(), timeout_s=0.1)
-    assert time.monotonic() - started < 0.1
+    # the model hangs forever: returning at all means the deadline held (slack for a busy CI)
+    assert time.monotonic() - started < 2.0
 
 
 async def test_a_failing_model_is_unavailable() -> None:
@@ -245,8 +252,9 @@ async def test_a_failing_model_is_unavailable() -> None:
     scorer.fail.add(1)
     started = time.monotonic()
     with pytest.raises(Unavailable, match="Triton down"):
-        await predictor.predict(txn())
-    assert time.monotonic() - started < 0.5  # no waiting for a switch: Triton is down
+        await predictor.predict(txn(), timeout_s=20.0)
+    # no waiting for a switch (Triton is down): far sooner than the 20 s a wait would take
+    assert time.monotonic() - started < 10.0
 
 
 async def test_rows_of_a_version_switched_away_are_rescored_on_the_new_table() -> None:
@@ -278,7 +286,8 @@ async def test_without_a_routing_event_an_unserved_version_is_unavailable() -> N
     started = time.monotonic()
     with pytest.raises(Unavailable, match="version 1 is not loaded"):
         await predictor.predict(txn(), timeout_s=0.2)
-    assert time.monotonic() - started < 0.2
+    # the wait for a routing event is bounded by the caller's deadline (slack for a busy CI)
+    assert time.monotonic() - started < 2.0
 
 
 async def test_the_shadow_is_scored_and_logged_but_never_answers() -> None:
@@ -363,5 +372,6 @@ async def test_after_one_vain_wait_an_unserved_version_fails_at_once() -> None:
         await predictor.predict(txn(), timeout_s=0.2)
     started = time.monotonic()
     with pytest.raises(Unavailable, match="version 1 is not loaded"):
-        await predictor.predict(txn(), timeout_s=1.0)
-    assert time.monotonic() - started < 0.1  # no second wait: the slot stays free
+        await predictor.predict(txn(), timeout_s=20.0)
+    # no second wait: far sooner than the 20 s deadline a wait would use up
+    assert time.monotonic() - started < 10.0

@@ -120,3 +120,21 @@ def test_the_shadow_mirrors_its_share_independently_of_the_canary() -> None:
 def test_without_a_table_nothing_is_routable() -> None:
     with pytest.raises(Unavailable, match="no model version is routable"):
         CanaryRouter().route("alice")
+
+
+def test_the_table_reads_roles_and_events_written_before_them() -> None:
+    by_role = RoutingTable.from_served(
+        [
+            models_pb2.ServedVersion(
+                version=1, role=models_pb2.MODEL_ALIAS_PRODUCTION, traffic_percent=80
+            ),
+            models_pb2.ServedVersion(
+                version=2, role=models_pb2.MODEL_ALIAS_CANARY, traffic_percent=20
+            ),
+        ]
+    )
+    by_name = RoutingTable.from_served(served((1, "production", 80, 0.0), (2, "canary", 20, 0.0)))
+    assert by_role == by_name
+    assert by_role.canary is not None and by_role.canary.alias == "canary"
+    with pytest.raises(ValueError, match="unknown role"):
+        RoutingTable.from_served([models_pb2.ServedVersion(version=1, role=7)])  # type: ignore[arg-type]

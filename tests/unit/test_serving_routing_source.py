@@ -72,12 +72,12 @@ def test_an_older_event_never_rolls_the_table_back() -> None:
     assert routing.router.table.production.version == 3
 
 
-def test_the_table_is_exported_as_metrics() -> None:
+def test_the_table_is_exported_as_metrics_with_the_registrys_shares() -> None:
     router = CanaryRouter()
     apply_table(
         router,
-        RoutingTable(
-            production=ServedModel(11, "production", 100, 0.5),
+        RoutingTable(  # the registry computed production's share: serving applies it as given
+            production=ServedModel(11, "production", 75, 0.5),
             canary=ServedModel(12, "canary", 25, 0.5),
         ),
         "test",

@@ -1,5 +1,6 @@
-"""Settings defaults are the contract (DESIGN.md), everywhere they are written down: the shared
-settings, each service's settings, the local stack, and feature_repo/feature_store.yaml."""
+"""Settings defaults are the contract (docs/architecture.md), everywhere they are written down:
+the shared settings, each service's settings, the local stack, and
+feature_repo/feature_store.yaml."""
 
 from __future__ import annotations
 
@@ -34,8 +35,11 @@ METRICS_PORTS = {
     "registry": 9104,
     "serving": 9105,
     "monitoring": 9106,
+    "autopilot": 9107,
+    "dashboard": 9108,
 }
 GRPC_PORTS = {"serving": 50051, "registry": 50052}
+HTTP_PORTS = {"dashboard": 8080}
 
 
 def _default(cls: type[BaseSettings], field: str) -> Any:
@@ -67,6 +71,8 @@ def test_the_local_stack_defaults_are_the_contract() -> None:
         assert _default(StackSettings, f"{service}_metrics_port") == port
     for service, port in GRPC_PORTS.items():
         assert _default(StackSettings, f"{service}_grpc_port") == port
+    for service, port in HTTP_PORTS.items():
+        assert _default(StackSettings, f"{service}_port") == port
 
 
 def _service_settings_class(service: str) -> type[ServiceSettings]:
@@ -90,6 +96,8 @@ def test_each_service_settings_defaults_are_the_contract(service: str) -> None:
     assert _default(cls, "metrics_port") == METRICS_PORTS[service]
     if service in GRPC_PORTS:
         assert _default(cls, "port") == GRPC_PORTS[service]
+    if service in HTTP_PORTS:
+        assert _default(cls, "port") == HTTP_PORTS[service]
 
 
 def test_every_service_has_its_settings_module() -> None:

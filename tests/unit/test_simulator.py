@@ -1,4 +1,4 @@
-"""The traffic simulator (services/shared/usecase/simulator.py): determinism, realism, fraud
+"""The traffic simulator (services/cli/simulator.py): determinism, realism, fraud
 patterns, drift, and invalid/duplicate records that ingestion must catch."""
 
 from __future__ import annotations
@@ -12,16 +12,16 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from services.cli.simulate import record_value
-from services.shared.codecs import decode_external
-from services.shared.errors import InvalidArgument
-from services.shared.proto.mlops.v1 import events_pb2
-from services.shared.usecase.schemas import validate_label, validate_transaction
-from services.shared.usecase.simulator import (
+from services.cli.simulator import (
     SimEvent,
     SimulationConfig,
     TrafficSimulator,
     daily_rhythm,
 )
+from services.shared.codecs import decode_external
+from services.shared.errors import InvalidArgument
+from services.shared.proto.mlops.v1 import events_pb2
+from services.shared.usecase.schemas import validate_label, validate_transaction
 
 END = datetime(2025, 3, 10, tzinfo=UTC)
 SMALL = SimulationConfig(seed=3, users=300, merchants=60, transactions_per_user_per_day=4)
@@ -102,11 +102,52 @@ def test_the_fraud_rate_is_as_configured(fraud_rate: float) -> None:
     assert share == pytest.approx(fraud_rate, rel=0.2)
 
 
-def test_there_is_more_traffic_by_day_than_at_night() -> None:
-    hours = Counter(e.at.hour for e in _transactions(_history(SMALL, 4)))
+def test_live_traffic_has_the_fraud_rate_from_its_first_minute() -> None:
+    # fraud episodes begun before the start go on into it: a fresh `mlops simulate` is not a
+    # quiet stretch (a cold start had 2 % fraud in the first minute of a 5 % world)
+    config = SimulationConfig(
+        seed=42, users=400, transactions_per_user_per_day=2160, fraud_rate=0.05
+    )
+    first_minute = [
+        e
+        for second in range(8)
+        for e in _transactions(
+            list(TrafficSimulator(config).live(END + timedelta(seconds=second), duration_s=60))
+        )
+    ]
+    share = sum(bool(e.is_fraud) for e in first_minute) / len(first_minute)
+    assert len(first_minute) > 4000
+    assert 0.04 < share < 0.065
+
+
+def test_with_the_daily_rhythm_there_is_more_traffic_by_day_than_at_night() -> None:
+    rhythmic = SMALL.model_copy(update={"daily_rhythm": True})
+    hours = Counter(e.at.hour for e in _transactions(_history(rhythmic, 4)))
     assert sum(hours[h] for h in (12, 13, 14)) > 3 * sum(hours[h] for h in (2, 3, 4))
     assert daily_rhythm(datetime(2025, 1, 1, 3, tzinfo=UTC)) < daily_rhythm(
         datetime(2025, 1, 1, 13, tzinfo=UTC)
+    )
+    # live traffic follows the same rhythm (at its wall-clock hours)
+    night = _transactions(list(TrafficSimulator(rhythmic).live(END, duration_s=3 * 3600)))
+    noon = _transactions(
+        list(TrafficSimulator(rhythmic).live(END + timedelta(hours=12), duration_s=3 * 3600))
+    )
+    assert len(noon) > 3 * len(night)
+
+
+def test_live_traffic_continues_the_history_at_the_same_per_user_rate() -> None:
+    # the per-user rate sets every 1 h / 24 h count the model sees: live traffic at another
+    # rate than the history the model was trained on is a different world (its inputs drift)
+    days = 2.0
+    history = _transactions(_history(SMALL, days))
+    sim = TrafficSimulator(SMALL)
+    assert sim.live_rate == pytest.approx(300 * 4 / 86_400)
+    live = _transactions(list(sim.live(END, duration_s=days * 86_400)))
+    assert len(live) == pytest.approx(len(history), rel=0.05)
+    # without the rhythm, night and day are alike in both
+    hours = Counter(e.at.hour for e in history)
+    assert sum(hours[h] for h in (12, 13, 14)) == pytest.approx(
+        sum(hours[h] for h in (2, 3, 4)), rel=0.2
     )
 
 

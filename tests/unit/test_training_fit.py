@@ -100,7 +100,9 @@ def test_torchscript_export_keeps_weights_normalisation_and_outputs() -> None:
 
 def test_prior_correction_keeps_probabilities_calibrated() -> None:
     split = time_split(synthetic(4000, seed=3), 0.15, 0.2)
-    params = TrainingParams(epochs=15, patience=15, hidden=(16,), dropout=0.0)
+    params = TrainingParams(
+        epochs=15, patience=15, hidden=(16,), dropout=0.0, imbalance="pos_weight"
+    )
     fitted = fit_fraud_mlp(split.train, split.validation, params)
     assert fitted.pos_weight > 3
     corrected = scores(fitted.model, split.test.features)

@@ -2,6 +2,16 @@
 
 Streaming features (computed by the features service, stored in Feast) are declared here by
 name and type; feature_repo/ builds its Feast views from these lists, so the names exist once.
+How each is computed from an entity's history is here too (``user_features``,
+``merchant_features``); the features service (services/features/windows.py) keeps the
+histories (event-time order, deduplication, lateness, retention) and calls them:
+
+- user features: counts, sums and means of the user's transactions over 1 h, 24 h and 7 days,
+  distinct merchants over 24 h, the most frequent country over 7 days;
+- merchant fraud rate: labelled frauds / labels over 7 days, windowed by the labelled
+  *transaction's* event time (not the label's arrival): the fraud share among the merchant's
+  transactions of the last 7 days whose labels have arrived. A label for a transaction older
+  than the window is dropped (it can never count again).
 
 ``model_inputs`` is the request-time transformation: it turns a batch of transactions plus
 their online features into the model's input matrix. Training calls it on the point-in-time
@@ -11,12 +21,20 @@ works on columns (numpy arrays) and so serves one row or a million alike.
 
 from __future__ import annotations
 
+import bisect
 import math
+import operator
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
+
+# The model's tensor contract with Triton (model.py builds the model behind it): input
+# TRITON_INPUT (FP32, [batch, len(MODEL_INPUTS)]) -> output TRITON_OUTPUT (FP32, [batch, 1]).
+TRITON_INPUT = "features"
+TRITON_OUTPUT = "fraud_probability"
 
 # Streaming features per user (Feast view "user_activity", entity user_id).
 USER_FEATURES: dict[str, str] = {
@@ -36,6 +54,88 @@ MERCHANT_FEATURES: dict[str, str] = {
 }
 USER_VIEW = "user_activity"
 MERCHANT_VIEW = "merchant_activity"
+
+# ------------------------------------------------------------------ streaming computation
+# Times are integer microseconds since the epoch, as in the features service.
+US_PER_SECOND = 1_000_000
+HOUR_US = 3600 * US_PER_SECOND
+DAY_US = 24 * HOUR_US
+WEEK_US = 7 * DAY_US
+# How far back each history must reach for its longest window (the features service keeps
+# this plus the allowed lateness).
+USER_WINDOW_US = WEEK_US
+MERCHANT_TXN_WINDOW_US = DAY_US
+MERCHANT_LABEL_WINDOW_US = WEEK_US
+
+
+class UserTransaction(NamedTuple):
+    """One transaction in a user's history; histories are sorted (event time, then seq)."""
+
+    event_time_us: int
+    seq: int  # where it was read in its partition (orders equal event times)
+    transaction_id: str
+    amount: float
+    merchant_id: str
+    country: str
+
+
+class MerchantEvent(NamedTuple):
+    """A transaction at a merchant, or the label of one, at the transaction's event time."""
+
+    event_time_us: int
+    seq: int
+    transaction_id: str
+
+
+_event_time = operator.itemgetter(0)  # event_time_us of either history entry, as a sort key
+
+
+def _count_in(window: Sequence[Any], low: int, high: int) -> int:
+    """Entries (sorted by event time) with ``low < event time <= high``."""
+    return bisect.bisect_right(window, high, key=_event_time) - bisect.bisect_right(
+        window, low, key=_event_time
+    )
+
+
+def user_features(history: Sequence[UserTransaction]) -> dict[str, Any]:
+    """The user features of a non-empty, time-sorted history, as of its latest transaction."""
+    clock = history[-1].event_time_us
+    day = history[bisect.bisect_right(history, clock - DAY_US, key=_event_time) :]
+    week = history[bisect.bisect_right(history, clock - WEEK_US, key=_event_time) :]
+    countries: Counter[str] = Counter()
+    last_seen: dict[str, int] = {}
+    for txn in week:
+        countries[txn.country] += 1
+        last_seen[txn.country] = txn.event_time_us
+    # most frequent; ties go to the most recently seen, then the larger code (deterministic)
+    home = max(countries, key=lambda c: (countries[c], last_seen[c], c))
+    return {
+        "user_txn_count_1h": _count_in(history, clock - HOUR_US, clock),
+        "user_txn_count_24h": len(day),
+        "user_amount_sum_24h": math.fsum(txn.amount for txn in day),
+        "user_amount_mean_7d": math.fsum(txn.amount for txn in week) / len(week),
+        "user_distinct_merchants_24h": len({txn.merchant_id for txn in day}),
+        "user_last_txn_epoch": clock / US_PER_SECOND,
+        "user_home_country": home,
+    }
+
+
+def merchant_features(
+    txns: Sequence[MerchantEvent],
+    labels: Sequence[MerchantEvent],
+    positives: Sequence[MerchantEvent],
+) -> tuple[int, dict[str, Any]]:
+    """(clock, features) of a merchant's time-sorted transactions, labels and positive labels
+    (is_fraud; at least one list non-empty); the clock is the latest event time of any."""
+    clock = max(txns[-1].event_time_us if txns else -1, labels[-1].event_time_us if labels else -1)
+    labelled = _count_in(labels, clock - WEEK_US, clock)
+    fraud = _count_in(positives, clock - WEEK_US, clock)
+    return clock, {
+        "merchant_txn_count_24h": _count_in(txns, clock - DAY_US, clock),
+        "merchant_fraud_rate_7d": fraud / labelled if labelled else 0.0,
+        "merchant_labels_7d": labelled,
+    }
+
 
 # What an entity the store has never seen (or cannot reach) looks like.
 FEATURE_DEFAULTS: dict[str, Any] = {

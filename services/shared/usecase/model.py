@@ -3,16 +3,14 @@
 It is exported as TorchScript (no pickle anywhere), so Triton's Python backend, the registry's
 evaluation gate and tests run it without this code. Its tensor contract with Triton:
 input ``features`` (FP32, [batch, len(MODEL_INPUTS)]) -> output ``fraud_probability``
-(FP32, [batch, 1]).
+(FP32, [batch, 1]); the names are ``features.TRITON_INPUT``/``TRITON_OUTPUT``, so that
+serving and the registry speak the contract without importing torch (2-3 s at start-up).
 """
 
 from collections.abc import Sequence
 
 import torch
 from torch import nn
-
-TRITON_INPUT = "features"
-TRITON_OUTPUT = "fraud_probability"
 
 
 class FraudMLP(nn.Module):

@@ -1,4 +1,4 @@
-"""The card-payment event contract (DESIGN.md) as executable rules.
+"""The card-payment event contract (docs/architecture.md) as executable rules.
 
 One set of rules for every entry point: ingestion validates Kafka events with it, serving
 validates Predict calls with it. A violation raises ``InvalidArgument`` naming the field, with
@@ -70,18 +70,6 @@ class ValidTransaction(NamedTuple):
     country: str
     event_time: datetime
 
-    def to_proto(self) -> events_pb2.ValidatedTransaction:
-        return events_pb2.ValidatedTransaction(
-            transaction_id=self.transaction_id,
-            user_id=self.user_id,
-            merchant_id=self.merchant_id,
-            amount=self.amount,
-            currency=self.currency,
-            channel=self.channel,
-            country=self.country,
-            event_time=to_timestamp(self.event_time),
-        )
-
 
 class ValidLabel(NamedTuple):
     """A label that satisfies the contract, with its time parsed."""
@@ -89,13 +77,6 @@ class ValidLabel(NamedTuple):
     transaction_id: str
     is_fraud: bool
     event_time: datetime
-
-    def to_proto(self) -> events_pb2.ValidatedLabel:
-        return events_pb2.ValidatedLabel(
-            transaction_id=self.transaction_id,
-            is_fraud=self.is_fraud,
-            event_time=to_timestamp(self.event_time),
-        )
 
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)

@@ -59,6 +59,30 @@ MODEL_STAGE_SHADOW: ModelStage.ValueType  # 6
 """receives a mirrored copy of traffic"""
 global___ModelStage = ModelStage
 
+class _GateOutcome:
+    ValueType = typing.NewType("ValueType", builtins.int)
+    V: typing_extensions.TypeAlias = ValueType
+
+class _GateOutcomeEnumTypeWrapper(google.protobuf.internal.enum_type_wrapper._EnumTypeWrapper[_GateOutcome.ValueType], builtins.type):
+    DESCRIPTOR: google.protobuf.descriptor.EnumDescriptor
+    GATE_OUTCOME_UNSPECIFIED: _GateOutcome.ValueType  # 0
+    GATE_OUTCOME_PASSED: _GateOutcome.ValueType  # 1
+    GATE_OUTCOME_FAILED: _GateOutcome.ValueType  # 2
+    """not shown better (or worse calibrated) than production"""
+    GATE_OUTCOME_INSUFFICIENT_DATA: _GateOutcome.ValueType  # 3
+    """too few held-out rows or frauds: no verdict; the"""
+
+class GateOutcome(_GateOutcome, metaclass=_GateOutcomeEnumTypeWrapper):
+    """What the evaluation gate concluded; a verdict only when there was enough held-out data."""
+
+GATE_OUTCOME_UNSPECIFIED: GateOutcome.ValueType  # 0
+GATE_OUTCOME_PASSED: GateOutcome.ValueType  # 1
+GATE_OUTCOME_FAILED: GateOutcome.ValueType  # 2
+"""not shown better (or worse calibrated) than production"""
+GATE_OUTCOME_INSUFFICIENT_DATA: GateOutcome.ValueType  # 3
+"""too few held-out rows or frauds: no verdict; the"""
+global___GateOutcome = GateOutcome
+
 class _ModelEventType:
     ValueType = typing.NewType("ValueType", builtins.int)
     V: typing_extensions.TypeAlias = ValueType
@@ -69,6 +93,7 @@ class _ModelEventTypeEnumTypeWrapper(google.protobuf.internal.enum_type_wrapper.
     MODEL_EVENT_TYPE_REGISTERED: _ModelEventType.ValueType  # 1
     MODEL_EVENT_TYPE_GATE_PASSED: _ModelEventType.ValueType  # 2
     MODEL_EVENT_TYPE_GATE_REJECTED: _ModelEventType.ValueType  # 3
+    """did not pass: gate.outcome says failed or insufficient data"""
     MODEL_EVENT_TYPE_PUBLISHED: _ModelEventType.ValueType  # 4
     """written to Triton's repository and loaded"""
     MODEL_EVENT_TYPE_ALIAS_SET: _ModelEventType.ValueType  # 5
@@ -87,6 +112,7 @@ MODEL_EVENT_TYPE_UNSPECIFIED: ModelEventType.ValueType  # 0
 MODEL_EVENT_TYPE_REGISTERED: ModelEventType.ValueType  # 1
 MODEL_EVENT_TYPE_GATE_PASSED: ModelEventType.ValueType  # 2
 MODEL_EVENT_TYPE_GATE_REJECTED: ModelEventType.ValueType  # 3
+"""did not pass: gate.outcome says failed or insufficient data"""
 MODEL_EVENT_TYPE_PUBLISHED: ModelEventType.ValueType  # 4
 """written to Triton's repository and loaded"""
 MODEL_EVENT_TYPE_ALIAS_SET: ModelEventType.ValueType  # 5
@@ -100,8 +126,41 @@ MODEL_EVENT_TYPE_ROUTING_ANNOUNCED: ModelEventType.ValueType  # 9
 """nothing changed: the current routing table again"""
 global___ModelEventType = ModelEventType
 
+class _ModelAlias:
+    ValueType = typing.NewType("ValueType", builtins.int)
+    V: typing_extensions.TypeAlias = ValueType
+
+class _ModelAliasEnumTypeWrapper(google.protobuf.internal.enum_type_wrapper._EnumTypeWrapper[_ModelAlias.ValueType], builtins.type):
+    DESCRIPTOR: google.protobuf.descriptor.EnumDescriptor
+    MODEL_ALIAS_UNSPECIFIED: _ModelAlias.ValueType  # 0
+    MODEL_ALIAS_PRODUCTION: _ModelAlias.ValueType  # 1
+    """answers every request the canary does not take"""
+    MODEL_ALIAS_CANARY: _ModelAlias.ValueType  # 2
+    """answers its share of requests"""
+    MODEL_ALIAS_SHADOW: _ModelAlias.ValueType  # 3
+    """scores a mirrored share; its answers are logged, never returned"""
+
+class ModelAlias(_ModelAlias, metaclass=_ModelAliasEnumTypeWrapper):
+    """The part a version plays in routing. In lower case without the prefix, its name is the
+    MLflow alias the registry keeps (production, canary, shadow). The numbers are those of
+    monitoring's Route (the route a prediction took).
+    """
+
+MODEL_ALIAS_UNSPECIFIED: ModelAlias.ValueType  # 0
+MODEL_ALIAS_PRODUCTION: ModelAlias.ValueType  # 1
+"""answers every request the canary does not take"""
+MODEL_ALIAS_CANARY: ModelAlias.ValueType  # 2
+"""answers its share of requests"""
+MODEL_ALIAS_SHADOW: ModelAlias.ValueType  # 3
+"""scores a mirrored share; its answers are logged, never returned"""
+global___ModelAlias = ModelAlias
+
 @typing.final
 class GateResult(google.protobuf.message.Message):
+    """The evaluation gate's decision: candidate and production scored on the same held-out
+    transactions (the candidate's test set), compared by a paired test.
+    """
+
     DESCRIPTOR: google.protobuf.descriptor.Descriptor
 
     PASSED_FIELD_NUMBER: builtins.int
@@ -113,18 +172,46 @@ class GateResult(google.protobuf.message.Message):
     CANDIDATE_CALIBRATION_ERROR_FIELD_NUMBER: builtins.int
     BASELINE_CALIBRATION_ERROR_FIELD_NUMBER: builtins.int
     BASELINE_VERSION_FIELD_NUMBER: builtins.int
+    OUTCOME_FIELD_NUMBER: builtins.int
+    TEST_FIELD_NUMBER: builtins.int
+    STATISTIC_FIELD_NUMBER: builtins.int
+    INTERVAL_LOW_FIELD_NUMBER: builtins.int
+    INTERVAL_HIGH_FIELD_NUMBER: builtins.int
+    CONFIDENCE_FIELD_NUMBER: builtins.int
+    ROWS_FIELD_NUMBER: builtins.int
+    POSITIVES_FIELD_NUMBER: builtins.int
+    RESAMPLES_FIELD_NUMBER: builtins.int
     passed: builtins.bool
     reason: builtins.str
     metric: builtins.str
-    """the metric compared, e.g. "pr_auc" """
+    """the metric compared: "pr_auc" or "log_loss" """
     candidate_value: builtins.float
     baseline_value: builtins.float
     """production's value on the same held-out data"""
     margin: builtins.float
+    """the interval's lower end must clear it"""
     candidate_calibration_error: builtins.float
     baseline_calibration_error: builtins.float
     baseline_version: builtins.int
     """0: there was no production version"""
+    outcome: global___GateOutcome.ValueType
+    test: builtins.str
+    """e.g. "paired bootstrap of the pr_auc difference ...";"""
+    statistic: builtins.float
+    """empty when nothing was compared
+    the candidate's improvement (positive: better)
+    """
+    interval_low: builtins.float
+    """two-sided interval of the improvement at confidence"""
+    interval_high: builtins.float
+    confidence: builtins.float
+    """e.g. 0.95"""
+    rows: builtins.int
+    """held-out transactions both models scored"""
+    positives: builtins.int
+    """of which frauds"""
+    resamples: builtins.int
+    """bootstrap resamples"""
     def __init__(
         self,
         *,
@@ -137,8 +224,17 @@ class GateResult(google.protobuf.message.Message):
         candidate_calibration_error: builtins.float = ...,
         baseline_calibration_error: builtins.float = ...,
         baseline_version: builtins.int = ...,
+        outcome: global___GateOutcome.ValueType = ...,
+        test: builtins.str = ...,
+        statistic: builtins.float = ...,
+        interval_low: builtins.float = ...,
+        interval_high: builtins.float = ...,
+        confidence: builtins.float = ...,
+        rows: builtins.int = ...,
+        positives: builtins.int = ...,
+        resamples: builtins.int = ...,
     ) -> None: ...
-    def ClearField(self, field_name: typing.Literal["baseline_calibration_error", b"baseline_calibration_error", "baseline_value", b"baseline_value", "baseline_version", b"baseline_version", "candidate_calibration_error", b"candidate_calibration_error", "candidate_value", b"candidate_value", "margin", b"margin", "metric", b"metric", "passed", b"passed", "reason", b"reason"]) -> None: ...
+    def ClearField(self, field_name: typing.Literal["baseline_calibration_error", b"baseline_calibration_error", "baseline_value", b"baseline_value", "baseline_version", b"baseline_version", "candidate_calibration_error", b"candidate_calibration_error", "candidate_value", b"candidate_value", "confidence", b"confidence", "interval_high", b"interval_high", "interval_low", b"interval_low", "margin", b"margin", "metric", b"metric", "outcome", b"outcome", "passed", b"passed", "positives", b"positives", "reason", b"reason", "resamples", b"resamples", "rows", b"rows", "statistic", b"statistic", "test", b"test"]) -> None: ...
 
 global___GateResult = GateResult
 
@@ -307,7 +403,9 @@ global___Lineage = Lineage
 
 @typing.final
 class ServedVersion(google.protobuf.message.Message):
-    """A version Triton serves and how traffic reaches it."""
+    """A version Triton serves and how traffic reaches it: one route of the routing table. The
+    registry computes every field (services/registry/routing.py); consumers apply them as given.
+    """
 
     DESCRIPTOR: google.protobuf.descriptor.Descriptor
 
@@ -315,13 +413,20 @@ class ServedVersion(google.protobuf.message.Message):
     ALIAS_FIELD_NUMBER: builtins.int
     TRAFFIC_PERCENT_FIELD_NUMBER: builtins.int
     THRESHOLD_FIELD_NUMBER: builtins.int
+    ROLE_FIELD_NUMBER: builtins.int
+    SHADOW_FIELD_NUMBER: builtins.int
     version: builtins.int
     alias: builtins.str
-    """production | canary | shadow"""
+    """the name of `role`; events written before `role` carry only this"""
     traffic_percent: builtins.int
-    """production: the rest; canary: its share; shadow: mirrored share"""
+    """production: 100 minus the canary's share; canary: its share;"""
     threshold: builtins.float
-    """decision threshold on fraud_probability"""
+    """shadow: the share mirrored to it
+    decision threshold on fraud_probability
+    """
+    role: global___ModelAlias.ValueType
+    shadow: builtins.bool
+    """mirrored: its answers are logged, never returned to callers"""
     def __init__(
         self,
         *,
@@ -329,8 +434,10 @@ class ServedVersion(google.protobuf.message.Message):
         alias: builtins.str = ...,
         traffic_percent: builtins.int = ...,
         threshold: builtins.float = ...,
+        role: global___ModelAlias.ValueType = ...,
+        shadow: builtins.bool = ...,
     ) -> None: ...
-    def ClearField(self, field_name: typing.Literal["alias", b"alias", "threshold", b"threshold", "traffic_percent", b"traffic_percent", "version", b"version"]) -> None: ...
+    def ClearField(self, field_name: typing.Literal["alias", b"alias", "role", b"role", "shadow", b"shadow", "threshold", b"threshold", "traffic_percent", b"traffic_percent", "version", b"version"]) -> None: ...
 
 global___ServedVersion = ServedVersion
 

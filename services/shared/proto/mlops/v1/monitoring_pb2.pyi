@@ -116,7 +116,9 @@ global___PredictionRecord = PredictionRecord
 
 @typing.final
 class DriftEvent(google.protobuf.message.Message):
-    """A drift detector fired (topic monitoring.drift)."""
+    """A drift detector fired (topic monitoring.drift, keyed by model_name). One event per
+    detection: a signal that keeps drifting raises no new event during its cooldown.
+    """
 
     DESCRIPTOR: google.protobuf.descriptor.Descriptor
 
@@ -130,19 +132,44 @@ class DriftEvent(google.protobuf.message.Message):
     REFERENCE_VALUE_FIELD_NUMBER: builtins.int
     CURRENT_VALUE_FIELD_NUMBER: builtins.int
     DETECTED_AT_FIELD_NUMBER: builtins.int
+    KIND_FIELD_NUMBER: builtins.int
+    ONSET_AT_FIELD_NUMBER: builtins.int
+    SAMPLES_FIELD_NUMBER: builtins.int
+    INPUTS_FIELD_NUMBER: builtins.int
     event_id: builtins.str
     detector: builtins.str
-    """e.g. "ADWIN" """
+    """e.g. "cusum_log_loss", "pooled_cusum", "ADWIN" """
     signal: builtins.str
-    """what drifted: a feature name, "score", "error" """
+    """what drifted: a model input's name, "inputs" (pooled), "score", "log_loss" """
     model_name: builtins.str
     model_version: builtins.int
+    """the production version whose traffic drifted"""
     statistic: builtins.float
+    """the detector's statistic when it fired"""
     threshold: builtins.float
+    """the threshold it crossed"""
     reference_value: builtins.float
+    """the signal's mean on the reference (training data, or the"""
     current_value: builtins.float
+    """version's own first labelled outcomes for concept drift)
+    the signal's mean since onset_at
+    """
+    kind: builtins.str
+    """"concept" (score and label), "data" (a model input), "score" """
+    samples: builtins.int
+    """began (the start of the CUSUM run)
+    events the statistic rests on (since onset_at)
+    """
     @property
     def detected_at(self) -> google.protobuf.timestamp_pb2.Timestamp: ...
+    @property
+    def onset_at(self) -> google.protobuf.timestamp_pb2.Timestamp:
+        """the detector's estimate of when the change"""
+
+    @property
+    def inputs(self) -> google.protobuf.internal.containers.RepeatedScalarFieldContainer[builtins.str]:
+        """the model inputs that moved (data drift; the pooled"""
+
     def __init__(
         self,
         *,
@@ -156,9 +183,13 @@ class DriftEvent(google.protobuf.message.Message):
         reference_value: builtins.float = ...,
         current_value: builtins.float = ...,
         detected_at: google.protobuf.timestamp_pb2.Timestamp | None = ...,
+        kind: builtins.str = ...,
+        onset_at: google.protobuf.timestamp_pb2.Timestamp | None = ...,
+        samples: builtins.int = ...,
+        inputs: collections.abc.Iterable[builtins.str] | None = ...,
     ) -> None: ...
-    def HasField(self, field_name: typing.Literal["detected_at", b"detected_at"]) -> builtins.bool: ...
-    def ClearField(self, field_name: typing.Literal["current_value", b"current_value", "detected_at", b"detected_at", "detector", b"detector", "event_id", b"event_id", "model_name", b"model_name", "model_version", b"model_version", "reference_value", b"reference_value", "signal", b"signal", "statistic", b"statistic", "threshold", b"threshold"]) -> None: ...
+    def HasField(self, field_name: typing.Literal["detected_at", b"detected_at", "onset_at", b"onset_at"]) -> builtins.bool: ...
+    def ClearField(self, field_name: typing.Literal["current_value", b"current_value", "detected_at", b"detected_at", "detector", b"detector", "event_id", b"event_id", "inputs", b"inputs", "kind", b"kind", "model_name", b"model_name", "model_version", b"model_version", "onset_at", b"onset_at", "reference_value", b"reference_value", "samples", b"samples", "signal", b"signal", "statistic", b"statistic", "threshold", b"threshold"]) -> None: ...
 
 global___DriftEvent = DriftEvent
 

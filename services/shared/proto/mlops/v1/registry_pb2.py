@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from services.shared.proto.mlops.v1 import models_pb2 as mlops_dot_v1_dot_models__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17mlops/v1/registry.proto\x12\x08mlops.v1\x1a\x15mlops/v1/models.proto\".\n\x18ListModelVersionsRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\"E\n\x19ListModelVersionsResponse\x12(\n\x08versions\x18\x01 \x03(\x0b\x32\x16.mlops.v1.ModelVersion\"\\\n\x16GetModelVersionRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x11\n\x07version\x18\x02 \x01(\x03H\x00\x12\x0f\n\x05\x61lias\x18\x03 \x01(\tH\x00\x42\n\n\x08selector\"\x8f\x01\n\x1bRegisterModelVersionRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12\x17\n\x0f\x61rtifact_sha256\x18\x03 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x04 \x01(\t\x12\x1e\n\x16\x63\x61nary_traffic_percent\x18\x05 \x01(\x05\"n\n\x0fSetAliasRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\r\n\x05\x61lias\x18\x03 \x01(\t\x12\x17\n\x0ftraffic_percent\x18\x04 \x01(\x05\x12\x0e\n\x06reason\x18\x05 \x01(\t\"5\n\x0fRollbackRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"8\n\x11GetLineageRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x32\xcd\x03\n\rModelRegistry\x12\\\n\x11ListModelVersions\x12\".mlops.v1.ListModelVersionsRequest\x1a#.mlops.v1.ListModelVersionsResponse\x12K\n\x0fGetModelVersion\x12 .mlops.v1.GetModelVersionRequest\x1a\x16.mlops.v1.ModelVersion\x12U\n\x14RegisterModelVersion\x12%.mlops.v1.RegisterModelVersionRequest\x1a\x16.mlops.v1.ModelVersion\x12=\n\x08SetAlias\x12\x19.mlops.v1.SetAliasRequest\x1a\x16.mlops.v1.ModelVersion\x12=\n\x08Rollback\x12\x19.mlops.v1.RollbackRequest\x1a\x16.mlops.v1.ModelVersion\x12<\n\nGetLineage\x12\x1b.mlops.v1.GetLineageRequest\x1a\x11.mlops.v1.Lineageb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17mlops/v1/registry.proto\x12\x08mlops.v1\x1a\x15mlops/v1/models.proto\".\n\x18ListModelVersionsRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\"E\n\x19ListModelVersionsResponse\x12(\n\x08versions\x18\x01 \x03(\x0b\x32\x16.mlops.v1.ModelVersion\"x\n\x16GetModelVersionRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x11\n\x07version\x18\x02 \x01(\x03H\x00\x12%\n\x05\x61lias\x18\x04 \x01(\x0e\x32\x14.mlops.v1.ModelAliasH\x00\x42\n\n\x08selectorJ\x04\x08\x03\x10\x04\"\x8f\x01\n\x1bRegisterModelVersionRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12\x17\n\x0f\x61rtifact_sha256\x18\x03 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x04 \x01(\t\x12\x1e\n\x16\x63\x61nary_traffic_percent\x18\x05 \x01(\x05\"\x8a\x01\n\x0fSetAliasRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12#\n\x05\x61lias\x18\x06 \x01(\x0e\x32\x14.mlops.v1.ModelAlias\x12\x17\n\x0ftraffic_percent\x18\x04 \x01(\x05\x12\x0e\n\x06reason\x18\x05 \x01(\tJ\x04\x08\x03\x10\x04\"5\n\x0fRollbackRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"8\n\x11GetLineageRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\",\n\x16GetRoutingTableRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\"V\n\x17GetRoutingTableResponse\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\'\n\x06routes\x18\x02 \x03(\x0b\x32\x17.mlops.v1.ServedVersion2\xa5\x04\n\rModelRegistry\x12\\\n\x11ListModelVersions\x12\".mlops.v1.ListModelVersionsRequest\x1a#.mlops.v1.ListModelVersionsResponse\x12K\n\x0fGetModelVersion\x12 .mlops.v1.GetModelVersionRequest\x1a\x16.mlops.v1.ModelVersion\x12U\n\x14RegisterModelVersion\x12%.mlops.v1.RegisterModelVersionRequest\x1a\x16.mlops.v1.ModelVersion\x12=\n\x08SetAlias\x12\x19.mlops.v1.SetAliasRequest\x1a\x16.mlops.v1.ModelVersion\x12=\n\x08Rollback\x12\x19.mlops.v1.RollbackRequest\x1a\x16.mlops.v1.ModelVersion\x12<\n\nGetLineage\x12\x1b.mlops.v1.GetLineageRequest\x1a\x11.mlops.v1.Lineage\x12V\n\x0fGetRoutingTable\x12 .mlops.v1.GetRoutingTableRequest\x1a!.mlops.v1.GetRoutingTableResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,15 +37,19 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTMODELVERSIONSRESPONSE']._serialized_start=108
   _globals['_LISTMODELVERSIONSRESPONSE']._serialized_end=177
   _globals['_GETMODELVERSIONREQUEST']._serialized_start=179
-  _globals['_GETMODELVERSIONREQUEST']._serialized_end=271
-  _globals['_REGISTERMODELVERSIONREQUEST']._serialized_start=274
-  _globals['_REGISTERMODELVERSIONREQUEST']._serialized_end=417
-  _globals['_SETALIASREQUEST']._serialized_start=419
-  _globals['_SETALIASREQUEST']._serialized_end=529
-  _globals['_ROLLBACKREQUEST']._serialized_start=531
-  _globals['_ROLLBACKREQUEST']._serialized_end=584
-  _globals['_GETLINEAGEREQUEST']._serialized_start=586
-  _globals['_GETLINEAGEREQUEST']._serialized_end=642
-  _globals['_MODELREGISTRY']._serialized_start=645
-  _globals['_MODELREGISTRY']._serialized_end=1106
+  _globals['_GETMODELVERSIONREQUEST']._serialized_end=299
+  _globals['_REGISTERMODELVERSIONREQUEST']._serialized_start=302
+  _globals['_REGISTERMODELVERSIONREQUEST']._serialized_end=445
+  _globals['_SETALIASREQUEST']._serialized_start=448
+  _globals['_SETALIASREQUEST']._serialized_end=586
+  _globals['_ROLLBACKREQUEST']._serialized_start=588
+  _globals['_ROLLBACKREQUEST']._serialized_end=641
+  _globals['_GETLINEAGEREQUEST']._serialized_start=643
+  _globals['_GETLINEAGEREQUEST']._serialized_end=699
+  _globals['_GETROUTINGTABLEREQUEST']._serialized_start=701
+  _globals['_GETROUTINGTABLEREQUEST']._serialized_end=745
+  _globals['_GETROUTINGTABLERESPONSE']._serialized_start=747
+  _globals['_GETROUTINGTABLERESPONSE']._serialized_end=833
+  _globals['_MODELREGISTRY']._serialized_start=836
+  _globals['_MODELREGISTRY']._serialized_end=1385
 # @@protoc_insertion_point(module_scope)

@@ -55,14 +55,13 @@ class GetModelVersionRequest(google.protobuf.message.Message):
     ALIAS_FIELD_NUMBER: builtins.int
     model_name: builtins.str
     version: builtins.int
-    alias: builtins.str
-    """production | canary | shadow"""
+    alias: services.shared.proto.mlops.v1.models_pb2.ModelAlias.ValueType
     def __init__(
         self,
         *,
         model_name: builtins.str = ...,
         version: builtins.int = ...,
-        alias: builtins.str = ...,
+        alias: services.shared.proto.mlops.v1.models_pb2.ModelAlias.ValueType = ...,
     ) -> None: ...
     def HasField(self, field_name: typing.Literal["alias", b"alias", "selector", b"selector", "version", b"version"]) -> builtins.bool: ...
     def ClearField(self, field_name: typing.Literal["alias", b"alias", "model_name", b"model_name", "selector", b"selector", "version", b"version"]) -> None: ...
@@ -112,17 +111,16 @@ class SetAliasRequest(google.protobuf.message.Message):
     model_name: builtins.str
     version: builtins.int
     """0 removes the alias (production cannot be removed)"""
-    alias: builtins.str
-    """production | canary | shadow"""
+    alias: services.shared.proto.mlops.v1.models_pb2.ModelAlias.ValueType
     traffic_percent: builtins.int
-    """canary only, 1-100"""
+    """canary: its share; shadow: the share mirrored (1-100)"""
     reason: builtins.str
     def __init__(
         self,
         *,
         model_name: builtins.str = ...,
         version: builtins.int = ...,
-        alias: builtins.str = ...,
+        alias: services.shared.proto.mlops.v1.models_pb2.ModelAlias.ValueType = ...,
         traffic_percent: builtins.int = ...,
         reason: builtins.str = ...,
     ) -> None: ...
@@ -165,3 +163,39 @@ class GetLineageRequest(google.protobuf.message.Message):
     def ClearField(self, field_name: typing.Literal["model_name", b"model_name", "version", b"version"]) -> None: ...
 
 global___GetLineageRequest = GetLineageRequest
+
+@typing.final
+class GetRoutingTableRequest(google.protobuf.message.Message):
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+
+    MODEL_NAME_FIELD_NUMBER: builtins.int
+    model_name: builtins.str
+    def __init__(
+        self,
+        *,
+        model_name: builtins.str = ...,
+    ) -> None: ...
+    def ClearField(self, field_name: typing.Literal["model_name", b"model_name"]) -> None: ...
+
+global___GetRoutingTableRequest = GetRoutingTableRequest
+
+@typing.final
+class GetRoutingTableResponse(google.protobuf.message.Message):
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+
+    MODEL_NAME_FIELD_NUMBER: builtins.int
+    ROUTES_FIELD_NUMBER: builtins.int
+    model_name: builtins.str
+    @property
+    def routes(self) -> google.protobuf.internal.containers.RepeatedCompositeFieldContainer[services.shared.proto.mlops.v1.models_pb2.ServedVersion]:
+        """production first, then canary and shadow when set"""
+
+    def __init__(
+        self,
+        *,
+        model_name: builtins.str = ...,
+        routes: collections.abc.Iterable[services.shared.proto.mlops.v1.models_pb2.ServedVersion] | None = ...,
+    ) -> None: ...
+    def ClearField(self, field_name: typing.Literal["model_name", b"model_name", "routes", b"routes"]) -> None: ...
+
+global___GetRoutingTableResponse = GetRoutingTableResponse

@@ -65,6 +65,11 @@ class ModelRegistryStub:
                 request_serializer=mlops_dot_v1_dot_registry__pb2.GetLineageRequest.SerializeToString,
                 response_deserializer=mlops_dot_v1_dot_models__pb2.Lineage.FromString,
                 _registered_method=True)
+        self.GetRoutingTable = channel.unary_unary(
+                '/mlops.v1.ModelRegistry/GetRoutingTable',
+                request_serializer=mlops_dot_v1_dot_registry__pb2.GetRoutingTableRequest.SerializeToString,
+                response_deserializer=mlops_dot_v1_dot_registry__pb2.GetRoutingTableResponse.FromString,
+                _registered_method=True)
 
 
 class ModelRegistryServicer:
@@ -110,6 +115,14 @@ class ModelRegistryServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetRoutingTable(self, request, context):
+        """The complete routing table now (what every models.lifecycle event carries in `served`):
+        serving reads it at start-up, the CLI shows it. Empty when there is no production version.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ModelRegistryServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -142,6 +155,11 @@ def add_ModelRegistryServicer_to_server(servicer, server):
                     servicer.GetLineage,
                     request_deserializer=mlops_dot_v1_dot_registry__pb2.GetLineageRequest.FromString,
                     response_serializer=mlops_dot_v1_dot_models__pb2.Lineage.SerializeToString,
+            ),
+            'GetRoutingTable': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetRoutingTable,
+                    request_deserializer=mlops_dot_v1_dot_registry__pb2.GetRoutingTableRequest.FromString,
+                    response_serializer=mlops_dot_v1_dot_registry__pb2.GetRoutingTableResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -306,6 +324,33 @@ class ModelRegistry:
             '/mlops.v1.ModelRegistry/GetLineage',
             mlops_dot_v1_dot_registry__pb2.GetLineageRequest.SerializeToString,
             mlops_dot_v1_dot_models__pb2.Lineage.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetRoutingTable(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mlops.v1.ModelRegistry/GetRoutingTable',
+            mlops_dot_v1_dot_registry__pb2.GetRoutingTableRequest.SerializeToString,
+            mlops_dot_v1_dot_registry__pb2.GetRoutingTableResponse.FromString,
             options,
             channel_credentials,
             insecure,

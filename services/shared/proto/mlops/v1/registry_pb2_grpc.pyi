@@ -57,6 +57,14 @@ class ModelRegistryStub:
         services.shared.proto.mlops.v1.models_pb2.Lineage,
     ]
 
+    GetRoutingTable: grpc.UnaryUnaryMultiCallable[
+        services.shared.proto.mlops.v1.registry_pb2.GetRoutingTableRequest,
+        services.shared.proto.mlops.v1.registry_pb2.GetRoutingTableResponse,
+    ]
+    """The complete routing table now (what every models.lifecycle event carries in `served`):
+    serving reads it at start-up, the CLI shows it. Empty when there is no production version.
+    """
+
 class ModelRegistryAsyncStub:
     ListModelVersions: grpc.aio.UnaryUnaryMultiCallable[
         services.shared.proto.mlops.v1.registry_pb2.ListModelVersionsRequest,
@@ -92,6 +100,14 @@ class ModelRegistryAsyncStub:
         services.shared.proto.mlops.v1.registry_pb2.GetLineageRequest,
         services.shared.proto.mlops.v1.models_pb2.Lineage,
     ]
+
+    GetRoutingTable: grpc.aio.UnaryUnaryMultiCallable[
+        services.shared.proto.mlops.v1.registry_pb2.GetRoutingTableRequest,
+        services.shared.proto.mlops.v1.registry_pb2.GetRoutingTableResponse,
+    ]
+    """The complete routing table now (what every models.lifecycle event carries in `served`):
+    serving reads it at start-up, the CLI shows it. Empty when there is no production version.
+    """
 
 class ModelRegistryServicer(metaclass=abc.ABCMeta):
     @abc.abstractmethod
@@ -140,5 +156,15 @@ class ModelRegistryServicer(metaclass=abc.ABCMeta):
         request: services.shared.proto.mlops.v1.registry_pb2.GetLineageRequest,
         context: _ServicerContext,
     ) -> typing.Union[services.shared.proto.mlops.v1.models_pb2.Lineage, collections.abc.Awaitable[services.shared.proto.mlops.v1.models_pb2.Lineage]]: ...
+
+    @abc.abstractmethod
+    def GetRoutingTable(
+        self,
+        request: services.shared.proto.mlops.v1.registry_pb2.GetRoutingTableRequest,
+        context: _ServicerContext,
+    ) -> typing.Union[services.shared.proto.mlops.v1.registry_pb2.GetRoutingTableResponse, collections.abc.Awaitable[services.shared.proto.mlops.v1.registry_pb2.GetRoutingTableResponse]]:
+        """The complete routing table now (what every models.lifecycle event carries in `served`):
+        serving reads it at start-up, the CLI shows it. Empty when there is no production version.
+        """
 
 def add_ModelRegistryServicer_to_server(servicer: ModelRegistryServicer, server: typing.Union[grpc.Server, grpc.aio.Server]) -> None: ...

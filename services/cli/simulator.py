@@ -11,9 +11,16 @@ decides what happens when, deterministically for a seed and a start time.
 
 The world: ``users`` card holders, each with a home country (and its currency), a typical
 spend, favourite merchants, a channel preference and an activity level; ``merchants`` in a
-country with a category that sets their price level and channel mix. Traffic follows a daily
-rhythm (quiet nights, busy middays and evenings) in ``history``; ``live`` runs at ``rate``
-transactions per second.
+country with a category that sets their price level and channel mix.
+
+``history`` and ``live`` are one process: the same world, the same per-user rate
+(``transactions_per_user_per_day``; ``live`` runs at ``users x transactions_per_user_per_day /
+86,400`` transactions per second unless ``rate`` says otherwise) and the same arrival pattern
+(constant, or the ``daily_rhythm``: quiet nights, busy middays and evenings, in both). Live
+traffic therefore continues the history a model was trained on, and every per-user and
+per-merchant count the features service keeps has the distribution it had in training: live
+traffic at another per-user rate is a different world, and its model inputs drift (a user
+with 800 payments a day has other 1 h and 24 h counts than one with 3).
 
 Fraud (``fraud_rate`` of the transactions) comes in episodes on one victim's card:
 
@@ -64,9 +71,20 @@ class SimulationConfig(BaseModel):
     users: int = Field(2000, ge=1, description="Card holders.")
     merchants: int = Field(300, ge=10, description="Merchants.")
     fraud_rate: float = Field(0.02, ge=0.0, lt=0.5, description="Share of fraud transactions.")
-    rate: float = Field(20.0, gt=0, description="Live mode: transactions per second.")
+    rate: float | None = Field(
+        None,
+        gt=0,
+        description="Live mode: transactions per second; None: the history's rate (users x "
+        "transactions_per_user_per_day / 86,400), so that live traffic continues the history.",
+    )
     transactions_per_user_per_day: float = Field(
-        3.0, gt=0, description="History mode: average daily transactions of a user."
+        3.0, gt=0, description="Average daily transactions of a user (history and live)."
+    )
+    daily_rhythm: bool = Field(
+        False,
+        description="Traffic follows the time of day (history and live alike), and the old "
+        "fraud pattern strikes mostly at night; off: constant rates, so that any stretch of "
+        "traffic looks like any other (what the drift detectors' all-day reference assumes).",
     )
     label_delay_s: float = Field(
         120.0, ge=0, description="Mean delay from a transaction to its label (x0.5-1.5)."
@@ -220,6 +238,9 @@ _DAY_MAX = 1.15
 _NIGHT_MAX = 1.25
 # mean transactions per fraud episode (see _old_episode / _new_episode)
 _OLD_BURST_MEAN = 4.5
+# how far before a run's start its fraud episodes begin (the longest burst, 15 payments ~150 s
+# apart, spans well under an hour)
+_EPISODE_WARM_S = 3600.0
 _NEW_BURST_MEAN = 9.5
 
 
@@ -244,7 +265,7 @@ class _Clock:
     """How transactions arrive."""
 
     rate: float  # transactions per second (at rhythm 1.0 when ``rhythm``)
-    rhythm: bool  # history follows the daily rhythm; live runs at a constant rate
+    rhythm: bool  # follows the daily rhythm (else a constant rate)
 
 
 class TrafficSimulator:
@@ -265,9 +286,18 @@ class TrafficSimulator:
         caller consumes it. Labels due after ``end`` are issued at ``end``, so every valid
         transaction has its label."""
         start, end = start.astimezone(UTC), end.astimezone(UTC)
-        per_second = len(self.users) * self.config.transactions_per_user_per_day / 86_400
-        clock = _Clock(per_second / _DAY_MEAN, rhythm=True)
-        yield from self._run("history", start, clock, end=end, max_transactions=None)
+        yield from self._run("history", start, self._clock(), end=end, max_transactions=None)
+
+    @property
+    def live_rate(self) -> float:
+        """Transactions per second of live traffic (on average over a day)."""
+        if self.config.rate is not None:
+            return self.config.rate
+        return len(self.users) * self.config.transactions_per_user_per_day / 86_400
+
+    def _clock(self) -> _Clock:
+        rhythm = self.config.daily_rhythm
+        return _Clock(self.live_rate / _DAY_MEAN if rhythm else self.live_rate, rhythm)
 
     def live(
         self,
@@ -276,11 +306,12 @@ class TrafficSimulator:
         duration_s: float | None = None,
         max_transactions: int | None = None,
     ) -> Iterator[SimEvent]:
-        """Traffic from ``start`` on at ``config.rate`` transactions per second. Endless,
-        unless ``duration_s`` or ``max_transactions`` is given: then no transaction is created
-        after that, and the labels still due follow at their scheduled times."""
+        """Traffic from ``start`` on at ``live_rate`` transactions per second (the history's
+        process, continued). Endless, unless ``duration_s`` or ``max_transactions`` is given:
+        then no transaction is created after that, and the labels still due follow at their
+        scheduled times."""
         start = start.astimezone(UTC)
-        clock = _Clock(self.config.rate, rhythm=False)
+        clock = self._clock()
         end = start + timedelta(seconds=duration_s) if duration_s is not None else None
         yield from self._run("live", start, clock, end=end, max_transactions=max_transactions)
 
@@ -330,9 +361,23 @@ class TrafficSimulator:
         fraud_rhythm = night_rhythm if clock.rhythm else daily_rhythm
         fraud_scale = _DAY_MEAN / _NIGHT_MEAN if clock.rhythm else 1.0
         next_normal = next_arrival(start, normal_rate, daily_rhythm, _DAY_MAX)
-        next_episode = next_arrival(
-            start, episode_rate(start) * fraud_scale, fraud_rhythm, _NIGHT_MAX
+        # the fraud process is in its steady state from the first second: episodes that began
+        # in the _EPISODE_WARM_S before ``start`` go on into it (a cold start had 2 % fraud in
+        # the first 50 s of a 5 % world, rising to 5 % after ~4 min, and every fresh
+        # `mlops simulate` began with a quiet stretch that a baseline taken from it mistook for
+        # the normal loss)
+        began = next_arrival(
+            start - timedelta(seconds=_EPISODE_WARM_S),
+            episode_rate(start) * fraud_scale,
+            fraud_rhythm,
+            _NIGHT_MAX,
         )
+        while began < start:
+            for when, victim, pattern in self._episode(rng, began, start):
+                if when >= start:
+                    heapq.heappush(pending, _Pending(when, next(seq), "fraud", (victim, pattern)))
+            began = next_arrival(began, episode_rate(start) * fraud_scale, fraud_rhythm, _NIGHT_MAX)
+        next_episode = began
         created = 0
 
         def creating(at: datetime) -> bool:

@@ -23,8 +23,10 @@ from services.shared.errors import (
     Unauthenticated,
     Unavailable,
 )
+from services.shared.model_aliases import alias_role
 from services.shared.proto.mlops.v1 import models_pb2, registry_pb2, registry_pb2_grpc
 from services.shared.settings import RegistryClientSettings
+from services.shared.tls import registry_channel
 
 ACTOR_METADATA = "x-mlops-actor"  # who asks (recorded on ModelEvents); informational only
 _ERRORS: dict[grpc.StatusCode, type[PlatformError]] = {
@@ -57,7 +59,7 @@ class RegistryClient:
         self.settings = settings
         self.actor = actor
         self.timeout_s = timeout_s
-        self._channel = grpc.insecure_channel(settings.address)
+        self._channel = registry_channel(settings)  # TLS when a CA is configured
         self._stub = registry_pb2_grpc.ModelRegistryStub(self._channel)
 
     def close(self) -> None:
@@ -96,7 +98,7 @@ class RegistryClient:
     def get_version(self, version: int = 0, alias: str = "") -> models_pb2.ModelVersion:
         request = registry_pb2.GetModelVersionRequest(model_name=self.model_name)
         if alias:
-            request.alias = alias
+            request.alias = alias_role(alias)
         else:
             request.version = version
         try:
@@ -140,7 +142,7 @@ class RegistryClient:
                 registry_pb2.SetAliasRequest(
                     model_name=self.model_name,
                     version=version,
-                    alias=alias,
+                    alias=alias_role(alias),
                     traffic_percent=traffic_percent,
                     reason=reason,
                 ),
@@ -161,6 +163,17 @@ class RegistryClient:
         except grpc.RpcError as exc:
             raise platform_error(exc) from None
         return result
+
+    def routing_table(self) -> list[models_pb2.ServedVersion]:
+        """The registry's routing table now (production first; empty without production)."""
+        try:
+            response = self._stub.GetRoutingTable(
+                registry_pb2.GetRoutingTableRequest(model_name=self.model_name),
+                timeout=self.timeout_s,
+            )
+        except grpc.RpcError as exc:
+            raise platform_error(exc) from None
+        return list(response.routes)
 
     def lineage(self, version: int) -> models_pb2.Lineage:
         try:

@@ -100,6 +100,17 @@ def http_ok(url: str, timeout: float = 2.0) -> bool:
         return False  # HTTPException: something that is not an HTTP server holds the port
 
 
+def http_text(url: str, timeout: float = 2.0) -> str | None:
+    """The body of a 2xx answer as text; None when there is none."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            if 200 <= int(response.status) < 300:
+                return str(response.read().decode("utf-8", "replace"))
+            return None
+    except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException):
+        return None
+
+
 def wait_until(
     probe: Callable[[], bool],
     timeout_s: float,

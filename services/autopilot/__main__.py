@@ -1,0 +1,5 @@
+"""``python -m services.autopilot``."""
+
+from services.autopilot.main import main
+
+raise SystemExit(main())

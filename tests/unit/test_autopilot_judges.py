@@ -1,0 +1,152 @@
+"""The autopilot's statistics: the paired shadow judge and the operational canary judge."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from services.autopilot.judges import (
+    OperationalPolicy,
+    PairedPolicy,
+    VersionHealth,
+    fisher_greater,
+    judge_operational,
+    judge_paired,
+    latency_threshold,
+)
+
+POLICY = PairedPolicy(min_pairs=200, min_positives=10, alpha=0.05, max_looks=5, resamples=400)
+
+
+def _scores(n: int, fraud_rate: float, skill: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Labels and scores of a model whose frauds score higher by ``skill`` (logit units)."""
+    rng = np.random.default_rng(seed)
+    labels = (rng.random(n) < fraud_rate).astype(float)
+    logits = -3.0 + skill * labels + rng.normal(0, 1, n)
+    return labels, 1 / (1 + np.exp(-logits))
+
+
+def test_a_clearly_better_candidate_is_better_with_its_interval() -> None:
+    labels, production = _scores(2000, 0.05, 1.0, 1)
+    rng = np.random.default_rng(2)
+    candidate = 1 / (1 + np.exp(-(-3.0 + 4.0 * labels + rng.normal(0, 1, labels.size))))
+    verdict = judge_paired(labels, production, candidate, policy=POLICY, look=1)
+    assert verdict.outcome == "better"
+    low, high = verdict.interval
+    assert 0 < low <= verdict.statistic <= high
+    assert verdict.n == 2000 and verdict.positives == int(labels.sum())
+    assert math.isclose(verdict.confidence, 1 - 2 * 0.05 / 5)
+    assert verdict.candidate_value > verdict.baseline_value  # PR-AUC: higher is better
+    assert verdict.metric == "pr_auc"
+    assert "paired bootstrap" in verdict.test and "Bonferroni" in verdict.test
+
+
+def test_a_constant_candidate_is_worse() -> None:
+    labels, production = _scores(1500, 0.05, 4.0, 3)
+    constant = np.full(labels.size, 0.3)
+    verdict = judge_paired(labels, production, constant, policy=POLICY, look=2)
+    assert verdict.outcome == "worse" and verdict.interval[1] < 0
+
+
+def test_the_same_model_is_undecided_not_better() -> None:
+    labels, production = _scores(1500, 0.05, 2.0, 4)
+    verdict = judge_paired(labels, production, production.copy(), policy=POLICY, look=1)
+    assert verdict.outcome == "undecided"
+
+
+def test_too_few_pairs_or_frauds_is_insufficient_data_never_a_verdict() -> None:
+    labels, production = _scores(150, 0.05, 4.0, 5)
+    verdict = judge_paired(labels, production, production * 0, policy=POLICY, look=1)
+    assert verdict.outcome == "insufficient_data" and "insufficient data" in verdict.summary
+    no_fraud = np.zeros(500)
+    verdict = judge_paired(no_fraud, no_fraud + 0.1, no_fraud + 0.2, policy=POLICY, look=1)
+    assert verdict.outcome == "insufficient_data"
+
+
+def test_false_better_rate_of_equal_models_stays_under_alpha() -> None:
+    """Two equally good (but different) models: 'better' at most at the stated rate."""
+    policy = PairedPolicy(min_pairs=100, min_positives=5, alpha=0.05, max_looks=1, resamples=300)
+    better = 0
+    trials = 60
+    for seed in range(trials):
+        labels, a = _scores(600, 0.1, 2.0, 100 + seed)
+        rng = np.random.default_rng(1000 + seed)
+        b = 1 / (1 + np.exp(-(-3.0 + 2.0 * labels + rng.normal(0, 1, labels.size))))
+        better += judge_paired(labels, a, b, policy=policy, look=1, seed=seed).outcome == "better"
+    # the one-sided error rate is alpha/2 = 2.5 %: 60 trials, more than 6 would be very unlikely
+    assert better <= 6
+
+
+def test_log_loss_metric_works_too_and_prefers_a_calibrated_constant() -> None:
+    labels, production = _scores(1000, 0.08, 0.5, 6)
+    rng = np.random.default_rng(9)
+    candidate = 1 / (1 + np.exp(-(-3.0 + 5.0 * labels + rng.normal(0, 1, labels.size))))
+    policy = PairedPolicy(metric="log_loss", min_pairs=200, min_positives=10, resamples=200)
+    verdict = judge_paired(labels, production, candidate, policy=policy, look=1)
+    assert verdict.outcome == "better" and verdict.metric == "log_loss"
+    # why PR-AUC is the default: a sharp model that is confidently wrong on a few rows loses
+    # on log-loss to a constant at the base rate, though it ranks frauds far better
+    sharp = np.where(labels == 1, 0.999, 0.001)
+    sharp[:40] = 1 - labels[:40]  # 40 confident mistakes
+    constant = np.full(labels.size, labels.mean())
+    by_loss = judge_paired(labels, sharp, constant, policy=policy, look=1)
+    by_ranking = judge_paired(labels, sharp, constant, policy=POLICY, look=1)
+    assert by_loss.outcome == "better" and by_ranking.outcome == "worse"
+
+
+def test_fisher_exact_one_sided_p_values() -> None:
+    # 5 of 10 vs 0 of 10: P(X >= 5) = C(15,5) / C(20,10)
+    assert fisher_greater(5, 10, 0, 10) == pytest.approx(3003 / 184756)
+    assert fisher_greater(0, 10, 5, 10) == pytest.approx(1.0)
+    assert fisher_greater(0, 100, 0, 100) == 1.0
+    assert fisher_greater(3, 100, 3, 100) > 0.5
+
+
+def test_operational_insufficient_data_below_minimum_sample_or_duration() -> None:
+    policy = OperationalPolicy(min_requests=100, min_duration_s=30)
+    small = VersionHealth(requests=50)
+    large = VersionHealth(requests=1000)
+    assert judge_operational(small, large, policy=policy, elapsed_s=60).outcome == (
+        "insufficient_data"
+    )
+    assert judge_operational(large, large, policy=policy, elapsed_s=10).outcome == (
+        "insufficient_data"
+    )
+
+
+def _buckets(total: float, slow_share: float) -> tuple[tuple[float, float], ...]:
+    fast = total * (1 - slow_share)
+    return ((0.005, fast * 0.5), (0.01, fast), (0.05, total), (math.inf, total))
+
+
+def test_operational_pass_when_no_check_is_worse() -> None:
+    policy = OperationalPolicy(min_requests=100, min_duration_s=0)
+    production = VersionHealth(2000, 2, _buckets(2000, 0.04), 2000, 0, 2000, 0)
+    canary = VersionHealth(300, 0, _buckets(300, 0.05), 300, 0, 300, 0)
+    verdict = judge_operational(canary, production, policy=policy, elapsed_s=40)
+    assert verdict.outcome == "pass"
+    assert {c.name for c in verdict.checks} == {"errors", "latency", "degraded", "triton"}
+    assert all(c.p_value > verdict.alpha_per_check for c in verdict.checks)
+
+
+def test_operational_fail_on_errors_latency_or_triton() -> None:
+    policy = OperationalPolicy(min_requests=100, min_duration_s=0)
+    production = VersionHealth(2000, 1, _buckets(2000, 0.04), 2000, 0, 2000, 0)
+    erroring = VersionHealth(300, 60, _buckets(300, 0.04), 300, 0, 300, 0)
+    verdict = judge_operational(erroring, production, policy=policy, elapsed_s=40)
+    assert verdict.outcome == "fail" and "errors" in verdict.summary
+    slow = VersionHealth(300, 0, _buckets(300, 0.6), 300, 0, 300, 0)
+    verdict = judge_operational(slow, production, policy=policy, elapsed_s=40)
+    assert verdict.outcome == "fail" and "latency" in verdict.summary
+    failing = VersionHealth(300, 0, _buckets(300, 0.04), 300, 0, 250, 50)
+    verdict = judge_operational(failing, production, policy=policy, elapsed_s=40)
+    assert verdict.outcome == "fail" and "triton" in verdict.summary
+
+
+def test_latency_threshold_is_the_production_bucket_at_the_quantile() -> None:
+    assert latency_threshold(_buckets(1000, 0.04), 0.95) == 0.01
+    assert latency_threshold(_buckets(1000, 0.04), 0.99) == 0.05
+    assert latency_threshold(_buckets(1000, 0.04), 0.4) == 0.005
+    assert latency_threshold((), 0.95) is None
