@@ -217,6 +217,7 @@ def stack_for(
     if not stack.ports_free():
         sys.exit(f"ports {port_base}..{port_base + 92} are in use: --port-base")
     shutil.rmtree(var_dir, ignore_errors=True)
+    log.parent.mkdir(parents=True, exist_ok=True)  # a fresh clone has no var/
     log.unlink(missing_ok=True)
     progress(f"starting the stack in var/{name} (log var/{name}.log)")
     try:
