@@ -361,23 +361,38 @@ class TrafficSimulator:
         fraud_rhythm = night_rhythm if clock.rhythm else daily_rhythm
         fraud_scale = _DAY_MEAN / _NIGHT_MEAN if clock.rhythm else 1.0
         next_normal = next_arrival(start, normal_rate, daily_rhythm, _DAY_MAX)
-        # the fraud process is in its steady state from the first second: episodes that began
-        # in the _EPISODE_WARM_S before ``start`` go on into it (a cold start had 2 % fraud in
-        # the first 50 s of a 5 % world, rising to 5 % after ~4 min, and every fresh
+
+        def warm(at: datetime) -> datetime:
+            """Start the fraud process of the pattern current at ``at`` in its steady state:
+            episodes that began in the _EPISODE_WARM_S before ``at`` go on into it; returns
+            the next episode's start after ``at``."""
+            new_pattern = self._concept_drifted(start, at)
+            rate = episode_rate(at) * fraud_scale
+            began = next_arrival(
+                at - timedelta(seconds=_EPISODE_WARM_S), rate, fraud_rhythm, _NIGHT_MAX
+            )
+            while began < at:
+                for when, victim, pattern in self._episode(rng, began, new_pattern):
+                    if when >= at:
+                        heapq.heappush(
+                            pending, _Pending(when, next(seq), "fraud", (victim, pattern))
+                        )
+                began = next_arrival(began, rate, fraud_rhythm, _NIGHT_MAX)
+            return began
+
+        # The fraud process is in its steady state from the first second (a cold start had 2 %
+        # fraud in the first 50 s of a 5 % world, rising to 5 % after ~4 min, and every fresh
         # `mlops simulate` began with a quiet stretch that a baseline taken from it mistook for
-        # the normal loss)
-        began = next_arrival(
-            start - timedelta(seconds=_EPISODE_WARM_S),
-            episode_rate(start) * fraud_scale,
-            fraud_rhythm,
-            _NIGHT_MAX,
+        # the normal loss). At ``concept_drift_at`` the fraudsters switch at once: the old
+        # pattern's episodes in progress stop and the new pattern's start in their steady state
+        # (growing the new one from nothing let the fraud share fall to ~1 % for minutes, and the
+        # "shift" first looked like fewer frauds, an improvement, for about 20 minutes).
+        next_episode = warm(start)
+        onset = (
+            start + timedelta(seconds=config.concept_drift_at)
+            if config.concept_drift_at is not None and config.concept_drift_at > 0
+            else None
         )
-        while began < start:
-            for when, victim, pattern in self._episode(rng, began, start):
-                if when >= start:
-                    heapq.heappush(pending, _Pending(when, next(seq), "fraud", (victim, pattern)))
-            began = next_arrival(began, episode_rate(start) * fraud_scale, fraud_rhythm, _NIGHT_MAX)
-        next_episode = began
         created = 0
 
         def creating(at: datetime) -> bool:
@@ -392,6 +407,12 @@ class TrafficSimulator:
             at = min(candidates)
             if not creating(at):
                 break
+            if onset is not None and at >= onset:
+                pending = [p for p in pending if p.what != "fraud"]
+                heapq.heapify(pending)
+                next_episode = warm(onset)
+                onset = None
+                continue
             if pending and pending[0].at == at:
                 item = heapq.heappop(pending)
                 if item.what == "label":
@@ -410,7 +431,9 @@ class TrafficSimulator:
                 next_episode = next_arrival(
                     at, episode_rate(at) * fraud_scale, fraud_rhythm, _NIGHT_MAX
                 )
-                for when, victim, pattern in self._episode(rng, at, start):
+                for when, victim, pattern in self._episode(
+                    rng, at, self._concept_drifted(start, at)
+                ):
                     heapq.heappush(pending, _Pending(when, next(seq), "fraud", (victim, pattern)))
                 continue
             created += 1
@@ -472,10 +495,10 @@ class TrafficSimulator:
         return rng.choices(self.users, cum_weights=self._activity)[0]
 
     def _episode(
-        self, rng: random.Random, at: datetime, start: datetime
+        self, rng: random.Random, at: datetime, new_pattern: bool
     ) -> list[tuple[datetime, User, str]]:
         victim = self._active_user(rng)
-        if self._concept_drifted(start, at):
+        if new_pattern:
             size, gap = 5 + min(_poisson(rng, 4.5), 10), 150.0  # mean ~9.5
             pattern = "small_pos_home"
         else:

@@ -120,6 +120,29 @@ def test_live_traffic_has_the_fraud_rate_from_its_first_minute() -> None:
     assert 0.04 < share < 0.065
 
 
+def test_the_concept_shift_is_abrupt_and_keeps_the_fraud_rate() -> None:
+    # at --concept-drift-at the fraudsters switch at once: from the onset every fraud follows the
+    # new pattern (small pos payments at home) and fraud stays at its rate (growing the new
+    # pattern from nothing had ~1 % fraud for minutes: the shift first looked like an improvement)
+    config = SimulationConfig(
+        seed=43,
+        users=400,
+        transactions_per_user_per_day=2160,
+        fraud_rate=0.05,
+        concept_drift_at=300.0,
+    )
+    onset = timedelta(seconds=300)
+    after: list[SimEvent] = []
+    for second in range(6):
+        start = END + timedelta(seconds=second)
+        events = _transactions(list(TrafficSimulator(config).live(start, duration_s=420)))
+        after += [e for e in events if start + onset <= e.at < start + onset + timedelta(minutes=2)]
+    fraud = [e for e in after if e.is_fraud]
+    assert len(after) > 6000
+    assert 0.04 < len(fraud) / len(after) < 0.065
+    assert {e.value["channel"] for e in fraud} == {"pos"}
+
+
 def test_with_the_daily_rhythm_there_is_more_traffic_by_day_than_at_night() -> None:
     rhythmic = SMALL.model_copy(update={"daily_rhythm": True})
     hours = Counter(e.at.hour for e in _transactions(_history(rhythmic, 4)))
