@@ -20,7 +20,6 @@ came after it) and nothing it had already finished with.
 from __future__ import annotations
 
 from collections import OrderedDict, deque
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 
@@ -73,6 +72,10 @@ class OutcomeJoin:
         self._pending: OrderedDict[str, list[Prediction]] = OrderedDict()
         self._pending_count = 0
         self._labels: OrderedDict[str, _Label] = OrderedDict()
+        # per partition, the transaction ids of ``_pending`` and ``_labels`` in arrival order:
+        # the oldest still needed is the first (a commit's low watermark without a scan)
+        self._pending_index: dict[int, OrderedDict[str, None]] = {}
+        self._label_index: dict[int, OrderedDict[str, None]] = {}
         self.counts = JoinCounts()
         self.stream_time = 0.0
         # per labels partition: (time, offset) about once a second of stream time, so a
@@ -96,10 +99,14 @@ class OutcomeJoin:
             self.counts.joined += 1
             return [Outcome(prediction, label.is_fraud, label.at)], []
         self._pending.setdefault(prediction.transaction_id, []).append(prediction)
+        self._pending_index.setdefault(prediction.partition, OrderedDict())[
+            prediction.transaction_id
+        ] = None
         self._pending_count += 1
         dropped: list[Prediction] = []
         while self._pending_count > self.max_pending:
-            _, oldest = self._pending.popitem(last=False)
+            transaction_id, oldest = self._pending.popitem(last=False)
+            self._unindex_predictions(transaction_id, oldest)
             self._pending_count -= len(oldest)
             self.counts.evicted += len(oldest)
             dropped.extend(oldest)
@@ -117,9 +124,11 @@ class OutcomeJoin:
             return []
         label = _Label(is_fraud, at, partition, offset)
         self._labels[transaction_id] = label
+        self._label_index.setdefault(partition, OrderedDict())[transaction_id] = None
         predictions = self._pending.pop(transaction_id, None)
         if not predictions:
             return []
+        self._unindex_predictions(transaction_id, predictions)
         label.matched = True
         self._pending_count -= len(predictions)
         self.counts.joined += len(predictions)
@@ -135,6 +144,7 @@ class OutcomeJoin:
             if predictions[0].at > now - self.max_wait_s:
                 break
             del self._pending[transaction_id]
+            self._unindex_predictions(transaction_id, predictions)
             self._pending_count -= len(predictions)
             self.counts.expired += len(predictions)
             expired.extend(predictions)
@@ -143,6 +153,7 @@ class OutcomeJoin:
             if label.at > now - self.label_linger_s:
                 break
             del self._labels[transaction_id]
+            self._unindex(self._label_index, label.partition, transaction_id)
             if not label.matched:
                 self.counts.label_unmatched += 1
         return expired
@@ -151,18 +162,18 @@ class OutcomeJoin:
         """Per partition, the offsets (predictions, labels) of the oldest records still needed
         (None: none is). A prediction is needed while it waits; a label while it lingers, and
         every label from (about) the oldest waiting prediction's time on: after a restart the
-        re-read predictions must meet their labels again. Both maps are in arrival order, so
-        the scan stops as soon as every partition has its oldest entry."""
+        re-read predictions must meet their labels again. Each partition's oldest entries are
+        the first of its index: no scan."""
         oldest: dict[int, Prediction] = {}
-        for prediction in self._iter_pending():
-            oldest.setdefault(prediction.partition, prediction)
-            if len(oldest) == len(partitions):
-                break
         lingering: dict[int, int] = {}
-        for label in self._labels.values():
-            lingering.setdefault(label.partition, label.offset)
-            if len(lingering) == len(partitions):
-                break
+        for partition in partitions:
+            waiting = self._pending_index.get(partition)
+            if waiting:
+                predictions = self._pending[next(iter(waiting))]
+                oldest[partition] = next(p for p in predictions if p.partition == partition)
+            labels = self._label_index.get(partition)
+            if labels:
+                lingering[partition] = self._labels[next(iter(labels))].offset
         out: dict[int, tuple[int | None, int | None]] = {}
         for partition in partitions:
             first = oldest.get(partition)
@@ -179,6 +190,12 @@ class OutcomeJoin:
             out[partition] = (first.offset if first else None, min(offsets, default=None))
         return out
 
-    def _iter_pending(self) -> Iterator[Prediction]:
-        for predictions in self._pending.values():
-            yield from predictions
+    def _unindex_predictions(self, transaction_id: str, predictions: list[Prediction]) -> None:
+        for partition in {p.partition for p in predictions}:  # one, when co-partitioned
+            self._unindex(self._pending_index, partition, transaction_id)
+
+    @staticmethod
+    def _unindex(index: dict[int, OrderedDict[str, None]], partition: int, key: str) -> None:
+        entries = index.get(partition)
+        if entries is not None:
+            entries.pop(key, None)

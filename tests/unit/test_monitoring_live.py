@@ -65,6 +65,34 @@ def test_low_watermarks_keep_what_a_restart_must_read_again() -> None:
     assert join.low_watermarks([0, 1])[1] == (None, None)
 
 
+def test_low_watermarks_are_each_partitions_oldest_waiting_entries() -> None:
+    # the smallest offset still waiting per partition, on a random mix of predictions, labels,
+    # evictions and expiry over four partitions (co-partitioned: a transaction's partition
+    # follows from its id)
+    rng = np.random.default_rng(3)
+    join = OutcomeJoin(max_wait_s=50.0, max_pending=40, label_linger_s=8.0)
+    offsets = [0, 0, 0, 0]
+    for step in range(3000):
+        number, now = int(rng.integers(400)), step / 10
+        txid, partition = f"t{number}", number % 4
+        offsets[partition] += 1
+        if rng.random() < 0.6:
+            join.add_prediction(_prediction(txid, now, partition, offsets[partition]))
+        else:
+            join.add_label(txid, False, now, partition, offsets[partition])
+        if step % 50 == 0:
+            join.expire()
+        if step % 7:
+            continue
+        marks = join.low_watermarks([0, 1, 2, 3])
+        for p in range(4):
+            waiting = [x.offset for ps in join._pending.values() for x in ps if x.partition == p]
+            labels = [x.offset for x in join._labels.values() if x.partition == p]
+            assert marks[p][0] == min(waiting, default=None)
+            if labels:
+                assert marks[p][1] is not None and marks[p][1] <= min(labels)
+
+
 def _record(
     txid: str, at: float, features: dict[str, float], score: float, version: int = 1
 ) -> monitoring_pb2.PredictionRecord:
