@@ -117,10 +117,12 @@ class Supervisor:
     def start(self, timeout_s: float = 20.0) -> None:
         """Start supervisord (it daemonizes); returns once it answers."""
         env = {**os.environ, STACK_MARKER: str(self.stack.var_dir)}
-        binary = self.stack.python.parent / "supervisord"
+        # supervisord with prompt respawns (services/cli/localstack/supervise.py)
+        command = [str(self.stack.python), "-m", "services.cli.localstack.supervise"]
         result = subprocess.run(
-            [str(binary), "-c", str(self.stack.supervisord_config)],
+            [*command, "-c", str(self.stack.supervisord_config)],
             env=env,
+            cwd=PROJECT_ROOT,
             capture_output=True,
             text=True,
             check=False,
