@@ -190,6 +190,15 @@ class OwnStack:
         time.sleep(seconds)
         return {name: (total(ps) - before[name]) / seconds for name, ps in procs.items()}
 
+    def wait_settled(self, max_cores: float = 0.3, timeout_s: float = 180.0) -> float:
+        """Seconds until the whole stack uses at most ``max_cores`` over 2 s (a backlog left by
+        a stopped consumer, or by a load the stack fell behind on, worked off)."""
+        started = time.monotonic()
+        while sum(self.cpu(2.0).values()) > max_cores:
+            if time.monotonic() - started > timeout_s:
+                break
+        return time.monotonic() - started
+
     def rss_mib(self) -> dict[str, float]:
         out: dict[str, float] = {}
         for name, ps in self.processes().items():
