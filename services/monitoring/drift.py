@@ -61,6 +61,7 @@ class DriftConfig:
     concept_warmup: int = 2000  # labelled outcomes that set the concept baseline
     data_warmup: int = 5000  # live events that stand in for a missing reference
     calibration_events: int = 200_000  # simulated null events per calibration
+    reference_resamples: int = 40  # data detectors: stretches, each against a resampled reference
     moved_input_sd: float = 0.2  # an input "moved" when its mean score shifted this far
     seed: int = 0
 
@@ -97,6 +98,81 @@ def _run_length(config: DriftConfig, signals: int) -> float:
     return signals * 1e6 / config.false_alarms_per_million
 
 
+def _correlation(transform: NormalScores, inputs: np.ndarray) -> np.ndarray:
+    """The inputs' correlation in normal scores (the pooled detector's covariance)."""
+    z = transform.transform(inputs)
+    if z.shape[1] == 1:
+        return np.ones((1, 1))
+    correlation = np.nan_to_num(np.corrcoef(z, rowvar=False), nan=0.0)
+    np.fill_diagonal(correlation, np.where(transform.constant, 0.0, 1.0))
+    return np.asarray(correlation)
+
+
+# references this large are not resampled by the calibration (``_null_maxima``)
+BOOTSTRAP_MAX_ROWS = 20_000
+
+
+@dataclass
+class NullMaxima:
+    """Excursion maxima of each data detector's statistic on simulated events without change."""
+
+    per_column: list[np.ndarray]  # rise and fall of each input
+    pooled: np.ndarray
+    score: np.ndarray
+
+
+def _null_maxima(
+    config: DriftConfig, inputs: np.ndarray, scores: np.ndarray, k_input: float, k_pooled: float
+) -> NullMaxima:
+    """The detectors' excursions on ``config.calibration_events`` events drawn from the
+    reference, each of ``config.reference_resamples`` stretches judged against a reference
+    resampled from it (the bootstrap of Gandy and Kvaloy, Scand. J. Statistics 40, 2013).
+
+    The detectors compare live traffic with a sample (the warmup's 5,000 events, or the
+    training set's held-out rows), not with the true distribution: the sample's quantiles and
+    correlations are off by chance, which shifts every normal score a little, and a CUSUM adds
+    up small shifts. Simulating against the reference itself ignores that: with a reference
+    of 500 events the detectors raised 10 false alarms per million stationary events, for 1
+    stated. Resampling the reference for each stretch puts the same chance error into the
+    simulation: 5 per million (loadtests/drift_warmup_false_alarms.py, 2 million events); with
+    the default warmup of 5,000 events, 1.1 per million (1.8 million events).
+    The bootstrap corrects the thresholds only in part (its tail is extrapolated from 200,000
+    simulated events); a larger reference is the better cure."""
+    rows, columns = inputs.shape
+    # a reference of 20,000 rows or more: its chance error (under 0.01 SD per input) is
+    # small against the CUSUMs' allowance (0.25 SD), and 40 sorts of it would cost seconds
+    resampling = rows < BOOTSTRAP_MAX_ROWS
+    resamples = (
+        max(1, min(config.reference_resamples, config.calibration_events // 1000))
+        if resampling
+        else 1
+    )
+    per_stretch = config.calibration_events // resamples
+    rng = np.random.default_rng(config.seed)
+    per_column: list[list[np.ndarray]] = [[] for _ in range(2 * columns)]
+    pooled: list[np.ndarray] = []
+    score: list[np.ndarray] = []
+    for _ in range(resamples):
+        drawn = rng.integers(0, rows, size=rows) if resampling else np.arange(rows)
+        transform = NormalScores(inputs[drawn])
+        score_transform = NormalScores(scores[drawn])
+        covariance = _correlation(transform, inputs[drawn])
+        live = rng.integers(0, rows, size=per_stretch)
+        z = transform.transform(inputs[live])
+        paths = cusum_path(np.hstack([z, -z]), k_input)
+        for j in range(2 * columns):
+            per_column[j].append(excursion_maxima(paths[:, j]))
+        pooled.append(excursion_maxima(mcusum_path(z, covariance, k_pooled)))
+        zs = score_transform.transform(scores[live])[:, 0]
+        both = np.maximum(scalar_cusum_path(zs, k_input), scalar_cusum_path(-zs, k_input))
+        score.append(excursion_maxima(both))
+    return NullMaxima(
+        per_column=[np.concatenate(c) for c in per_column],
+        pooled=np.concatenate(pooled),
+        score=np.concatenate(score),
+    )
+
+
 @dataclass
 class DataDetectors:
     """Per-input, pooled and score detectors of one version against one reference."""
@@ -122,49 +198,29 @@ class DataDetectors:
         reference: str,
         signals: int,
     ) -> DataDetectors:
+        inputs = np.asarray(inputs, dtype=np.float64)
+        scores = np.asarray(scores, dtype=np.float64)
         transform = NormalScores(inputs)
         score_transform = NormalScores(scores)
-        z = transform.transform(inputs)
-        zs = score_transform.transform(scores)
-        covariance = np.corrcoef(z, rowvar=False) if z.shape[1] > 1 else np.ones((1, 1))
-        covariance = np.nan_to_num(covariance, nan=0.0)
-        np.fill_diagonal(covariance, np.where(transform.constant, 0.0, 1.0))
+        covariance = _correlation(transform, inputs)
         target = _run_length(config, signals)
         k_input = config.input_shift / 2
         k_pooled = config.pooled_shift / 2
-        rows = z.shape[0]
-
-        def resample(rng: np.random.Generator, n: int) -> np.ndarray:
-            return rng.integers(0, rows, size=n)
-
-        def per_input_path(rng: np.random.Generator, n: int) -> np.ndarray:
-            sample = z[resample(rng, n)]
-            return cusum_path(np.hstack([sample, -sample]), k_input)
-
-        def pooled_path(rng: np.random.Generator, n: int) -> np.ndarray:
-            return mcusum_path(z[resample(rng, n)], covariance, k_pooled)
-
-        def score_path(rng: np.random.Generator, n: int) -> np.ndarray:
-            sample = zs[rng.integers(0, zs.shape[0], size=n), 0]
-            return np.maximum(
-                scalar_cusum_path(sample, k_input), scalar_cusum_path(-sample, k_input)
-            )
-
         events = config.calibration_events
+        maxima = _null_maxima(config, inputs, scores, k_input, k_pooled)
         # one threshold per column (rise and fall of each input): a binary input's normal
         # score is skewed, so its CUSUM's tail differs from a continuous input's
-        inputs_path = per_input_path(np.random.default_rng(config.seed), events)
         column_cals = [
-            threshold_from_maxima(excursion_maxima(inputs_path[:, j]), events, target)
+            threshold_from_maxima(column, events, target)
             if not transform.constant[j % len(names)]
             else None
-            for j in range(inputs_path.shape[1])
+            for j, column in enumerate(maxima.per_column)
         ]
         thresholds = np.array([c.threshold if c else math.inf for c in column_cals])
         per_input_cal = max((c for c in column_cals if c), key=lambda c: c.threshold)
-        pooled_cal = calibrate_threshold(pooled_path, target, events=events, seed=config.seed + 1)
+        pooled_cal = threshold_from_maxima(maxima.pooled, events, target)
         # the score's two sides together are two signals
-        score_cal = calibrate_threshold(score_path, target / 2, events=events, seed=config.seed + 2)
+        score_cal = threshold_from_maxima(maxima.score, events, target / 2)
         return cls(
             names=tuple(names),
             transform=transform,

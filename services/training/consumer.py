@@ -150,7 +150,8 @@ class TrainingRequestConsumer:
             requested_by=request.requested_by,
             snapshot_id=request.snapshot_id or "new",
         )
-        consumer.pause(partition)
+        held = consumer.assignment()
+        consumer.pause(*held)
         started = time.monotonic()
         TRAINING_ACTIVE.set(1)
         task = asyncio.create_task(
@@ -159,7 +160,7 @@ class TrainingRequestConsumer:
         try:
             while not task.done():
                 await asyncio.wait({task}, timeout=1.0)
-                await consumer.getmany(timeout_ms=0)  # paused: keeps the group membership alive
+                await self._poll_while_paused(consumer)
             outcome: TrainingOutcome = task.result()
         except Unavailable as exc:
             # MLflow, the registry or storage is down: try the same request again later
@@ -185,8 +186,20 @@ class TrainingRequestConsumer:
         finally:
             TRAINING_ACTIVE.set(0)
             TRAINING_SECONDS.observe(time.monotonic() - started)
-            consumer.resume(partition)
+            consumer.resume(*(held | consumer.assignment()))
         await self._commit(consumer, partition, record.offset)
+
+    @staticmethod
+    async def _poll_while_paused(consumer: AIOKafkaConsumer) -> None:
+        """Poll during a run (a consumer that stops polling leaves its group) without taking
+        any request: every partition is paused, and what a rebalance assigned meanwhile (not
+        paused) is put back, each partition sought to its first record returned. Requests on
+        other partitions wait for the run; before, they were fetched here and thrown away (a
+        request or a dead letter lost until the service restarted)."""
+        consumer.pause(*consumer.assignment())
+        for partition, records in (await consumer.getmany(timeout_ms=0)).items():
+            if records:
+                consumer.seek(partition, records[0].offset)
 
     @staticmethod
     async def _commit(consumer: AIOKafkaConsumer, partition: TopicPartition, offset: int) -> None:

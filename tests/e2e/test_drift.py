@@ -20,11 +20,15 @@ What the test shortens, and why it does not weaken the statistics: the history s
 the test runs, and live traffic is at hours the model never saw: a real, steady change that
 the detectors are right to see (against the training data the score falls), which no test
 of a few minutes can avoid. The test therefore watches the inputs whose memory is at most an
-hour or that are means (``SHORT_MEMORY_DRIFT_INPUTS``), against the version's first 500 live
-events (``DRIFT_USE_TRAINING_REFERENCE=false``, the platform's mode for a version without a
-training reference; that the training reference holds for stationary traffic of the default
-world is measured offline, README "Monitoring"). The false-alarm rate (1 per million events,
-all signals together) and every threshold's calibration are the service's defaults. The
+hour or that are means (``SHORT_MEMORY_DRIFT_INPUTS``, less the time since a user's previous
+payment, which remembers the bootstrap's pause: ``WATCHED_INPUTS``), against the version's
+first 500 live events (``DRIFT_USE_TRAINING_REFERENCE=false``, the platform's mode for a
+version without a training reference; that the training reference holds for stationary
+traffic of the default world is measured offline, README "Monitoring"). The false-alarm rate
+(1 per million events, all signals together) and every threshold's calibration are the
+service's defaults; with a reference of 500 events the thresholds allow for its chance error
+(``drift._null_maxima``), yet hold about 5 false alarms per million events, not 1 (measured
+offline), so ~0.5 % of runs of this test's ~1,000 events would see one. The
 concept baseline rests on 600 labelled outcomes instead of 2,000, labels come after ~5 s
 instead of minutes, a signal's cooldown is 60 s. The autopilot is told to need more new
 labels than the test makes, so production stays v1 (a new version would restart the
@@ -55,8 +59,16 @@ WORLD = (
     *("--fraud-rate", "0.05", "--seed", "42"),
 )
 HISTORY_DAYS = "0.1"  # 2.4 h, 43,200 transactions
+# log_seconds_since_prev remembers the bootstrap's pause (minutes without traffic between the
+# history and live traffic) until each user has paid again: a user's payments come at rate
+# a x 1,080/day, a ~ Gamma(2, 0.5), so the share of payments T seconds into live traffic
+# that are a user's first since the pause is (1 + 0.5 x 0.0125 T)^-3: 6.4 % at the
+# detectors' warmup (T = 240 s), 1.1 % at the stationary test's end (T = 570 s). The input
+# falls (a real change: the CI run of 2026-12-05 raised it, 3.84 -> 3.49 in the pooled
+# detector); on a platform with continuous traffic it is watched (the default)
+WATCHED_INPUTS = tuple(n for n in SHORT_MEMORY_DRIFT_INPUTS if n != "log_seconds_since_prev")
 SETTINGS = {
-    "MLOPS_MONITORING_DRIFT_INPUTS": ",".join(SHORT_MEMORY_DRIFT_INPUTS),
+    "MLOPS_MONITORING_DRIFT_INPUTS": ",".join(WATCHED_INPUTS),
     "MLOPS_MONITORING_DRIFT_CONCEPT_WARMUP": "600",
     "MLOPS_MONITORING_DRIFT_USE_TRAINING_REFERENCE": "false",
     "MLOPS_MONITORING_DRIFT_DATA_WARMUP": "500",

@@ -381,6 +381,95 @@ def test_records_on_training_requests_that_are_no_requests_are_dead_lettered(
     check()
 
 
+def test_records_on_other_partitions_during_a_training_run_are_handled_after_it(
+    kafka: KafkaSettings, monkeypatch: Any
+) -> None:
+    """The consumer polls while a run holds it (to stay in its group); what that poll fetches
+    from the other partitions must wait for the run, not be thrown away (CI run of
+    2026-12-05: a dead letter never written; 6 of 8 tries under load before the fix)."""
+    import threading
+
+    import services.training.consumer as training_consumer
+    from services.shared.proto.mlops.v1 import monitoring_pb2
+    from services.training.settings import TrainingSettings
+
+    polls = [0]
+    original = training_consumer.create_consumer
+
+    def counting_consumer(*args: Any, **kwargs: Any) -> Any:
+        consumer = original(*args, **kwargs)
+        getmany = consumer.getmany
+
+        async def counted(*a: Any, **k: Any) -> Any:
+            polls[0] += 1
+            return await getmany(*a, **k)
+
+        consumer.getmany = counted
+        return consumer
+
+    monkeypatch.setattr(training_consumer, "create_consumer", counting_consumer)
+    release = threading.Event()
+
+    started = threading.Event()
+
+    class HeldPipeline(RecordingPipeline):
+        def run(self, request: Any, progress: Any) -> Any:
+            started.set()
+            assert release.wait(60), "the test never released the run"
+            return super().run(request, progress)
+
+    topics = Topics.from_settings(kafka)
+    settings = TrainingSettings(kafka=kafka, consumer_group=f"{kafka.topic_prefix}training")
+    pipeline = HeldPipeline()
+
+    async def scenario() -> None:
+        await ensure_topics(kafka)
+        consumer = training_consumer.TrainingRequestConsumer(settings, pipeline)  # type: ignore[arg-type]
+        stop = asyncio.Event()
+        running = asyncio.create_task(consumer.run(stop))
+        producer = AIOKafkaProducer(bootstrap_servers=kafka.bootstrap, acks="all")
+        await producer.start()
+        try:
+            ours = monitoring_pb2.RetrainRequest(
+                request_id="req-held", model_name=settings.registry.model_name
+            )
+            await producer.send_and_wait(
+                topics.training_requests,
+                ours.SerializeToString(),
+                headers=[("message-type", b"mlops.v1.RetrainRequest")],
+                partition=0,
+            )
+            deadline = time.monotonic() + 60
+            while not started.is_set():
+                assert time.monotonic() < deadline and not running.done()
+                await asyncio.sleep(0.1)
+            hostile = await producer.send_and_wait(
+                topics.training_requests, b"not a request", partition=1
+            )
+            polled = polls[0]
+            while polls[0] < polled + 3:  # polls during the run that could have fetched it
+                assert time.monotonic() < deadline and not running.done()
+                await asyncio.sleep(0.1)
+        finally:
+            await producer.stop()
+            release.set()
+        where = (hostile.partition, hostile.offset)
+        while True:
+            letters = [
+                events_pb2.DeadLetter.FromString(r.value)
+                for r in await _read_from(kafka, topics.dlq, {})
+            ]
+            if where in {(d.source.partition, d.source.offset) for d in letters}:
+                break
+            assert time.monotonic() < deadline and not running.done(), (where, letters)
+            await asyncio.sleep(0.2)
+        stop.set()
+        await asyncio.wait_for(running, 30)
+        assert pipeline.ran == ["req-held"]
+
+    asyncio.run(scenario())
+
+
 LIFECYCLE_MODEL = "fraud_hostile"
 
 

@@ -239,3 +239,20 @@ def test_a_signal_state_pairs_each_side_with_its_own_threshold() -> None:
     state = detectors.states()[0]
     # the fall side (0.9 of 1.0) is nearer its threshold than the rise (6 of 30)
     assert (state.statistic, state.threshold) == (0.9, 1.0)
+
+
+def test_a_small_reference_gets_thresholds_that_allow_for_its_chance_error() -> None:
+    # the same world, a reference of 500 rows vs 20,000: the smaller sample's quantiles and
+    # correlations are further off, which the calibration must put into its simulation
+    config = _config(calibration_events=60_000)
+    rng = np.random.default_rng(3)
+    built = {}
+    for rows in (500, 20_000):
+        inputs, scores = _world(rng, rows)
+        built[rows] = DataDetectors.build(
+            config, NAMES, inputs, scores, "warmup", signal_count(config)
+        )
+    small, large = built[500], built[20_000]
+    # the pooled detector sums the error of every input's quantiles and of their correlations
+    # (60.1 vs 49.7 here; simulated against the sample itself: 48.9 vs 46.7)
+    assert small.pooled.threshold > 1.15 * large.pooled.threshold
