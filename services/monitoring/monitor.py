@@ -32,6 +32,7 @@ from services.monitoring.drift import (
     DataDetectors,
     Detection,
     DriftConfig,
+    FraudRankDetector,
     SignalState,
     data_detectors_from_reference,
     data_detectors_from_warmup,
@@ -71,6 +72,7 @@ class _ProductionVersion:
     version: int
     since: float
     concept: ConceptDetector
+    ranks: FraudRankDetector
     data: DataDetectors | None = None
     reference: str = "pending"  # pending | training | warmup | building
     warmup_inputs: list[np.ndarray] = field(default_factory=list)
@@ -182,9 +184,10 @@ class LiveMonitor:
             current = self.production.get(p.model_name)
             if current is None or current.version != p.model_version:
                 continue  # a label for a version no longer (or not yet seen) in production
-            detection = current.concept.update(p.score, outcome.is_fraud, outcome.labelled_at)
-            if detection is not None:
-                events += self._emit(current, detection, outcome.labelled_at)
+            for detector in (current.concept, current.ranks):
+                detection = detector.update(p.score, outcome.is_fraud, outcome.labelled_at)
+                if detection is not None:
+                    events += self._emit(current, detection, outcome.labelled_at)
         return events
 
     def _version(self, model_name: str, version: int, at: float) -> _ProductionVersion:
@@ -197,6 +200,7 @@ class LiveMonitor:
                 version,
                 at,
                 ConceptDetector(self.config.drift, signal_count(self.config.drift)),
+                FraudRankDetector(self.config.drift, signal_count(self.config.drift)),
             )
             self.production[model_name] = current
             self._reference_requests.append((model_name, version))
@@ -347,7 +351,7 @@ class LiveMonitor:
         now = self.join.stream_time
         for current in self.production.values():
             states = current.data.states() if current.data else []
-            states.append(current.concept.state())
+            states += [current.concept.state(), current.ranks.state()]
             for state in states:
                 last = self._last_event.get((current.model_name, state.kind, state.signal))
                 drifting = last is not None and now - last < self.config.cooldown_s
@@ -385,6 +389,7 @@ class LiveMonitor:
                     "model_version": c.version,
                     "reference": c.reference,
                     "concept_ready": c.concept.ready,
+                    "fraud_rank_ready": c.ranks.ready,
                     "unwatched_predictions": c.unwatched,
                 }
                 for c in self.production.values()

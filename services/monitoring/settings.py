@@ -157,6 +157,23 @@ class MonitoringSettings(ServiceSettings):
         description="Labelled outcomes of a new production version that set its log-loss "
         "baseline before concept drift is watched.",
     )
+    drift_rank_shift: float = Field(
+        1.0,
+        gt=0,
+        description="The fraud-rank CUSUM is tuned for a fall of the frauds' normal-scored rank "
+        "among recent legitimate payments by this many standard deviations.",
+    )
+    drift_rank_warmup: int = Field(
+        100,
+        ge=30,
+        description="Labelled frauds of a new production version that set its fraud-rank "
+        "baseline before that signal is watched.",
+    )
+    drift_rank_window: int = Field(
+        2000,
+        ge=100,
+        description="Recent legitimate labelled payments a fraud's score is ranked among.",
+    )
     drift_data_warmup: int = Field(
         5000,
         ge=100,

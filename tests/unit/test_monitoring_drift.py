@@ -19,7 +19,13 @@ from services.monitoring.detectors import (
     label_log_loss,
     mcusum_path,
 )
-from services.monitoring.drift import ConceptDetector, DataDetectors, DriftConfig, signal_count
+from services.monitoring.drift import (
+    ConceptDetector,
+    DataDetectors,
+    DriftConfig,
+    FraudRankDetector,
+    signal_count,
+)
 
 pytestmark = pytest.mark.unit
 
@@ -256,3 +262,53 @@ def test_a_small_reference_gets_thresholds_that_allow_for_its_chance_error() -> 
     # the pooled detector sums the error of every input's quantiles and of their correlations
     # (60.1 vs 49.7 here; simulated against the sample itself: 48.9 vs 46.7)
     assert small.pooled.threshold > 1.15 * large.pooled.threshold
+
+
+def test_fraud_ranks_fall_when_new_frauds_look_legitimate_to_a_model_of_low_recall() -> None:
+    # a model that already scored half the frauds like legitimate payments (live recall of a
+    # few per cent at its threshold): when the other half starts to look legitimate too, the
+    # mean log loss rises by a fraction of the concept CUSUM's allowance, the frauds' ranks
+    # among legitimate payments fall from ~0.9 to ~0.5
+    rng = np.random.default_rng(11)
+    config = _config(concept_warmup=2000, rank_warmup=100, calibration_events=100_000)
+    ranks = FraudRankDetector(config, signal_count(config))
+    loss = ConceptDetector(config, signal_count(config))
+
+    def outcome(drifted: bool) -> tuple[float, bool]:
+        if rng.random() >= 0.05:
+            return float(rng.beta(2, 8)), False
+        if drifted or rng.random() < 0.5:
+            return float(rng.beta(2, 8)), True
+        return float(rng.beta(5, 5)), True
+
+    def feed(drifted: bool, start: int, n: int) -> list[tuple[int, str]]:
+        fired = []
+        for i in range(start, start + n):
+            score, label = outcome(drifted)
+            for detector in (ranks, loss):
+                found = detector.update(score, label, float(i))
+                if found is not None:
+                    fired.append((i, found.signal))
+        return fired
+
+    assert feed(False, 0, 3000) == []
+    assert ranks.ready and loss.ready
+    assert feed(False, 3000, 60_000) == []  # 3,000 stationary frauds
+    fired = feed(True, 63_000, 4000)
+    assert fired and fired[0][1] == "fraud_rank", fired
+    # about 200 frauds after the change: the loss CUSUM has not seen it yet
+    assert fired[0][0] - 63_000 < 4000
+    assert ranks.state().signal == "fraud_rank" and ranks.state().reference == "warmup"
+
+
+def test_a_fraud_is_ranked_among_the_recent_legitimate_payments_only() -> None:
+    config = _config(rank_warmup=30, rank_window=300)
+    ranks = FraudRankDetector(config, signal_count(config))
+    for i in range(300):
+        ranks.update(0.9, False, float(i))  # old legitimate payments, scored high
+    for i in range(300):
+        ranks.update(0.1, False, float(300 + i))  # the window holds only these now
+    assert len(ranks.legit) == 300 and max(ranks.legit) == 0.1
+    for i in range(30):
+        ranks.update(0.5, True, float(600 + i))  # above every recent legitimate score
+    assert ranks.ready and ranks.baseline_mean == 1.0
