@@ -219,8 +219,8 @@ def render(figures: dict[str, object], args: argparse.Namespace, up_s: float | N
         "",
         "Predict per round (the serving table of this file measures serving with its "
         "dependencies only; this one the stack as users run it). Before each whole-stack "
-        "round the stack settled to at most 0.3 cores over 2 s (what earlier rounds left to "
-        "read worked off): "
+        "round the stack settled (no lag in the groups that read as records come, then at most "
+        "0.3 cores over 2 s: what earlier rounds left to read worked off): "
         + ", ".join(f"{s:.0f} s" for s in figures["settled"])  # type: ignore[attr-defined]
         + ".",
         "",

@@ -34,7 +34,6 @@ import asyncio
 import collections
 import contextlib
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -52,6 +51,7 @@ sys.path.insert(0, str(ROOT / "tests" / "integration"))
 from loadtests.stack_harness import (  # noqa: E402
     LoadResult,
     OwnStack,
+    environment,
     predict_load,
     progress,
     stack_for,
@@ -84,7 +84,7 @@ class Traffic:
         from services.cli.simulator import SimulationConfig, TrafficSimulator
         from services.shared.settings import KafkaSettings
 
-        with _environment(env):
+        with environment(env):
             self.kafka = KafkaSettings()
         self.simulator = TrafficSimulator(SimulationConfig(seed=seed, rate=rate))
         self.acked: list[str] = []  # valid transaction ids the broker acknowledged, in order
@@ -162,18 +162,6 @@ class Traffic:
         self.flowing.set()
 
 
-@contextlib.contextmanager
-def _environment(env: dict[str, str]) -> Any:
-    """The stack's client environment, for the settings classes to read."""
-    saved = dict(os.environ)
-    os.environ.update(env)
-    try:
-        yield
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
-
-
 # ----------------------------------------------------------------------------- checks
 
 
@@ -186,7 +174,7 @@ class Checks:
         from services.shared.featurestore import open_store
         from services.shared.settings import FeastSettings, RedisSettings, StorageSettings
 
-        with _environment(env):
+        with environment(env):
             self.ingestion = IngestionSettings()
             self.features = FeaturesSettings()
             self.storage = StorageSettings()
@@ -357,7 +345,7 @@ async def promotion_under_load(stack: OwnStack, args: argparse.Namespace) -> lis
     from services.shared.registry_client import RegistryClient
     from services.shared.settings import RegistryClientSettings
 
-    with _environment(stack.client_env()):
+    with environment(stack.client_env()):
         settings = RegistryClientSettings()
     lines = []
     with RegistryClient(settings) as registry:

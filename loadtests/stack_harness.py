@@ -191,13 +191,46 @@ class OwnStack:
         return {name: (total(ps) - before[name]) / seconds for name, ps in procs.items()}
 
     def wait_settled(self, max_cores: float = 0.3, timeout_s: float = 180.0) -> float:
-        """Seconds until the whole stack uses at most ``max_cores`` over 2 s (a backlog left by
-        a stopped consumer, or by a load the stack fell behind on, worked off)."""
+        """Seconds until every consumer group that reads as records come (ingestion's,
+        features', monitoring's count of predictions.log) has no lag and the whole stack then
+        uses at most ``max_cores`` over 2 s: a backlog left by a stopped consumer, or by a load
+        the stack fell behind on, worked off. (CPU alone was not enough: a service restarted
+        seconds earlier had not begun to read its backlog when the stack looked at rest.)"""
         started = time.monotonic()
-        while sum(self.cpu(2.0).values()) > max_cores:
+        while asyncio.run(self.consumer_lag()) != 0 or sum(self.cpu(2.0).values()) > max_cores:
             if time.monotonic() - started > timeout_s:
                 break
+            time.sleep(0.5)  # between polls of the broker
         return time.monotonic() - started
+
+    async def consumer_lag(self) -> int:
+        """Records not yet read by the groups that read everything as it comes (-1: the
+        broker did not answer)."""
+        from aiokafka.errors import KafkaError
+
+        from services.features.settings import FeaturesSettings
+        from services.ingestion.settings import IngestionSettings
+        from services.monitoring.settings import MonitoringSettings
+        from services.shared.kafka import consumer_groups_lag
+        from services.shared.topics import Topics
+
+        with environment(self.client_env()):
+            ingestion, features = IngestionSettings(), FeaturesSettings()
+            monitoring = MonitoringSettings()
+        topics = Topics.from_settings(ingestion.kafka)
+        try:
+            lag = await consumer_groups_lag(
+                ingestion.kafka,
+                {
+                    ingestion.group_id: [topics.transactions, topics.labels],
+                    ingestion.archive_group_id: [topics.validated, topics.validated_labels],
+                    features.group_id: features.input_topics(),
+                    monitoring.group_id: [topics.predictions],
+                },
+            )
+        except (KafkaError, OSError, TimeoutError):  # the broker may be coming back
+            return -1
+        return sum(sum(per_group.values()) for per_group in lag.values())
 
     def rss_mib(self) -> dict[str, float]:
         out: dict[str, float] = {}
@@ -208,6 +241,18 @@ class OwnStack:
                 except psutil.NoSuchProcess:
                     continue
         return out
+
+
+@contextlib.contextmanager
+def environment(env: dict[str, str]) -> Iterator[None]:
+    """The stack's client environment, for the settings classes to read."""
+    saved = dict(os.environ)
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 @contextlib.contextmanager

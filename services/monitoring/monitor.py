@@ -184,8 +184,12 @@ class LiveMonitor:
             current = self.production.get(p.model_name)
             if current is None or current.version != p.model_version:
                 continue  # a label for a version no longer (or not yet seen) in production
+            # the concept detectors' clock is when the transaction was scored: a run's onset
+            # then names when the traffic changed, not when its labels began to arrive a label
+            # delay later (a drift-triggered training splits its data at the onset by the
+            # transactions' time: with the labels' time it found none after it)
             for detector in (current.concept, current.ranks):
-                detection = detector.update(p.score, outcome.is_fraud, outcome.labelled_at)
+                detection = detector.update(p.score, outcome.is_fraud, p.at)
                 if detection is not None:
                     events += self._emit(current, detection, outcome.labelled_at)
         return events

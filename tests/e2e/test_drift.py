@@ -42,6 +42,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import pytest
 from loop_harness import LoopStack
@@ -143,48 +144,68 @@ def _describe(events: list[monitoring_pb2.DriftEvent]) -> list[str]:
     return [f"{e.kind}:{e.signal}:{e.detector} v{e.model_version} n={e.samples}" for e in events]
 
 
-@pytest.mark.timeout(900)
-async def test_stationary_traffic_raises_nothing(stack: LoopStack) -> None:
+# the traffic of both tests: stationary for STATIONARY_S, then amounts double
+STATIONARY_S = 330.0
+
+
+@dataclass
+class Watched:
+    """What monitoring raised during one `mlops simulate` run whose amounts double after
+    ``STATIONARY_S`` (until an event names the amount inputs, or a deadline)."""
+
+    events: list[monitoring_pb2.DriftEvent]
+    change_at: float  # epoch seconds
+
+
+@pytest.fixture(scope="module")
+def watched(stack: LoopStack) -> Watched:
+    return asyncio.run(_watch(stack))
+
+
+async def _watch(stack: LoopStack) -> Watched:
     # 600 labelled outcomes (~125 s) of concept warmup (500 events, 100 s, for the inputs),
     # then ~900 labelled outcomes and ~1,000 events of stationary traffic watched by every
-    # signal (inputs, pooled, score, concept)
-    traffic = _simulate(stack, "--duration", "330")
-    assert traffic.wait(timeout=600) == 0, _output(stack)
-    events = await _drift_events(stack)
-    assert events == [], f"stationary traffic raised {_describe(events)}"
-
-
-@pytest.mark.timeout(900)
-async def test_a_data_change_is_detected_naming_the_amount_inputs(stack: LoopStack) -> None:
-    change_after_s = 60.0
+    # signal (inputs, pooled, score, concept), then the change
     started = time.time()
-    traffic = _simulate(stack, "--data-drift-at", str(change_after_s))
-    change_at = started + change_after_s
-
-    def amounts_named(event: monitoring_pb2.DriftEvent) -> bool:
-        return (
-            event.kind == "data"
-            and event.detected_at.ToSeconds() >= change_at
-            and bool(AMOUNT_INPUTS & set(event.inputs))
-        )
-
-    deadline = time.monotonic() + 400
+    traffic = _simulate(stack, "--data-drift-at", str(STATIONARY_S))
+    change_at = started + STATIONARY_S
+    deadline = time.monotonic() + STATIONARY_S + 400
     events: list[monitoring_pb2.DriftEvent] = []
     try:
         while time.monotonic() < deadline and traffic.poll() is None:
             events = await _drift_events(stack)
-            if any(amounts_named(e) for e in events):
+            if any(_amounts_named(e, change_at) for e in events):
                 break
             await asyncio.sleep(3)
     finally:
         traffic.terminate()
         traffic.wait(timeout=30)
-    found = [e for e in events if amounts_named(e)]
-    assert found, f"no data drift event naming {AMOUNT_INPUTS}: {_describe(events)}"
+    return Watched(events, change_at)
+
+
+def _amounts_named(event: monitoring_pb2.DriftEvent, change_at: float) -> bool:
+    return (
+        event.kind == "data"
+        and event.detected_at.ToSeconds() >= change_at
+        and bool(AMOUNT_INPUTS & set(event.inputs))
+    )
+
+
+@pytest.mark.timeout(1200)
+def test_stationary_traffic_raises_nothing(watched: Watched) -> None:
+    before = [e for e in watched.events if e.detected_at.ToSeconds() < watched.change_at]
+    assert before == [], f"stationary traffic raised {_describe(before)}"
+
+
+@pytest.mark.timeout(1200)
+def test_a_data_change_is_detected_naming_the_amount_inputs(watched: Watched) -> None:
+    found = [e for e in watched.events if _amounts_named(e, watched.change_at)]
+    assert found, f"no data drift event naming {AMOUNT_INPUTS}: {_describe(watched.events)}"
     first = found[0]
     assert first.model_version == 1 and first.statistic > first.threshold
     assert first.current_value > first.reference_value  # amounts doubled
     print(
-        f"data drift detected {first.detected_at.ToSeconds() - change_at:.0f} s after the "
-        f"change: {first.signal} ({', '.join(first.inputs)}), {first.samples} events since onset"
+        f"data drift detected {first.detected_at.ToSeconds() - watched.change_at:.0f} s after "
+        f"the change: {first.signal} ({', '.join(first.inputs)}), {first.samples} events since "
+        "onset"
     )

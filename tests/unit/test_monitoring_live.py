@@ -198,3 +198,33 @@ def test_paired_scores_return_transactions_both_versions_scored() -> None:
     paired = pairs.paired("fraud", 1, 2, limit=10)
     assert paired["transaction_ids"] == ["t2", "t4"]  # t3 has no shadow score; t0, t1 rolled off
     assert paired["labels"] == [1, 1] and paired["n"] == 2
+
+
+def test_a_concept_drifts_onset_is_when_the_transactions_changed_not_when_labels_came() -> None:
+    # labels come 1,000 s after their predictions; the frauds scored from prediction 6,000 on
+    # look legitimate. A drift-triggered training splits its data at the event's onset by the
+    # transactions' time: an onset on the labels' clock left it nothing after the onset
+    rng = np.random.default_rng(5)
+    config = MonitorConfig(
+        drift=DriftConfig(
+            inputs=("log_amount",), calibration_events=50_000, concept_warmup=500, rank_warmup=30
+        ),
+        join_max_wait_s=1e9,
+    )
+    monitor = LiveMonitor(config, LiveMetrics(CollectorRegistry()))
+    change, n, delay = 6000, 12_000, 1000.0
+    frauds = rng.random(n) < 0.05
+    scores = np.where(
+        frauds & (np.arange(n) < change), rng.beta(8, 2, size=n), rng.beta(2, 8, size=n)
+    )
+    records = [
+        (_record(f"t{i}", float(i), {"log_amount": 0.0}, float(scores[i])), i % 2, i)
+        for i in range(n)
+    ]
+    monitor.add_predictions(records)
+    events = monitor.add_labels([(f"t{i}", bool(frauds[i]), i + delay, i % 2, i) for i in range(n)])
+    concept = [e for e in events if e.kind == "concept"]
+    assert concept, [e.signal for e in events]
+    first = concept[0]
+    assert first.detected_at.ToSeconds() >= change + delay  # seen on the labels' clock
+    assert change - 500 <= first.onset_at.ToSeconds() < change + 500  # dated on the traffic's
