@@ -208,6 +208,7 @@ class OwnStack:
         broker did not answer)."""
         from aiokafka.errors import KafkaError
 
+        from services.cli.bootstrap import read_backlog
         from services.features.settings import FeaturesSettings
         from services.ingestion.settings import IngestionSettings
         from services.monitoring.settings import MonitoringSettings
@@ -217,20 +218,15 @@ class OwnStack:
         with environment(self.client_env()):
             ingestion, features = IngestionSettings(), FeaturesSettings()
             monitoring = MonitoringSettings()
-        topics = Topics.from_settings(ingestion.kafka)
+        predictions = Topics.from_settings(monitoring.kafka).predictions
         try:
-            lag = await consumer_groups_lag(
-                ingestion.kafka,
-                {
-                    ingestion.group_id: [topics.transactions, topics.labels],
-                    ingestion.archive_group_id: [topics.validated, topics.validated_labels],
-                    features.group_id: features.input_topics(),
-                    monitoring.group_id: [topics.predictions],
-                },
+            pipeline = await read_backlog(ingestion, features)
+            counted = await consumer_groups_lag(
+                monitoring.kafka, {monitoring.group_id: [predictions]}
             )
         except (KafkaError, OSError, TimeoutError):  # the broker may be coming back
             return -1
-        return sum(sum(per_group.values()) for per_group in lag.values())
+        return pipeline.total + sum(counted[monitoring.group_id].values())
 
     def rss_mib(self) -> dict[str, float]:
         out: dict[str, float] = {}

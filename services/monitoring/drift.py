@@ -116,6 +116,20 @@ def _correlation(transform: NormalScores, inputs: np.ndarray) -> np.ndarray:
     return np.asarray(correlation)
 
 
+def _resamples(config: DriftConfig) -> int:
+    """How many resampled references a calibration's simulated events are split over (each
+    stretch at least 1,000 events long)."""
+    return max(1, min(config.reference_resamples, config.calibration_events // 1000))
+
+
+def moving_blocks(rng: np.random.Generator, rows: int, block: int, n: int) -> np.ndarray:
+    """``n`` row indices of a moving-block bootstrap of ``rows`` rows in their arrival order:
+    blocks of ``block`` consecutive rows at random starts (what comes together, such as a
+    fraud episode's labels, stays together)."""
+    starts = rng.integers(0, rows - block + 1, size=-(-n // block))
+    return (starts[:, None] + np.arange(block)).reshape(-1)[:n]
+
+
 # references this large are not resampled by the calibration (``_null_maxima``)
 BOOTSTRAP_MAX_ROWS = 20_000
 
@@ -150,11 +164,7 @@ def _null_maxima(
     # a reference of 20,000 rows or more: its chance error (under 0.01 SD per input) is
     # small against the CUSUMs' allowance (0.25 SD), and 40 sorts of it would cost seconds
     resampling = rows < BOOTSTRAP_MAX_ROWS
-    resamples = (
-        max(1, min(config.reference_resamples, config.calibration_events // 1000))
-        if resampling
-        else 1
-    )
+    resamples = _resamples(config) if resampling else 1
     per_stretch = config.calibration_events // resamples
     rng = np.random.default_rng(config.seed)
     per_column: list[list[np.ndarray]] = [[] for _ in range(2 * columns)]
@@ -386,20 +396,7 @@ class ConceptDetector:
                 self._calibrate()
             return None
         if self.cusum.update(min(loss, self.loss_cap) - self.baseline_mean, loss, t):
-            run = self.cusum.run
-            detection = Detection(
-                kind="concept",
-                signal="log_loss",
-                detector="cusum_log_loss",
-                statistic=self.cusum.statistic,
-                threshold=self.cusum.threshold,
-                reference_value=self.baseline_mean,
-                current_value=run.signal_sum / max(run.samples, 1),
-                onset_at=run.onset_time,
-                samples=run.samples,
-            )
-            self.cusum.reset()
-            return detection
+            return _concept_detection(self.cusum, "log_loss", self.baseline_mean)
         return None
 
     def _calibrate(self) -> None:
@@ -418,9 +415,7 @@ class ConceptDetector:
         block = min(CONCEPT_CALIBRATION_BLOCK, len(centred))
 
         def path(rng: np.random.Generator, n: int) -> np.ndarray:
-            starts = rng.integers(0, len(centred) - block + 1, size=-(-n // block))
-            rows = (starts[:, None] + np.arange(block)).reshape(-1)[:n]
-            return scalar_cusum_path(centred[rows], k)
+            return scalar_cusum_path(centred[moving_blocks(rng, len(centred), block, n)], k)
 
         self.calibration = calibrate_threshold(
             path,
@@ -432,14 +427,7 @@ class ConceptDetector:
         self.warmup = []
 
     def state(self) -> SignalState:
-        return SignalState(
-            "concept",
-            "log_loss",
-            "cusum_log_loss",
-            self.cusum.statistic if self.cusum else 0.0,
-            self.cusum.threshold if self.cusum else math.nan,
-            "warmup" if self.cusum else "",
-        )
+        return _concept_state(self.cusum, "log_loss")
 
 
 # frauds per block when the fraud-rank threshold is calibrated (an episode's frauds, scored
@@ -509,20 +497,7 @@ class FraudRankDetector:
             return None
         z = float(self.transform.transform(np.array([[rank]]))[0, 0])
         if self.cusum.update(-z, rank, t):
-            run = self.cusum.run
-            detection = Detection(
-                kind="concept",
-                signal="fraud_rank",
-                detector="cusum_fraud_rank",
-                statistic=self.cusum.statistic,
-                threshold=self.cusum.threshold,
-                reference_value=self.baseline_mean,
-                current_value=run.signal_sum / max(run.samples, 1),
-                onset_at=run.onset_time,
-                samples=run.samples,
-            )
-            self.cusum.reset()
-            return detection
+            return _concept_detection(self.cusum, "fraud_rank", self.baseline_mean)
         return None
 
     def _calibrate(self) -> None:
@@ -532,15 +507,12 @@ class FraudRankDetector:
         k = self.config.rank_shift / 2
         block = min(RANK_CALIBRATION_BLOCK, len(ranks))
         events = self.config.calibration_events
-        resamples = max(1, min(self.config.reference_resamples, events // 1000))
+        resamples = _resamples(self.config)
         rng = np.random.default_rng(self.config.seed + 4)
         maxima = []
         for _ in range(resamples):
             baseline = NormalScores(ranks[rng.integers(0, len(ranks), size=len(ranks))])
-            starts = rng.integers(
-                0, len(ranks) - block + 1, size=-(-(events // resamples) // block)
-            )
-            rows = (starts[:, None] + np.arange(block)).reshape(-1)
+            rows = moving_blocks(rng, len(ranks), block, events // resamples)
             z = baseline.transform(ranks[rows])[:, 0]
             maxima.append(excursion_maxima(scalar_cusum_path(-z, k)))
         self.calibration = threshold_from_maxima(
@@ -550,14 +522,37 @@ class FraudRankDetector:
         self.warmup = []
 
     def state(self) -> SignalState:
-        return SignalState(
-            "concept",
-            "fraud_rank",
-            "cusum_fraud_rank",
-            self.cusum.statistic if self.cusum else 0.0,
-            self.cusum.threshold if self.cusum else math.nan,
-            "warmup" if self.cusum else "",
-        )
+        return _concept_state(self.cusum, "fraud_rank")
+
+
+def _concept_detection(cusum: ScalarCusum, signal: str, reference_value: float) -> Detection:
+    """The ``Detection`` of a concept CUSUM that crossed its threshold; the CUSUM restarts."""
+    run = cusum.run
+    detection = Detection(
+        kind="concept",
+        signal=signal,
+        detector=f"cusum_{signal}",
+        statistic=cusum.statistic,
+        threshold=cusum.threshold,
+        reference_value=reference_value,
+        current_value=run.signal_sum / max(run.samples, 1),
+        onset_at=run.onset_time,
+        samples=run.samples,
+    )
+    cusum.reset()
+    return detection
+
+
+def _concept_state(cusum: ScalarCusum | None, signal: str) -> SignalState:
+    """A concept signal's state (no CUSUM yet: still warming up)."""
+    return SignalState(
+        "concept",
+        signal,
+        f"cusum_{signal}",
+        cusum.statistic if cusum else 0.0,
+        cusum.threshold if cusum else math.nan,
+        "warmup" if cusum else "",
+    )
 
 
 def signal_count(config: DriftConfig) -> int:
