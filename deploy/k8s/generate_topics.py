@@ -41,6 +41,7 @@ RETENTION_DAYS = {
     "predictions": 7,
     "drift": 30,
     "training_requests": 30,
+    "training_results": 30,
     "lifecycle": 90,
 }
 

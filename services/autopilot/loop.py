@@ -533,6 +533,51 @@ class Autopilot:
         )
         self._save()
 
+    async def on_training_result(self, result: monitoring_pb2.TrainingResult) -> None:
+        """A training ended (training.results): the failure of the one this cycle waits for
+        is acted on at once; before, it showed only as no candidate after
+        ``training_timeout_s`` (30 minutes by default)."""
+        if result.model_name and result.model_name != self.policy.model_name:
+            return
+        cycle = self.state.cycle
+        if (
+            cycle is None
+            or cycle.phase != RETRAINING
+            or cycle.retry_after
+            or result.request_id != cycle.request_id
+            or result.status != monitoring_pb2.TRAINING_STATUS_FAILED
+        ):
+            return
+        await self._no_candidate(
+            cycle,
+            self.clock(),
+            f"training {result.request_id} failed ({result.error_code}): {result.error}",
+            {"request_id": result.request_id, "error_code": result.error_code,
+             "error": result.error, "seconds": round(result.seconds, 1)},
+        )  # fmt: skip
+
+    async def _no_candidate(
+        self, cycle: Cycle, now: datetime, why: str, evidence: dict[str, Any]
+    ) -> None:
+        """The training this cycle asked for gave no candidate (it failed, or none came in
+        time): train again once the outcomes labelled since the cycle began have doubled (a
+        drift-triggered training fails when too few transactions after the onset are
+        labelled yet), or end the cycle after ``max_training_attempts``."""
+        if cycle.request_id and cycle.attempts < self.policy.max_training_attempts:
+            cycle.retry_after = _iso(now)
+            cycle.retry_labels = await self._labels_since_start(cycle) or 0.0
+            self._step(
+                cycle,
+                RETRAINING,
+                f"{why}; training again once the outcomes labelled since the cycle began "
+                f"({cycle.retry_labels:.0f}) have doubled (training {cycle.attempts} of at "
+                f"most {self.policy.max_training_attempts})",
+                evidence,
+            )
+            self._save()
+            return
+        self._end(cycle, OUTCOME_TRAINING_FAILED, why, evidence)
+
     async def on_drift(self, event: monitoring_pb2.DriftEvent) -> None:
         if event.model_name and event.model_name != self.policy.model_name:
             return
@@ -720,31 +765,24 @@ class Autopilot:
                         )
                 return
             requested = _parse(cycle.requested_at) or _parse(cycle.started_at) or now
-            if (
-                (now - requested).total_seconds() > self.policy.training_timeout_s
-                and cycle.phase == RETRAINING
-                and cycle.request_id
-                and cycle.attempts < self.policy.max_training_attempts
-            ):
-                cycle.retry_after = _iso(now)
-                cycle.retry_labels = await self._labels_since_start(cycle) or 0.0
-                self._step(
-                    cycle,
-                    RETRAINING,
-                    f"no candidate {self.policy.training_timeout_s:.0f}s after request "
-                    f"{cycle.request_id} (the training failed or is stuck: see the training "
-                    "service's log); training again once the outcomes labelled since the cycle "
-                    f"began have doubled (training {cycle.attempts} of at most "
-                    f"{self.policy.max_training_attempts})",
-                )
-                self._save()
+            if (now - requested).total_seconds() <= self.policy.training_timeout_s:
                 return
-            if (now - requested).total_seconds() > self.policy.training_timeout_s:
+            if cycle.phase == RETRAINING:
+                await self._no_candidate(
+                    cycle,
+                    now,
+                    f"no candidate {self.policy.training_timeout_s:.0f}s after request "
+                    f"{cycle.request_id} (the training is stuck or its result was lost: see "
+                    "the training service's log)",
+                    {},
+                )
+            else:
                 self._end(
                     cycle,
                     OUTCOME_TRAINING_FAILED,
-                    f"no candidate {self.policy.training_timeout_s:.0f}s after the request "
-                    "(training failed or is stuck: see the training service's log)",
+                    f"no gate verdict on v{cycle.candidate_version} "
+                    f"{self.policy.training_timeout_s:.0f}s after the request (see the "
+                    "registry's log)",
                     {},
                 )
             return

@@ -1,6 +1,7 @@
 """Wires the autopilot from its settings: the registry client, training.requests producer,
-monitoring's and Prometheus's APIs, the loop, the Kafka reader of monitoring.drift and
-models.lifecycle, the timer, and the JSON API with /metrics (``python -m services.autopilot``)."""
+monitoring's and Prometheus's APIs, the loop, the Kafka reader of monitoring.drift,
+models.lifecycle and training.results, the timer, and the JSON API with /metrics
+(``python -m services.autopilot``)."""
 
 from __future__ import annotations
 
@@ -60,7 +61,8 @@ async def serve(settings: AutopilotSettings, stop: asyncio.Event) -> None:
     await api.start()
     try:
         await ensure_topics(
-            settings.kafka, [topics.drift, topics.lifecycle, topics.training_requests]
+            settings.kafka,
+            [topics.drift, topics.lifecycle, topics.training_requests, topics.training_results],
         )
         await training.start()
         events = LoopEvents(settings.kafka, settings.group_id, autopilot)

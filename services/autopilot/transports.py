@@ -300,7 +300,8 @@ class LiveEvidence:
 
 
 class LoopEvents:
-    """monitoring.drift and models.lifecycle, handed to the autopilot one at a time.
+    """monitoring.drift, models.lifecycle and training.results, handed to the autopilot one at
+    a time.
 
     A new consumer group starts at the end of both topics (the past is not a reason to act
     now; the autopilot learns production from the registry); offsets are committed after each
@@ -310,11 +311,13 @@ class LoopEvents:
         topics = Topics.from_settings(kafka)
         self.drift_topic = topics.drift
         self.lifecycle_topic = topics.lifecycle
+        self.results_topic = topics.training_results
         self.autopilot = autopilot
         self._consumer: AIOKafkaConsumer = create_consumer(
             kafka,
             topics.drift,
             topics.lifecycle,
+            topics.training_results,
             group_id=group_id,
             client_id=ACTOR,
             auto_offset_reset="latest",
@@ -350,6 +353,10 @@ class LoopEvents:
                 event = models_pb2.ModelEvent()
                 event.ParseFromString(value)
                 await self.autopilot.on_lifecycle(event)
+            elif topic == self.results_topic:
+                result = monitoring_pb2.TrainingResult()
+                result.ParseFromString(value)
+                await self.autopilot.on_training_result(result)
         except DecodeError as exc:
             log.warning("record_unreadable", topic=topic, offset=offset, error=str(exc))
         except PlatformError as exc:

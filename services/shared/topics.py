@@ -19,6 +19,7 @@ class Topics:
     predictions: str = "predictions.log"  # PredictionRecord
     drift: str = "monitoring.drift"  # DriftEvent
     training_requests: str = "training.requests"  # RetrainRequest
+    training_results: str = "training.results"  # TrainingResult, keyed by model_name
     lifecycle: str = "models.lifecycle"  # ModelEvent
 
     @classmethod

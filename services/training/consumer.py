@@ -9,6 +9,11 @@ A record that is not a ``RetrainRequest`` (it does not parse, names no model, or
 ``message-type`` header names another message) never starts a training: it goes to the
 dead-letter topic with the reason (``not_a_retrain_request``), and only then is its offset
 committed.
+
+Each run's end is published on ``training.results`` (a ``TrainingResult``: trained, reused or
+failed with the error's code), before the request's offset is committed: the autopilot learns
+at once that the training it asked for failed (say, too few labelled transactions after a
+drift's onset) instead of waiting for a candidate that never comes.
 """
 
 from __future__ import annotations
@@ -21,13 +26,13 @@ from aiokafka.structs import OffsetAndMetadata, TopicPartition
 from google.protobuf.message import DecodeError
 from prometheus_client import Counter, Gauge, Histogram
 
-from services.shared.codecs import MESSAGE_TYPE, header
+from services.shared.codecs import MESSAGE_TYPE, header, protobuf_headers
 from services.shared.errors import PlatformError, Unavailable
 from services.shared.kafka import create_consumer, create_producer
 from services.shared.logging import get_logger
 from services.shared.proto.mlops.v1 import monitoring_pb2
 from services.shared.retry import pause
-from services.shared.sender import RecordSender, Source, dead_letter
+from services.shared.sender import OutboundRecord, RecordSender, Source, dead_letter
 from services.shared.topics import Topics
 from services.training.pipeline import (
     LoggedProgress,
@@ -49,6 +54,7 @@ TRAINING_SECONDS = Histogram(
 )
 TRAINING_ACTIVE = Gauge("mlops_training_active", "1 while a training runs")
 LAST_TEST_PR_AUC = Gauge("mlops_training_last_test_pr_auc", "Test PR-AUC of the latest run")
+_RESULT_HEADERS = protobuf_headers(monitoring_pb2.TrainingResult())
 
 
 class TrainingRequestConsumer:
@@ -68,7 +74,7 @@ class TrainingRequestConsumer:
             client_id="training",
             max_poll_records=1,
         )
-        producer = create_producer(self.settings.kafka, client_id="training-dlq", linger_ms=0)
+        producer = create_producer(self.settings.kafka, client_id="training", linger_ms=0)
         await consumer.start()
         await producer.start()
         self._sender = RecordSender(
@@ -154,6 +160,9 @@ class TrainingRequestConsumer:
         consumer.pause(*held)
         started = time.monotonic()
         TRAINING_ACTIVE.set(1)
+        result = monitoring_pb2.TrainingResult(
+            request_id=request.request_id, model_name=self.settings.registry.model_name
+        )
         task = asyncio.create_task(
             asyncio.to_thread(self.pipeline.run, request, LoggedProgress(request.request_id))
         )
@@ -174,20 +183,58 @@ class TrainingRequestConsumer:
                 "training_failed", request_id=request.request_id, code=exc.code, error=exc.message
             )
             TRAINING_RUNS.labels("failed").inc()
+            result.status = monitoring_pb2.TRAINING_STATUS_FAILED
+            result.error_code, result.error = exc.code, exc.message
         except Exception as exc:  # a bug must not wedge the queue; the request is logged
             log.exception(
                 "training_crashed", request_id=request.request_id, error=type(exc).__name__
             )
             TRAINING_RUNS.labels("failed").inc()
+            result.status = monitoring_pb2.TRAINING_STATUS_FAILED
+            result.error_code = "internal"
+            result.error = f"the training crashed ({type(exc).__name__}): see its log"
         else:
             TRAINING_RUNS.labels("reused" if outcome.reused else "trained").inc()
             if "test_pr_auc" in outcome.metrics:
                 LAST_TEST_PR_AUC.set(outcome.metrics["test_pr_auc"])
+            result.status = (
+                monitoring_pb2.TRAINING_STATUS_REUSED
+                if outcome.reused
+                else monitoring_pb2.TRAINING_STATUS_TRAINED
+            )
+            result.run_id = outcome.run_id
+            result.version = outcome.version.version if outcome.version is not None else 0
         finally:
             TRAINING_ACTIVE.set(0)
             TRAINING_SECONDS.observe(time.monotonic() - started)
             consumer.resume(*(held | consumer.assignment()))
+        result.seconds = time.monotonic() - started
+        result.finished_at.GetCurrentTime()
+        await self._report(result, stop)
         await self._commit(consumer, partition, record.offset)
+
+    async def _report(self, result: monitoring_pb2.TrainingResult, stop: asyncio.Event) -> None:
+        """Publish what became of a request on training.results (retried until the broker has
+        it, before the request's offset is committed: a restart reports it again, never not)."""
+        assert self._sender is not None
+        report_record = OutboundRecord(
+            self.topics.training_results,
+            result.model_name.encode(),
+            result.SerializeToString(),
+            list(_RESULT_HEADERS),
+        )
+        while not stop.is_set():
+            report = await self._sender.deliver([report_record])
+            if not report.failed:
+                log.info(
+                    "training_result_published",
+                    request_id=result.request_id,
+                    status=monitoring_pb2.TrainingStatus.Name(result.status),
+                    version=result.version,
+                )
+                return
+            log.warning("training_result_retry", error=repr(report.error))
+            await pause(stop, 1.0)
 
     @staticmethod
     async def _poll_while_paused(consumer: AIOKafkaConsumer) -> None:

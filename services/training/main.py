@@ -24,7 +24,8 @@ def build_pipeline(settings: TrainingSettings, *, actor: str = "training") -> Tr
 
 
 async def serve(settings: TrainingSettings, stop: asyncio.Event) -> None:
-    await ensure_topics(settings.kafka, [Topics.from_settings(settings.kafka).training_requests])
+    topics = Topics.from_settings(settings.kafka)
+    await ensure_topics(settings.kafka, [topics.training_requests, topics.training_results])
     consumer = TrainingRequestConsumer(settings, build_pipeline(settings))
     set_ready("training", True)
     try:

@@ -584,6 +584,49 @@ async def test_a_training_that_never_registers_is_asked_again_then_times_out(
     assert h.loop.history(1)[0]["outcome"] == "training_failed"
 
 
+def _failed(request_id: str, code: str = "failed_precondition") -> monitoring_pb2.TrainingResult:
+    return monitoring_pb2.TrainingResult(
+        request_id=request_id,
+        model_name=POLICY.model_name,
+        status=monitoring_pb2.TRAINING_STATUS_FAILED,
+        error_code=code,
+        error="3 labelled transactions (0 frauds) since the drift onset: too few",
+    )
+
+
+async def test_a_failed_training_is_acted_on_at_once_not_after_the_timeout(h: Harness) -> None:
+    await h.loop.start()
+    await h.loop.on_drift(_drift())
+    first = h.training.sent[-1].request_id
+    # another request's result, or a success, changes nothing
+    await h.loop.on_training_result(_failed("someone-else"))
+    await h.loop.on_training_result(
+        monitoring_pb2.TrainingResult(
+            request_id=first, status=monitoring_pb2.TRAINING_STATUS_TRAINED, version=9
+        )
+    )
+    assert h.loop.state.cycle is not None and not h.loop.state.cycle.retry_after
+    await h.loop.on_training_result(_failed(first))
+    cycle = h.loop.state.cycle
+    assert cycle is not None and cycle.retry_after  # waits for more labels, no timeout
+    assert "failed (failed_precondition)" in cycle.steps[-1].summary
+    assert cycle.steps[-1].evidence["error_code"] == "failed_precondition"
+    h.evidence.labels = 100 * h.evidence.labels  # type: ignore[operator]
+    h.clock.advance(POLICY.judge_interval_s + 1)
+    await h.loop.tick()
+    assert len(h.training.sent) == 2 and h.training.sent[-1].request_id != first
+    for _ in range(POLICY.max_training_attempts - 2):
+        await h.loop.on_training_result(_failed(h.training.sent[-1].request_id))
+        h.evidence.labels = 100 * h.evidence.labels  # type: ignore[operator]
+        h.clock.advance(POLICY.judge_interval_s + 1)
+        await h.loop.tick()
+    assert len(h.training.sent) == POLICY.max_training_attempts
+    await h.loop.on_training_result(_failed(h.training.sent[-1].request_id, "internal"))
+    assert h.loop.phase == "watching"
+    last = h.loop.history(1)[0]
+    assert last["outcome"] == "training_failed" and "(internal)" in last["steps"][-1]["summary"]
+
+
 async def test_a_drift_training_waits_for_outcomes_labelled_after_the_onset(h: Harness) -> None:
     await h.loop.start()
     event = _drift()

@@ -43,6 +43,32 @@ ROUTE_SHADOW: Route.ValueType  # 3
 """mirrored; logged, never returned to the caller"""
 global___Route = Route
 
+class _TrainingStatus:
+    ValueType = typing.NewType("ValueType", builtins.int)
+    V: typing_extensions.TypeAlias = ValueType
+
+class _TrainingStatusEnumTypeWrapper(google.protobuf.internal.enum_type_wrapper._EnumTypeWrapper[_TrainingStatus.ValueType], builtins.type):
+    DESCRIPTOR: google.protobuf.descriptor.EnumDescriptor
+    TRAINING_STATUS_UNSPECIFIED: _TrainingStatus.ValueType  # 0
+    TRAINING_STATUS_TRAINED: _TrainingStatus.ValueType  # 1
+    """a new run, its candidate registered (and judged by the gate)"""
+    TRAINING_STATUS_REUSED: _TrainingStatus.ValueType  # 2
+    """the request had already been carried out (a redelivery)"""
+    TRAINING_STATUS_FAILED: _TrainingStatus.ValueType  # 3
+    """no candidate: see error_code and error"""
+
+class TrainingStatus(_TrainingStatus, metaclass=_TrainingStatusEnumTypeWrapper):
+    """What became of a RetrainRequest."""
+
+TRAINING_STATUS_UNSPECIFIED: TrainingStatus.ValueType  # 0
+TRAINING_STATUS_TRAINED: TrainingStatus.ValueType  # 1
+"""a new run, its candidate registered (and judged by the gate)"""
+TRAINING_STATUS_REUSED: TrainingStatus.ValueType  # 2
+"""the request had already been carried out (a redelivery)"""
+TRAINING_STATUS_FAILED: TrainingStatus.ValueType  # 3
+"""no candidate: see error_code and error"""
+global___TrainingStatus = TrainingStatus
+
 @typing.final
 class PredictionRecord(google.protobuf.message.Message):
     """One prediction as served (topic predictions.log, keyed by transaction_id)."""
@@ -235,3 +261,53 @@ class RetrainRequest(google.protobuf.message.Message):
     def ClearField(self, field_name: typing.Literal["dataset_snapshot_id", b"dataset_snapshot_id", "drift", b"drift", "model_name", b"model_name", "reason", b"reason", "request_id", b"request_id", "requested_at", b"requested_at", "requested_by", b"requested_by"]) -> None: ...
 
 global___RetrainRequest = RetrainRequest
+
+@typing.final
+class TrainingResult(google.protobuf.message.Message):
+    """The end of one training run (topic training.results, keyed by model_name): whoever asked
+    learns at once that a request failed instead of waiting for a candidate that never comes.
+    """
+
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: builtins.int
+    MODEL_NAME_FIELD_NUMBER: builtins.int
+    STATUS_FIELD_NUMBER: builtins.int
+    ERROR_CODE_FIELD_NUMBER: builtins.int
+    ERROR_FIELD_NUMBER: builtins.int
+    RUN_ID_FIELD_NUMBER: builtins.int
+    VERSION_FIELD_NUMBER: builtins.int
+    FINISHED_AT_FIELD_NUMBER: builtins.int
+    SECONDS_FIELD_NUMBER: builtins.int
+    request_id: builtins.str
+    model_name: builtins.str
+    status: global___TrainingStatus.ValueType
+    error_code: builtins.str
+    """the platform error's code when failed (e.g. "FAILED_PRECONDITION")"""
+    error: builtins.str
+    """what went wrong, for a person"""
+    run_id: builtins.str
+    """the MLflow run (trained, reused)"""
+    version: builtins.int
+    """the registered candidate (trained, reused); 0: none"""
+    seconds: builtins.float
+    """how long the run took"""
+    @property
+    def finished_at(self) -> google.protobuf.timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        request_id: builtins.str = ...,
+        model_name: builtins.str = ...,
+        status: global___TrainingStatus.ValueType = ...,
+        error_code: builtins.str = ...,
+        error: builtins.str = ...,
+        run_id: builtins.str = ...,
+        version: builtins.int = ...,
+        finished_at: google.protobuf.timestamp_pb2.Timestamp | None = ...,
+        seconds: builtins.float = ...,
+    ) -> None: ...
+    def HasField(self, field_name: typing.Literal["finished_at", b"finished_at"]) -> builtins.bool: ...
+    def ClearField(self, field_name: typing.Literal["error", b"error", "error_code", b"error_code", "finished_at", b"finished_at", "model_name", b"model_name", "request_id", b"request_id", "run_id", b"run_id", "seconds", b"seconds", "status", b"status", "version", b"version"]) -> None: ...
+
+global___TrainingResult = TrainingResult
