@@ -30,6 +30,9 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
+
+import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -38,6 +41,7 @@ from loadtests.stack_harness import (  # noqa: E402
     PORT_OFFSETS,
     SERVICES,
     OwnStack,
+    cores_between,
     median,
     predict_load,
     progress,
@@ -83,6 +87,8 @@ def measure(stack: OwnStack, args: argparse.Namespace) -> dict[str, object]:
     figures["rss_mib"] = stack.rss_mib()
 
     full_runs, alone_runs = [], []
+    full_cores: list[dict[str, float]] = []
+    alone_cores: list[dict[str, float]] = []
     others = [p for p in stack.programs() if p not in ONLY_SERVING_NEEDS]
     settled = []
     figures["settled"] = settled
@@ -96,20 +102,18 @@ def measure(stack: OwnStack, args: argparse.Namespace) -> dict[str, object]:
         try:
             time.sleep(5)  # its first records are through the pipeline
             progress(f"round {round_ + 1}: Predict on the whole stack with traffic")
-            full = asyncio.run(
-                predict_load(stack.serving_address, args.load_seconds, concurrency=args.concurrency)
-            )
+            full, cores = _loaded(stack, args)
             full_runs.append(full)
+            full_cores.append(cores)
             loads.append(os.getloadavg()[0])
         finally:
             simulator.terminate()
             simulator.wait(30)
         stack.stop(*others)
         progress(f"round {round_ + 1}: Predict with only {', '.join(ONLY_SERVING_NEEDS)}")
-        alone = asyncio.run(
-            predict_load(stack.serving_address, args.load_seconds, concurrency=args.concurrency)
-        )
+        alone, cores = _loaded(stack, args)
         alone_runs.append(alone)
+        alone_cores.append(cores)
         loads.append(os.getloadavg()[0])
         stack.start(*others)
         stack.wait_healthy()
@@ -118,6 +122,7 @@ def measure(stack: OwnStack, args: argparse.Namespace) -> dict[str, object]:
             f"alone {alone.rate:.0f}/s p99 {alone.quantile_ms(0.99):.1f} ms"
         )
     figures["full"], figures["alone"] = full_runs, alone_runs
+    figures["full_cores"], figures["alone_cores"] = full_cores, alone_cores
 
     answer, cpu_until = [], []
     for kill in range(args.kills):
@@ -139,6 +144,20 @@ def measure(stack: OwnStack, args: argparse.Namespace) -> dict[str, object]:
     figures["cpu_until_answer"] = cpu_until
     figures["startup"] = startup_times(stack)
     return figures
+
+
+def _loaded(stack: OwnStack, args: argparse.Namespace) -> tuple[Any, dict[str, float]]:
+    """One closed-loop Predict run, and the cores each program (and this client) used."""
+    client = psutil.Process()
+    before, client_before = stack.cpu_totals(), sum(client.cpu_times()[:2])
+    started = time.monotonic()
+    run = asyncio.run(
+        predict_load(stack.serving_address, args.load_seconds, concurrency=args.concurrency)
+    )
+    seconds = time.monotonic() - started
+    cores = cores_between(before, stack.cpu_totals(), seconds)
+    cores["load client"] = (sum(client.cpu_times()[:2]) - client_before) / seconds
+    return run, cores
 
 
 def startup_times(stack: OwnStack) -> dict[str, float]:
@@ -236,6 +255,29 @@ def render(figures: dict[str, object], args: argparse.Namespace, up_s: float | N
                 f"| {i + 1} | {setup} | {r.rate:.0f} | {r.quantile_ms(0.5):.1f} | "
                 f"{r.quantile_ms(0.99):.1f} | {r.failed} |"
             )
+    full_cores: list[dict[str, float]] = figures["full_cores"]  # type: ignore[assignment]
+    alone_cores: list[dict[str, float]] = figures["alone_cores"]  # type: ignore[assignment]
+    names = sorted(
+        {n for c in full_cores + alone_cores for n in c},
+        key=lambda n: -median([c.get(n, 0.0) for c in full_cores]),
+    )
+    lines += [
+        "",
+        "Where the cores go during Predict (median over the rounds; cores, user + system, of "
+        "all a program's processes; the load client is this benchmark's own gRPC client):",
+        "",
+        "| program | whole stack + traffic | only serving's needs |",
+        "|---|---|---|",
+    ]
+    for name in names:
+        whole = median([c.get(name, 0.0) for c in full_cores])
+        only = median([c.get(name, 0.0) for c in alone_cores])
+        if max(whole, only) >= 0.005:
+            lines.append(f"| {name} | {whole:.2f} | {only:.2f} |")
+    lines.append(
+        f"| **total** | **{median([sum(c.values()) for c in full_cores]):.2f}** | "
+        f"**{median([sum(c.values()) for c in alone_cores]):.2f}** |"
+    )
     return "\n".join(lines) + "\n"
 
 

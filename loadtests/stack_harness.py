@@ -55,6 +55,15 @@ def progress(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
+def cores_between(
+    before: dict[str, float], after: dict[str, float], seconds: float
+) -> dict[str, float]:
+    """Cores each program used between two ``cpu_totals``."""
+    return {
+        name: max(spent - before.get(name, 0.0), 0.0) / seconds for name, spent in after.items()
+    }
+
+
 @dataclass
 class OwnStack:
     var_dir: Path
@@ -172,11 +181,10 @@ class OwnStack:
                 continue
         return found
 
-    def cpu(self, seconds: float) -> dict[str, float]:
-        """Cores each program used over ``seconds`` (user + system, all its processes)."""
-        procs = self.processes()
-
-        def total(ps: list[psutil.Process]) -> float:
+    def cpu_totals(self) -> dict[str, float]:
+        """CPU seconds (user + system) each program's processes have used so far."""
+        out: dict[str, float] = {}
+        for name, ps in self.processes().items():
             spent = 0.0
             for p in ps:
                 try:
@@ -184,11 +192,14 @@ class OwnStack:
                     spent += t.user + t.system
                 except psutil.NoSuchProcess:
                     continue
-            return spent
+            out[name] = spent
+        return out
 
-        before = {name: total(ps) for name, ps in procs.items()}
+    def cpu(self, seconds: float) -> dict[str, float]:
+        """Cores each program used over ``seconds`` (user + system, all its processes)."""
+        before = self.cpu_totals()
         time.sleep(seconds)
-        return {name: (total(ps) - before[name]) / seconds for name, ps in procs.items()}
+        return cores_between(before, self.cpu_totals(), seconds)
 
     def wait_settled(self, max_cores: float = 0.3, timeout_s: float = 180.0) -> float:
         """Seconds until every consumer group that reads as records come (ingestion's,
