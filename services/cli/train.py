@@ -1,8 +1,9 @@
 """`mlops train`: ask the training service for a model, or train one right here.
 
 Without ``--local`` a RetrainRequest goes to ``training.requests`` (the training service picks
-it up); with ``--local`` the same pipeline runs in this process, with progress, and registers
-the result with the registry (unless ``--no-register``). Settings come from the environment
+it up; ``--wait`` waits for its ``TrainingResult`` on ``training.results``); with ``--local``
+the same pipeline runs in this process, with progress, and registers the result with the
+registry (unless ``--no-register``). Settings come from the environment
 (``MLOPS_TRAINING_*``, ``MLOPS_MLFLOW_*``, ``MLOPS_STORAGE_*``, ``MLOPS_REGISTRY_CLIENT_*``).
 """
 
@@ -10,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import getpass
+import time
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Annotated
 
@@ -111,6 +114,63 @@ async def publish_request(
         await producer.stop()
 
 
+async def request_and_wait(
+    settings: TrainingSettings,
+    request: monitoring_pb2.RetrainRequest,
+    timeout_s: float,
+    on_wait: Callable[[float], None] = lambda _: None,
+) -> monitoring_pb2.TrainingResult | None:
+    """Publish ``request`` and wait up to ``timeout_s`` for its ``TrainingResult`` on
+    training.results (read from where the topic ended before the request was sent, so the
+    result cannot be missed); None when none came in time. ``on_wait`` gets the seconds
+    waited, about once a second."""
+    from aiokafka import TopicPartition
+
+    from services.shared.kafka import create_consumer, ensure_topics
+    from services.shared.topics import Topics
+
+    topic = Topics.from_settings(settings.kafka).training_results
+    await ensure_topics(settings.kafka, [topic], timeout_s=10)
+    consumer = create_consumer(settings.kafka, group_id=None, client_id="mlops-cli")
+    await consumer.start()
+    try:
+        numbers = consumer.partitions_for_topic(topic) or set(range(settings.kafka.partitions))
+        partitions = [TopicPartition(topic, p) for p in sorted(numbers)]
+        consumer.assign(partitions)
+        await consumer.seek_to_end(*partitions)
+        for partition in partitions:
+            await consumer.position(partition)  # fixed now, before the request exists
+        await publish_request(settings, request)
+        started = time.monotonic()
+        while (waited := time.monotonic() - started) < timeout_s:
+            on_wait(waited)
+            for records in (await consumer.getmany(timeout_ms=1000)).values():
+                for record in records:
+                    result = monitoring_pb2.TrainingResult.FromString(record.value or b"")
+                    if result.request_id == request.request_id:
+                        return result
+        return None
+    finally:
+        await consumer.stop()
+
+
+def _print_result(result: monitoring_pb2.TrainingResult) -> bool:
+    """One line for an operator; True when the training gave a candidate."""
+    if result.status == monitoring_pb2.TRAINING_STATUS_FAILED:
+        console.print(
+            f"[bold red]✗[/] training {result.request_id} failed after {result.seconds:.0f} s "
+            f"({result.error_code}): {result.error}"
+        )
+        return False
+    what = "trained" if result.status == monitoring_pb2.TRAINING_STATUS_TRAINED else "reused"
+    console.print(
+        f"[green]✓[/] {what} in {result.seconds:.0f} s: candidate v{result.version} (MLflow "
+        f"run {result.run_id}); the registry's gate decides (mlops models show "
+        f"{result.version})"
+    )
+    return True
+
+
 def train(
     local: Annotated[
         bool,
@@ -137,6 +197,17 @@ def train(
             formats=["%Y-%m-%dT%H:%M:%S%z", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d %H:%M:%S"],
         ),
     ] = None,
+    wait: Annotated[
+        bool,
+        typer.Option(
+            "--wait",
+            help="Wait for the training service's result (training.results) and print it: "
+            "the candidate version, or why it failed. Exit 1 if it failed or none came.",
+        ),
+    ] = False,
+    timeout: Annotated[
+        float, typer.Option(help="With --wait: seconds to wait for the result.")
+    ] = 1800.0,
 ) -> None:
     """Train a fraud model: ask the training service, or run it here (--local).
 
@@ -147,6 +218,30 @@ def train(
     request = retrain_request(
         settings.registry.model_name, reason, requested_by, snapshot, drift_onset
     )
+    if not local and wait:
+        with console.status(f"training {request.request_id}: waiting for the service") as status:
+            try:
+                result = asyncio.run(
+                    request_and_wait(
+                        settings,
+                        request,
+                        timeout,
+                        lambda waited: status.update(
+                            f"training {request.request_id}: waiting for the service "
+                            f"({waited:.0f} s of at most {timeout:.0f})"
+                        ),
+                    )
+                )
+            except PlatformError as exc:
+                console.print(f"[bold red]✗[/] {exc.message}")
+                raise typer.Exit(1) from None
+        if result is None:
+            console.print(
+                f"[bold red]✗[/] no result for {request.request_id} within {timeout:.0f} s "
+                "(is the training service running? see its log)"
+            )
+            raise typer.Exit(1)
+        raise typer.Exit(0 if _print_result(result) else 1)
     if not local:
         try:
             asyncio.run(publish_request(settings, request))
@@ -155,8 +250,8 @@ def train(
             raise typer.Exit(1) from None
         console.print(
             f"[green]✓[/] training requested: [bold]{request.request_id}[/] on "
-            f"{settings.kafka.topic_prefix}training.requests (follow it in the training "
-            "service's log or MLflow)"
+            f"{settings.kafka.topic_prefix}training.requests (--wait follows it to its result; "
+            "or the training service's log, MLflow)"
         )
         return
     outcome = run_local(

@@ -387,14 +387,18 @@ class FailingPipeline(RecordingPipeline):
     def run(self, request: Any, progress: Any) -> Any:
         from services.shared.errors import FailedPrecondition
 
-        self.ran.append(request.request_id)
         if request.request_id == "fails":
+            self.ran.append(request.request_id)
             raise FailedPrecondition("2 labelled transactions (0 frauds) since the drift onset")
         return super().run(request, progress)
 
 
-def test_each_request_ends_with_a_result_on_training_results(kafka: KafkaSettings) -> None:
-    # the autopilot acts on a failed training at once (it waited 30 minutes for a candidate)
+def test_each_request_ends_with_a_result_that_mlops_train_wait_reports(
+    kafka: KafkaSettings,
+) -> None:
+    # the autopilot acts on a failed training at once (it waited 30 minutes for a candidate);
+    # `mlops train --wait` prints the result
+    from services.cli.train import request_and_wait
     from services.shared.proto.mlops.v1 import monitoring_pb2
     from services.training.consumer import TrainingRequestConsumer
     from services.training.settings import TrainingSettings
@@ -405,43 +409,35 @@ def test_each_request_ends_with_a_result_on_training_results(kafka: KafkaSetting
     model_name = settings.registry.model_name
     pipeline = FailingPipeline()
 
-    async def scenario() -> list[Any]:
+    async def scenario() -> tuple[list[Any], list[Any]]:
         await ensure_topics(own)
         consumer = TrainingRequestConsumer(settings, pipeline)  # type: ignore[arg-type]
         stop = asyncio.Event()
         running = asyncio.create_task(consumer.run(stop))
-        producer = AIOKafkaProducer(bootstrap_servers=own.bootstrap, acks="all")
-        await producer.start()
         try:
-            for request_id in ("fails", "works"):
-                request = monitoring_pb2.RetrainRequest(
-                    request_id=request_id, model_name=model_name
+            waited = [
+                await request_and_wait(
+                    settings,
+                    monitoring_pb2.RetrainRequest(request_id=request_id, model_name=model_name),
+                    timeout_s=60,
                 )
-                await producer.send_and_wait(
-                    topics.training_requests, request.SerializeToString(), partition=0
-                )
-        finally:
-            await producer.stop()
-        deadline = time.monotonic() + 60
-        while len(results := await _read_from(own, topics.training_results, {})) < 2:
+                for request_id in ("fails", "works")
+            ]
             assert not running.done(), running
-            assert time.monotonic() < deadline, (pipeline.ran, results)
-            await asyncio.sleep(0.2)
-        stop.set()
-        await asyncio.wait_for(running, 30)
-        return results
+        finally:
+            stop.set()
+            await asyncio.wait_for(running, 30)
+        return waited, await _read_from(own, topics.training_results, {})
 
-    records = asyncio.run(scenario())
-    assert all(r.key == model_name.encode() for r in records)
-    results = {
-        m.request_id: m
-        for m in (monitoring_pb2.TrainingResult.FromString(r.value) for r in records)
-    }
-    failed, worked = results["fails"], results["works"]
+    (failed, worked), records = asyncio.run(scenario())
+    assert pipeline.ran == ["fails", "works"]
+    assert failed is not None and worked is not None
     assert failed.status == monitoring_pb2.TRAINING_STATUS_FAILED
     assert failed.error_code == "failed_precondition" and "drift onset" in failed.error
-    assert worked.status == monitoring_pb2.TRAINING_STATUS_TRAINED and worked.run_id == "run"
     assert failed.finished_at.seconds > 0 and failed.model_name == model_name
+    assert worked.status == monitoring_pb2.TRAINING_STATUS_TRAINED and worked.run_id == "run"
+    # one result per request, keyed by the model's name
+    assert len(records) == 2 and all(r.key == model_name.encode() for r in records)
 
 
 def test_records_on_other_partitions_during_a_training_run_are_handled_after_it(
