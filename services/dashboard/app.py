@@ -91,6 +91,21 @@ class ErrorBody(BaseModel):
 
 _bearer = HTTPBearer(auto_error=False, description="The registry token (actions only).")
 Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+
+
+async def _caller_token(request: Request, credentials: Credentials) -> str:
+    """The caller's bearer token, checked against the registry token the app was given ('':
+    the acting component checks it). A dependency: a call without the token is refused (401)
+    before its body is read, so such a caller learns nothing about the body (no 422)."""
+    if credentials is None or not credentials.credentials:
+        raise Unauthenticated("this action needs the registry token: Authorization: Bearer …")
+    expected: str = request.app.state.action_token
+    if expected and not hmac.compare_digest(credentials.credentials.encode(), expected.encode()):
+        raise PermissionDenied("the bearer token is not the registry token")
+    return credentials.credentials
+
+
+Token = Annotated[str, Depends(_caller_token)]
 _ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"model": ErrorBody, "description": "No bearer token."},
     403: {"model": ErrorBody, "description": "Wrong token."},
@@ -139,13 +154,6 @@ def create_app(
         route = request.scope.get("route")
         requests.labels(getattr(route, "path", "other"), str(response.status_code)).inc()
         return response
-
-    def authorized(credentials: HTTPAuthorizationCredentials | None) -> str:
-        if credentials is None or not credentials.credentials:
-            raise Unauthenticated("this action needs the registry token: Authorization: Bearer …")
-        if token and not hmac.compare_digest(credentials.credentials.encode(), token.encode()):
-            raise PermissionDenied("the bearer token is not the registry token")
-        return credentials.credentials
 
     # ----------------------------------------------------------------- the page
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
@@ -209,9 +217,9 @@ def create_app(
         tags=["actions"],
         responses=_ERRORS,
     )
-    async def pause(body: ActionRequest, credentials: Credentials) -> ActionResult:
+    async def pause(token: Token, body: ActionRequest) -> ActionResult:
         """Pause the improvement loop (the autopilot stops starting new cycles)."""
-        return await board.pause_loop(authorized(credentials), body.reason)
+        return await board.pause_loop(token, body.reason)
 
     @app.post(
         "/api/v1/actions/loop/resume",
@@ -219,16 +227,17 @@ def create_app(
         tags=["actions"],
         responses=_ERRORS,
     )
-    async def resume(body: ActionRequest, credentials: Credentials) -> ActionResult:
+    async def resume(token: Token, body: ActionRequest) -> ActionResult:
         """Resume the improvement loop."""
-        return await board.resume_loop(authorized(credentials), body.reason)
+        return await board.resume_loop(token, body.reason)
 
     @app.post(
         "/api/v1/actions/rollback", response_model=ActionResult, tags=["actions"], responses=_ERRORS
     )
-    async def rollback(body: ActionRequest, credentials: Credentials) -> ActionResult:
+    async def rollback(token: Token, body: ActionRequest) -> ActionResult:
         """Make the previous production version production again."""
-        return await board.rollback(authorized(credentials), body.reason)
+        return await board.rollback(token, body.reason)
 
     app.state.feed = feed
+    app.state.action_token = token
     return app

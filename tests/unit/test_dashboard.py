@@ -226,7 +226,13 @@ def test_actions_need_the_token_and_forward_it() -> None:
         "/api/v1/actions/loop/resume", json=body, headers={"authorization": "Bearer right"}
     )
     assert resumed.status_code == 503
-    assert client.post("/api/v1/actions/rollback", json={"reason": ""}).status_code == 422
+    # without the token nothing about the body is answered; with it, a bad body is a 422
+    assert client.post("/api/v1/actions/rollback", json={"reason": ""}).status_code == 401
+    assert client.post("/api/v1/actions/rollback", content=b"{").status_code == 401
+    invalid = client.post(
+        "/api/v1/actions/rollback", json={"reason": ""}, headers={"authorization": "Bearer right"}
+    )
+    assert invalid.status_code == 422
 
 
 def test_the_page_its_chart_library_and_schema() -> None:
