@@ -1,6 +1,6 @@
 """`mlops models`: the model registry from the command line.
 
-    mlops models list                          every version: stage, aliases, traffic, metrics
+    mlops models list                          every version: role, traffic, metrics, gate
     mlops models routes                        the routing table: who answers, who is mirrored
     mlops models show production|canary|N      one version in detail, with its gate result
     mlops models promote N                     N becomes production (the old one is archived)
@@ -22,6 +22,7 @@ from contextlib import contextmanager
 from typing import Annotated
 
 import typer
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -55,9 +56,9 @@ def _stage(version: models_pb2.ModelVersion) -> str:
     return models_pb2.ModelStage.Name(version.stage).removeprefix("MODEL_STAGE_").lower()
 
 
-def _metric(version: models_pb2.ModelVersion, name: str) -> str:
+def _metric(version: models_pb2.ModelVersion, name: str, digits: int = 4) -> str:
     value = version.metrics.get(name)
-    return "" if value is None else f"{value:.4f}"
+    return "" if value is None else f"{value:.{digits}f}"
 
 
 def _gate(version: models_pb2.ModelVersion) -> str:
@@ -75,32 +76,40 @@ _GATE_OUTCOMES = {
 
 @app.command("list")
 def list_versions() -> None:
-    """Every version of the model: stage, aliases, traffic share, test metrics, gate."""
+    """Every version of the model: its role (aliases, else stage), traffic share, test
+    metrics, gate; 80 columns wide."""
     with _registry() as registry:
         versions = registry.list_versions()
         name = registry.model_name
     if not versions:
         console.print(f"{name} has no versions yet (mlops train, or mlops bootstrap)")
         return
-    table = Table(title=name)
-    for column in ("version", "stage", "aliases", "traffic %", "PR-AUC", "baseline PR-AUC"):
-        table.add_column(column, justify="right" if column != "stage" else "left")
-    table.add_column("ECE", justify="right")
-    table.add_column("threshold", justify="right")
-    table.add_column("gate")
-    table.add_column("created")
+    # fits 80 columns: no borders, short headers (the caption says what they mean)
+    table = Table(
+        title=name,
+        box=box.SIMPLE_HEAD,
+        padding=0,
+        pad_edge=False,
+        caption="role: the aliases serving routes by, else the stage; on the test set: PR-AUC, "
+        "base (the gradient-boosting baseline's PR-AUC), ECE; thresh: the decision threshold; "
+        "created: UTC",
+        caption_justify="left",
+    )
+    for column in ("v", "role", "traffic", "PR-AUC", "base", "ECE", "thresh"):
+        table.add_column(column, justify="left" if column == "role" else "right", no_wrap=True)
+    table.add_column("gate", no_wrap=True)
+    table.add_column("created", no_wrap=True)
     for v in versions:
         table.add_row(
             str(v.version),
-            _stage(v),
-            ",".join(v.aliases),
-            str(v.traffic_percent) if v.aliases else "",
-            _metric(v, "test_pr_auc"),
-            _metric(v, "baseline_test_pr_auc"),
-            _metric(v, "test_calibration_error"),
-            f"{v.threshold:.4f}",
+            ",".join(v.aliases) or _stage(v),
+            f"{v.traffic_percent} %" if v.aliases else "",
+            _metric(v, "test_pr_auc", 3),
+            _metric(v, "baseline_test_pr_auc", 3),
+            _metric(v, "test_calibration_error", 3),
+            f"{v.threshold:.3f}",
             _gate(v),
-            v.created_at.ToDatetime().strftime("%Y-%m-%d %H:%M"),
+            v.created_at.ToDatetime().strftime("%m-%d %H:%M"),
         )
     console.print(table)
 
