@@ -527,7 +527,7 @@ class Autopilot:
             RETRAINING,
             f"retraining requested again (training {cycle.attempts} of at most "
             f"{self.policy.max_training_attempts}): {labels:.0f} outcomes labelled since the "
-            f"cycle began, {cycle.retry_labels:.0f} at the gate's insufficient data; request "
+            f"cycle began, {cycle.retry_labels:.0f} when the last one gave no candidate; request "
             f"{cycle.request_id}",
             {"labels_since_start": labels, "labels_at_gate": cycle.retry_labels},
         )
