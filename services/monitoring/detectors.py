@@ -11,7 +11,7 @@ Three CUSUM-type detectors, each fed one event at a time (or a batch, row by row
   estimate of the change's onset), how many events it spans and the mean of the raw signal
   over it: what a ``DriftEvent`` reports.
 
-Thresholds are calibrated by simulation (``calibrate_threshold``): the detector runs on a long
+Thresholds are calibrated by simulation (``threshold_from_maxima``): the detector runs on a long
 stream resampled from the reference (no change, by construction), the maxima of its excursions
 above zero are collected, and their exponential tail (a CUSUM's excursion maximum has one:
 Cramér-Lundberg) is extrapolated to the threshold whose expected number of events between
@@ -22,7 +22,6 @@ detectors, with a tail fit instead of a brute-force run of the target length.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -360,20 +359,6 @@ def threshold_from_maxima(
     # alarms expected per event at u: n_tail / events
     h = u + math.log(max(target_run_length * n_tail / events, 1.0)) / theta
     return Calibration(h, target_run_length, events, len(maxima), theta)
-
-
-def calibrate_threshold(
-    run_path: Callable[[np.random.Generator, int], np.ndarray],
-    target_run_length: float,
-    *,
-    events: int,
-    seed: int,
-) -> Calibration:
-    """Simulate ``events`` null events with ``run_path(rng, events)`` (the detector's statistic
-    after each event, no threshold) and extrapolate the threshold for ``target_run_length``."""
-    rng = np.random.default_rng(seed)
-    path = run_path(rng, events)
-    return threshold_from_maxima(excursion_maxima(path), events, target_run_length)
 
 
 def cusum_path(x: np.ndarray, k: float) -> np.ndarray:

@@ -95,7 +95,6 @@ class TrainingRequestConsumer:
 
     async def _reject(self, record: ConsumerRecord, why: str, stop: asyncio.Event) -> None:
         """Dead-letter a record that is not a request (retried until the broker has it)."""
-        assert self._sender is not None
         letter = dead_letter(
             self.topics.dlq,
             key=record.key,
@@ -105,12 +104,7 @@ class TrainingRequestConsumer:
             reason_code="not_a_retrain_request",
             reason=f"training service: {why}",
         )
-        while not stop.is_set():
-            report = await self._sender.deliver([letter])
-            if not report.failed:
-                break
-            log.warning("dead_letter_retry", error=repr(report.error))
-            await pause(stop, 1.0)
+        await self._deliver(letter, stop)
         TRAINING_RUNS.labels("dead_lettered").inc()
         log.error(
             "training_request_dead_lettered",
@@ -206,9 +200,9 @@ class TrainingRequestConsumer:
             result.version = outcome.version.version if outcome.version is not None else 0
         finally:
             TRAINING_ACTIVE.set(0)
-            TRAINING_SECONDS.observe(time.monotonic() - started)
+            result.seconds = time.monotonic() - started
+            TRAINING_SECONDS.observe(result.seconds)
             consumer.resume(*(held | consumer.assignment()))
-        result.seconds = time.monotonic() - started
         result.finished_at.GetCurrentTime()
         await self._report(result, stop)
         await self._commit(consumer, partition, record.offset)
@@ -216,25 +210,30 @@ class TrainingRequestConsumer:
     async def _report(self, result: monitoring_pb2.TrainingResult, stop: asyncio.Event) -> None:
         """Publish what became of a request on training.results (retried until the broker has
         it, before the request's offset is committed: a restart reports it again, never not)."""
-        assert self._sender is not None
         report_record = OutboundRecord(
             self.topics.training_results,
             result.model_name.encode(),
             result.SerializeToString(),
             list(_RESULT_HEADERS),
         )
+        if await self._deliver(report_record, stop):
+            log.info(
+                "training_result_published",
+                request_id=result.request_id,
+                status=monitoring_pb2.TrainingStatus.Name(result.status),
+                version=result.version,
+            )
+
+    async def _deliver(self, record: OutboundRecord, stop: asyncio.Event) -> bool:
+        """Send ``record``, retried every second until the broker has it (True) or ``stop``."""
+        assert self._sender is not None
         while not stop.is_set():
-            report = await self._sender.deliver([report_record])
+            report = await self._sender.deliver([record])
             if not report.failed:
-                log.info(
-                    "training_result_published",
-                    request_id=result.request_id,
-                    status=monitoring_pb2.TrainingStatus.Name(result.status),
-                    version=result.version,
-                )
-                return
-            log.warning("training_result_retry", error=repr(report.error))
+                return True
+            log.warning("delivery_retry", topic=record.topic, error=repr(report.error))
             await pause(stop, 1.0)
+        return False
 
     @staticmethod
     async def _poll_while_paused(consumer: AIOKafkaConsumer) -> None:

@@ -14,11 +14,11 @@ from services.monitoring.detectors import (
     Mcusum,
     NormalScores,
     ScalarCusum,
-    calibrate_threshold,
     cusum_path,
     excursion_maxima,
     label_log_loss,
     mcusum_path,
+    threshold_from_maxima,
 )
 from services.monitoring.drift import (
     ConceptDetector,
@@ -106,9 +106,8 @@ def test_each_column_restarts_alone_and_reports_its_own_run() -> None:
 
 def test_calibrated_threshold_matches_the_cusum_theory_for_normal_increments() -> None:
     # N(0,1) increments, k = 0.5: the excursion maxima's tail rate is 2k = 1 (Cramér-Lundberg)
-    calibration = calibrate_threshold(
-        lambda rng, n: cusum_path(rng.normal(size=n), 0.5), 1e6, events=400_000, seed=3
-    )
+    path = cusum_path(np.random.default_rng(3).normal(size=400_000), 0.5)
+    calibration = threshold_from_maxima(excursion_maxima(path), 400_000, 1e6)
     assert calibration.tail_rate == pytest.approx(1.0, rel=0.15)
     # Siegmund's approximation of the ARL at h: (exp(2k h') - 2k h' - 1) / (2 k^2), h' = h + 1.166
     h = calibration.threshold + 1.166
@@ -134,12 +133,9 @@ def test_mcusum_pools_a_shift_spread_over_correlated_inputs() -> None:
     common = rng.normal(size=(60_000, 1))
     z = common * 0.8 + 0.6 * rng.normal(size=(60_000, 4))
     covariance = np.corrcoef(z, rowvar=False)
-    calibration = calibrate_threshold(
-        lambda rng, n: mcusum_path(z[rng.integers(0, len(z), size=n)], covariance, 0.25),
-        1e7,
-        events=200_000,
-        seed=8,
-    )
+    drawn = z[np.random.default_rng(8).integers(0, len(z), size=200_000)]
+    path = mcusum_path(drawn, covariance, 0.25)
+    calibration = threshold_from_maxima(excursion_maxima(path), 200_000, 1e7)
     detector = Mcusum(covariance, 0.25, calibration.threshold)
     shifted = z.copy()
     shifted[30_000:, :2] += 0.4
