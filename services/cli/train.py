@@ -125,6 +125,7 @@ async def request_and_wait(
     result cannot be missed); None when none came in time. ``on_wait`` gets the seconds
     waited, about once a second."""
     from aiokafka import TopicPartition
+    from google.protobuf.message import DecodeError
 
     from services.shared.kafka import create_consumer, ensure_topics
     from services.shared.topics import Topics
@@ -146,7 +147,10 @@ async def request_and_wait(
             on_wait(waited)
             for records in (await consumer.getmany(timeout_ms=1000)).values():
                 for record in records:
-                    result = monitoring_pb2.TrainingResult.FromString(record.value or b"")
+                    try:
+                        result = monitoring_pb2.TrainingResult.FromString(record.value or b"")
+                    except DecodeError:
+                        continue  # not a result (nothing to wait for in it)
                     if result.request_id == request.request_id:
                         return result
         return None
