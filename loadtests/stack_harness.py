@@ -203,7 +203,7 @@ class OwnStack:
 
     def wait_settled(self, max_cores: float = 0.3, timeout_s: float = 180.0) -> float:
         """Seconds until every consumer group that reads as records come (ingestion's,
-        features', monitoring's count of predictions.log) has no lag and the whole stack then
+        features', monitoring's reading of predictions.log) has no lag and the whole stack then
         uses at most ``max_cores`` over 2 s: a backlog left by a stopped consumer, or by a load
         the stack fell behind on, worked off. (CPU alone was not enough: a service restarted
         seconds earlier had not begun to read its backlog when the stack looked at rest.)"""
@@ -222,8 +222,9 @@ class OwnStack:
         from services.cli.bootstrap import read_backlog
         from services.features.settings import FeaturesSettings
         from services.ingestion.settings import IngestionSettings
+        from services.monitoring.reader import counted_mark
         from services.monitoring.settings import MonitoringSettings
-        from services.shared.kafka import consumer_groups_lag
+        from services.shared.kafka import committed_offsets, consumer_groups_lag
         from services.shared.topics import Topics
 
         with environment(self.client_env()):
@@ -232,12 +233,20 @@ class OwnStack:
         predictions = Topics.from_settings(monitoring.kafka).predictions
         try:
             pipeline = await read_backlog(ingestion, features)
-            counted = await consumer_groups_lag(
-                monitoring.kafka, {monitoring.group_id: [predictions]}
-            )
+            group = monitoring.group_id
+            uncommitted = (await consumer_groups_lag(monitoring.kafka, {group: [predictions]}))[
+                group
+            ]
+            committed = await committed_offsets(monitoring.kafka, group, uncommitted)
         except (KafkaError, OSError, TimeoutError):  # the broker may be coming back
             return -1
-        return pipeline.total + sum(counted[monitoring.group_id].values())
+        # monitoring commits up to the predictions still waiting for their labels; where it
+        # has read (and counted) to is in the commit's metadata
+        unread = 0
+        for tp, lag in uncommitted.items():
+            offset, metadata = committed.get(tp, (0, ""))
+            unread += max(lag - max((counted_mark(metadata) or offset) - offset, 0), 0)
+        return pipeline.total + unread
 
     def rss_mib(self) -> dict[str, float]:
         out: dict[str, float] = {}

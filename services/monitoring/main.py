@@ -13,13 +13,17 @@ from services.monitoring.drift import DriftConfig
 from services.monitoring.live_metrics import LiveMetrics
 from services.monitoring.monitor import LiveMonitor, MonitorConfig
 from services.monitoring.prediction_metrics import PredictionLogMetrics
-from services.monitoring.prediction_reader import PredictionLogReader
 from services.monitoring.reader import MonitoringReader
 from services.monitoring.references import MlflowReferences
 from services.monitoring.settings import MonitoringSettings
-from services.monitoring.skew import run_skew_sampling
+from services.monitoring.skew import skew_sampler
 from services.shared.http_api import HttpApi
-from services.shared.kafka import create_consumer, create_producer, ensure_topics
+from services.shared.kafka import (
+    committed_offsets,
+    create_consumer,
+    create_producer,
+    ensure_topics,
+)
 from services.shared.logging import get_logger
 from services.shared.runtime import run_service, set_ready
 from services.shared.topics import Topics
@@ -80,29 +84,10 @@ async def _consume(
     stopping.cancel()
     setup.result()
 
-    prediction_metrics = PredictionLogMetrics(REGISTRY)
-    counting = create_consumer(
-        settings.kafka,
-        topics.predictions,
-        group_id=settings.group_id,
-        client_id=SERVICE,
-        max_poll_records=settings.max_poll_records,
-        batching_wait_ms=settings.fetch_wait_ms,
-    )
-    counts = PredictionLogReader(
-        counting,
-        prediction_metrics,
-        group=settings.group_id,
-        topic=topics.predictions,
-        poll_timeout_ms=settings.poll_timeout_ms,
-        max_records=settings.max_poll_records,
-        lag_interval_s=settings.lag_interval_s,
-    )
+    # subscribed below, with the reader told of each assignment (where counting stopped)
     consumer = create_consumer(
         settings.kafka,
-        topics.predictions,
-        topics.validated_labels,
-        group_id=settings.outcomes_group_id,
+        group_id=settings.group_id,
         client_id=SERVICE,
         max_poll_records=settings.max_poll_records,
         batching_wait_ms=settings.fetch_wait_ms,
@@ -111,13 +96,15 @@ async def _consume(
     )
     producer = create_producer(settings.kafka, client_id=SERVICE)
     references = MlflowReferences(settings.mlflow)
+    skew = skew_sampler(REGISTRY)
     reader = MonitoringReader(
         consumer,
         producer,
-        prediction_metrics,
+        PredictionLogMetrics(REGISTRY),
         monitor,
         references.load,
-        group=settings.outcomes_group_id,
+        partial(committed_offsets, settings.kafka, settings.group_id),
+        group=settings.group_id,
         predictions_topic=topics.predictions,
         labels_topic=topics.validated_labels,
         drift_topic=topics.drift,
@@ -125,10 +112,13 @@ async def _consume(
         max_records=settings.max_poll_records,
         commit_interval_s=settings.commit_interval_s,
         tick_interval_s=settings.tick_interval_s,
+        lag_interval_s=settings.lag_interval_s,
         use_training_reference=settings.drift_use_training_reference,
+        skew=skew[0] if skew else None,
+        skew_interval_s=skew[1] if skew else 0.0,
     )
+    consumer.subscribe([topics.predictions, topics.validated_labels], listener=reader)
     await producer.start()
-    await counting.start()
     await consumer.start()
     try:
         set_ready(SERVICE, True)
@@ -137,19 +127,14 @@ async def _consume(
             predictions=topics.predictions,
             labels=topics.validated_labels,
             drift=topics.drift,
-            groups=f"{settings.group_id},{settings.outcomes_group_id}",
+            group=settings.group_id,
             drift_inputs=",".join(settings.drift_inputs),
             false_alarms_per_million=settings.drift_false_alarms_per_million,
         )
-        await asyncio.gather(
-            counts.run(stop),
-            reader.run(stop),
-            run_skew_sampling(settings.kafka, topics.predictions, REGISTRY, stop),
-        )
+        await reader.run(stop)
     finally:
         set_ready(SERVICE, False)
         await consumer.stop()
-        await counting.stop()
         await producer.stop()
 
 

@@ -2,7 +2,7 @@
 
 ``PredictionLogMetrics`` is the monitoring service's domain object for predictions.log: it
 reads ``PredictionRecord``s (already decoded; the Kafka transport is
-prediction_reader.py) and keeps, per model version, how many predictions were served on which
+reader.py) and keeps, per model version, how many predictions were served on which
 route with which decision, the distribution of fraud probabilities, the answers given with
 default features (degraded), how long records took to reach monitoring, and how far the
 consumer is behind the log. Pure logic over a ``CollectorRegistry`` of its own, so tests

@@ -1,48 +1,75 @@
-"""Kafka transport of the monitoring service's join, quality and drift.
+"""Kafka transport of the monitoring service: the one reader of predictions.log.
 
 Reads predictions.log and events.validated.labels in one consumer group (the range assignor
 keeps partition N of both topics with the same member: both are keyed by transaction_id and
-co-partitioned), decodes each record and hands it to ``LiveMonitor`` (join, quality, drift).
-(The counts of predictions.log are ``PredictionLogReader``'s, in a group of their own that
-commits as it goes: this group re-reads what was waiting after a restart, and counting it
-again would double the counts.) A record that cannot be read is counted and logged with
-its position and never stops the reader (it stays in the log). Drift events are published to
-monitoring.drift (keyed by model name) and acknowledged before any offset is committed.
+co-partitioned) and decodes each record once. Each prediction feeds the counts
+(``PredictionLogMetrics``), the sampled training-serving skew (``SkewSampler``) and, with the
+labels, ``LiveMonitor`` (join, quality, drift). A record that cannot be read is counted and
+logged with its position and never stops the reader (it stays in the log). Drift events are
+published to monitoring.drift (keyed by model name) and acknowledged before any offset is
+committed.
 
 Offsets: every ``commit_interval_s``, each partition is committed up to the oldest record the
 join still needs (``OutcomeJoin.low_watermarks``): a prediction still waiting for its label, and
 the labels that may still meet one. After a restart exactly those are read again; what was
-already joined before them is not (no double count), what is re-read is counted once.
+already joined before them is not. Counting reads further than the join commits, so each
+predictions.log partition's commit carries in its metadata where counting stopped
+(``counted=<offset>``): a record re-read below that mark goes to the join again but is not
+counted, sampled or rejected a second time. (Before one reader did all this, predictions.log
+was fetched and decoded by three consumer groups: counting, join, skew.)
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
+from aiokafka import (
+    AIOKafkaConsumer,
+    AIOKafkaProducer,
+    ConsumerRebalanceListener,
+    ConsumerRecord,
+    TopicPartition,
+)
 from aiokafka.errors import KafkaError
 from google.protobuf.message import DecodeError, Message
 
 from services.monitoring.monitor import BuildJob, LiveMonitor
 from services.monitoring.prediction_metrics import PredictionLogMetrics, validate
+from services.monitoring.skew import SkewSampler
 from services.shared.codecs import decode_protobuf, protobuf_headers
 from services.shared.drift_reference import DriftReference
 from services.shared.errors import InvalidArgument
+from services.shared.feature_recompute import Recomputed
 from services.shared.logging import get_logger
 from services.shared.proto.mlops.v1 import events_pb2, monitoring_pb2
 
 log = get_logger("monitoring")
 
 _DRIFT_HEADERS = protobuf_headers(monitoring_pb2.DriftEvent())
+_COUNTED = "counted="
 
 M = TypeVar("M", bound=Message)
 ReferenceLoader = Callable[[str, int], DriftReference | None]
+# the group's committed (offset, metadata) per partition; a partition never committed is absent
+CommittedLoader = Callable[[list[TopicPartition]], Awaitable[dict[TopicPartition, tuple[int, str]]]]
 
 
-class MonitoringReader:
+def counted_mark(metadata: str) -> int | None:
+    """Where counting stopped, from a commit's metadata (None: not written by this reader)."""
+    if not metadata.startswith(_COUNTED):
+        return None
+    try:
+        return int(metadata[len(_COUNTED) :])
+    except ValueError:
+        return None
+
+
+class MonitoringReader(ConsumerRebalanceListener):
     def __init__(
         self,
         consumer: AIOKafkaConsumer,
@@ -50,6 +77,7 @@ class MonitoringReader:
         metrics: PredictionLogMetrics,
         monitor: LiveMonitor,
         references: ReferenceLoader,
+        committed: CommittedLoader,
         *,
         group: str,
         predictions_topic: str,
@@ -59,13 +87,17 @@ class MonitoringReader:
         max_records: int,
         commit_interval_s: float,
         tick_interval_s: float,
+        lag_interval_s: float,
         use_training_reference: bool,
+        skew: SkewSampler | None = None,
+        skew_interval_s: float = 120.0,
     ) -> None:
         self._consumer = consumer
         self._producer = producer
         self._metrics = metrics
         self.monitor = monitor
         self._references = references
+        self._committed = committed
         self._group = group
         self._predictions = predictions_topic
         self._labels = labels_topic
@@ -74,21 +106,30 @@ class MonitoringReader:
         self._max_records = max_records
         self._commit_interval_s = commit_interval_s
         self._tick_interval_s = tick_interval_s
+        self._lag_interval_s = lag_interval_s
         self._use_training_reference = use_training_reference
+        self._skew = skew
+        self._skew_interval_s = skew_interval_s
+        self._comparing: asyncio.Task[list[Recomputed]] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        # per predictions.log partition of this member: the first offset not yet counted
+        self._counted: dict[int, int] = {}
 
     async def run(self, stop: asyncio.Event) -> None:
         """Read until ``stop`` is set (seen within one poll timeout)."""
-        next_commit = next_tick = 0.0
+        next_commit = next_tick = next_lag = 0.0
+        next_skew = time.monotonic() + self._skew_interval_s
         try:
             while not stop.is_set():
                 batches = await self._consumer.getmany(
                     timeout_ms=self._poll_timeout_ms, max_records=self._max_records
                 )
+                read_at = datetime.now(UTC)
                 events: list[monitoring_pb2.DriftEvent] = []
                 for tp, records in batches.items():
                     if tp.topic == self._predictions:
-                        events += self.monitor.add_predictions(self._predictions_of(records))
+                        predictions = self._predictions_of(records, read_at)
+                        events += self.monitor.add_predictions(predictions)
                     else:
                         events += self.monitor.add_labels(self._labels_of(records))
                 self._start_background_work()
@@ -101,25 +142,65 @@ class MonitoringReader:
                 if now >= next_commit:
                     await self._commit()
                     next_commit = now + self._commit_interval_s
+                if now >= next_lag:
+                    await self._report_lag()
+                    next_lag = now + self._lag_interval_s
+                if now >= next_skew and self._compare_skew():
+                    next_skew = now + self._skew_interval_s
         finally:
             for task in self._tasks:
                 task.cancel()
+            if self._comparing is not None and not self._comparing.done():
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._comparing
+
+    # ------------------------------------------------------------------ the group's partitions
+
+    async def on_partitions_revoked(self, revoked: Iterable[TopicPartition]) -> None:
+        # the next owner reads the join's watermarks and where counting stopped
+        await self._commit()
+        for tp in revoked:
+            if tp.topic == self._predictions:
+                self._counted.pop(tp.partition, None)
+
+    async def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
+        partitions = [tp for tp in assigned if tp.topic == self._predictions]
+        try:
+            committed = await self._committed(partitions)
+        except (KafkaError, OSError) as exc:
+            # counted from the committed offset on: a restart's re-read may count twice
+            log.warning("counted_marks_unavailable", group=self._group, error=repr(exc))
+            committed = {}
+        for tp in partitions:
+            offset, metadata = committed.get(tp, (0, ""))
+            mark = counted_mark(metadata)
+            self._counted[tp.partition] = max(offset, mark if mark is not None else 0)
 
     # ------------------------------------------------------------------ decoding
 
     def _predictions_of(
-        self, records: list[ConsumerRecord[bytes, bytes]]
+        self, records: list[ConsumerRecord[bytes, bytes]], read_at: datetime
     ) -> list[tuple[monitoring_pb2.PredictionRecord, int, int]]:
         out = []
         for record in records:
-            # unreadable predictions are counted and logged by PredictionLogReader
-            prediction = self._decode(record, monitoring_pb2.PredictionRecord, count=False)
+            # a record re-read after a restart (still needed by the join) was counted before
+            first_read = record.offset >= self._counted.get(record.partition, 0)
+            if first_read:
+                self._counted[record.partition] = record.offset + 1
+            prediction = self._decode(record, monitoring_pb2.PredictionRecord, count=first_read)
             if prediction is None:
                 continue
             try:
-                validate(prediction)
-            except InvalidArgument:
+                if first_read:
+                    self._metrics.observe(prediction, read_at=read_at)  # validates first
+                else:
+                    validate(prediction)
+            except InvalidArgument as exc:
+                if first_read:
+                    self._reject(record, exc.code, field=exc.field, reason=exc.reason)
                 continue
+            if first_read and self._skew is not None and self._skew.wants(record.key):
+                self._skew.offer(prediction)
             out.append((prediction, record.partition, record.offset))
         return out
 
@@ -158,7 +239,8 @@ class MonitoringReader:
     def _reject(
         self, record: ConsumerRecord[bytes, bytes], code: str, *, field: str = "", reason: str = ""
     ) -> None:
-        self._metrics.reject(f"label_{code}")
+        # predictions.log's reasons as they are, the labels' prefixed
+        self._metrics.reject(code if record.topic == self._predictions else f"label_{code}")
         log.warning(
             "record_rejected",
             reason_code=code,
@@ -221,14 +303,18 @@ class MonitoringReader:
             return
         partitions = sorted({tp.partition for tp in assignment})
         marks = self.monitor.join.low_watermarks(partitions)
-        offsets: dict[TopicPartition, int] = {}
+        offsets: dict[TopicPartition, tuple[int, str]] = {}
         for tp in assignment:
             prediction_mark, label_mark = marks.get(tp.partition, (None, None))
             mark = prediction_mark if tp.topic == self._predictions else label_mark
             try:
-                offsets[tp] = mark if mark is not None else await self._consumer.position(tp)
+                offset = mark if mark is not None else await self._consumer.position(tp)
             except KafkaError:  # the partition was revoked meanwhile
                 continue
+            metadata = ""
+            if tp.topic == self._predictions and tp.partition in self._counted:
+                metadata = f"{_COUNTED}{max(self._counted[tp.partition], offset)}"
+            offsets[tp] = (offset, metadata)
         if not offsets:
             return
         try:
@@ -236,3 +322,29 @@ class MonitoringReader:
         except KafkaError as exc:
             # a rebalance: the next owner of the partitions re-reads from the last commit
             log.warning("commit_failed", group=self._group, error=repr(exc))
+
+    async def _report_lag(self) -> None:
+        lags: dict[int, int] = {}
+        for tp in self._consumer.assignment():
+            if tp.topic != self._predictions:
+                continue
+            high_watermark = self._consumer.highwater(tp)
+            if high_watermark is None:  # nothing fetched from it yet
+                continue
+            try:
+                lags[tp.partition] = high_watermark - await self._consumer.position(tp)
+            except KafkaError:  # revoked meanwhile
+                continue
+        self._metrics.report_lag(self._group, self._predictions, lags)
+
+    def _compare_skew(self) -> bool:
+        """Starts a round of the skew comparison unless one is running (True: started or
+        nothing due)."""
+        if self._skew is None:
+            return True
+        if self._comparing is not None and not self._comparing.done():
+            return False
+        rows = self._skew.due()
+        if rows:
+            self._comparing = asyncio.ensure_future(asyncio.to_thread(self._skew.compare, rows))
+        return True

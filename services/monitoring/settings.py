@@ -45,12 +45,8 @@ class MonitoringSettings(ServiceSettings):
     )
     group_id: str = Field(
         "monitoring",
-        description="Consumer group that counts predictions.log (commits as it reads).",
-    )
-    outcomes_group_id: str = Field(
-        "monitoring-outcomes",
-        description="Consumer group that joins predictions.log with events.validated.labels "
-        "(commits only up to what the join still needs).",
+        description="Consumer group that reads predictions.log and events.validated.labels "
+        "(commits up to what the join still needs; where counting stopped in the metadata).",
     )
     poll_timeout_ms: int = Field(
         500, ge=1, description="How long a poll waits for records (also how soon a stop is seen)."
@@ -250,7 +246,6 @@ class SkewSettings(BaseSettings):
     max_waiting: int = Field(
         2000, ge=1, description="Most sampled predictions held; beyond, dropped and counted."
     )
-    group_id: str = Field("monitoring-skew", description="Consumer group on predictions.log.")
     tolerance: float = Field(
         1e-4, gt=0, description="Relative difference below which a model input is equal."
     )

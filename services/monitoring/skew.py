@@ -6,9 +6,10 @@ per model input and exported to Prometheus (alert TrainingServingSkew).
 - ``SkewSampler`` (domain): which predictions are sampled (a hash of the transaction id, so
   a given transaction is always or never sampled, whoever reads), the rows waiting until the
   offline feature log has them (``min_age_s``), and the comparison of a batch into metrics.
-- ``SkewReader`` (Kafka transport): its own consumer group on predictions.log; only sampled
-  keys are decoded. Sampling is best effort by design: records skipped while the comparison
-  runs behind are counted (``outcome="dropped"``), never a reason to slow monitoring down.
+- The monitoring service's one reader of predictions.log (reader.py) offers it the sampled
+  predictions, each once, and starts a comparison round every ``interval_s`` in a thread.
+  Sampling is best effort by design: records skipped while the comparison runs behind are
+  counted (``outcome="dropped"``), never a reason to slow monitoring down.
 
 Shadow answers are skipped (never returned, same inputs as the answered one), and so are
 degraded answers (default features on purpose, not skew): both counted.
@@ -16,27 +17,19 @@ degraded answers (default features on purpose, not skew): both counted.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
 
-from aiokafka import AIOKafkaConsumer
-from aiokafka.errors import KafkaError
-from google.protobuf.message import DecodeError
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from services.monitoring.settings import SkewSettings
-from services.shared.codecs import decode_protobuf
 from services.shared.errors import PlatformError
 from services.shared.feature_recompute import OfflineFeatureRecomputer, Recomputed, ServedRow
-from services.shared.kafka import create_consumer
 from services.shared.logging import get_logger
 from services.shared.partitioning import murmur2
 from services.shared.prediction_trace import served_row
 from services.shared.proto.mlops.v1 import monitoring_pb2
-from services.shared.settings import KafkaSettings
 from services.shared.usecase.features import MODEL_INPUTS
 
 log = get_logger("monitoring.skew")
@@ -152,58 +145,13 @@ class SkewSampler:
             log.info("skew_example", transaction_id=row.transaction_id, inputs=",".join(row.skewed))
 
 
-class SkewReader:
-    """predictions.log -> ``SkewSampler``; compares a round every ``interval_s``."""
-
-    def __init__(
-        self, consumer: AIOKafkaConsumer, sampler: SkewSampler, *, interval_s: float
-    ) -> None:
-        self._consumer = consumer
-        self._sampler = sampler
-        self._interval_s = interval_s
-
-    async def run(self, stop: asyncio.Event) -> None:
-        comparing: asyncio.Task[list[Recomputed]] | None = None
-        next_round = time.monotonic() + self._interval_s
-        try:
-            while not stop.is_set():
-                batches = await self._consumer.getmany(timeout_ms=500, max_records=5000)
-                for records in batches.values():
-                    for record in records:
-                        if not self._sampler.wants(record.key):
-                            continue
-                        try:
-                            self._sampler.offer(
-                                decode_protobuf(
-                                    record.value or b"", monitoring_pb2.PredictionRecord
-                                )
-                            )
-                        except DecodeError:
-                            continue  # counted by the main reader (records_rejected_total)
-                if batches:
-                    with contextlib.suppress(KafkaError):  # a sample: a lost commit re-reads
-                        await self._consumer.commit()
-                if time.monotonic() >= next_round and (comparing is None or comparing.done()):
-                    next_round = time.monotonic() + self._interval_s
-                    rows = self._sampler.due()
-                    if rows:
-                        comparing = asyncio.create_task(
-                            asyncio.to_thread(self._sampler.compare, rows)
-                        )
-        finally:
-            if comparing is not None and not comparing.done():
-                with contextlib.suppress(asyncio.CancelledError):
-                    await comparing
-
-
-async def run_skew_sampling(
-    kafka: KafkaSettings, topic: str, registry: CollectorRegistry, stop: asyncio.Event
-) -> None:
-    """Monitoring's skew task, built from ``SkewSettings``; returns at ``stop``."""
+def skew_sampler(registry: CollectorRegistry) -> tuple[SkewSampler, float] | None:
+    """Monitoring's skew sampler and the seconds between its rounds, from ``SkewSettings``
+    (None: sampling is off)."""
     settings = SkewSettings()
     if not settings.enabled or settings.sample_rate == 0:
         log.info("skew_sampling_off")
-        return
+        return None
     sampler = SkewSampler(
         OfflineFeatureRecomputer(
             settings.feast, settings.redis, settings.storage, tolerance=settings.tolerance
@@ -214,22 +162,5 @@ async def run_skew_sampling(
         max_batch=settings.max_batch,
         max_waiting=settings.max_waiting,
     )
-    # a new group starts at the end: the sample is of what is served from now on
-    consumer = create_consumer(
-        kafka,
-        topic,
-        group_id=settings.group_id,
-        client_id="monitoring-skew",
-        auto_offset_reset="latest",
-    )
-    await consumer.start()
-    log.info(
-        "skew_sampling",
-        topic=topic,
-        sample_rate=settings.sample_rate,
-        interval_s=settings.interval_s,
-    )
-    try:
-        await SkewReader(consumer, sampler, interval_s=settings.interval_s).run(stop)
-    finally:
-        await consumer.stop()
+    log.info("skew_sampling", sample_rate=settings.sample_rate, interval_s=settings.interval_s)
+    return sampler, settings.interval_s

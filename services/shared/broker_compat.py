@@ -31,14 +31,28 @@ fixtures set it). Everything the platform does differently for Tansu is in this 
   validator, serving's routing follower: measured by loadtests/chaos.py), and would then have
   skipped everything before it. A fetch answered with a high watermark below the position is
   therefore treated as out of range: the position is reset as Kafka would have it.
+- Tansu 0.6 keeps a committed offset but drops the metadata committed with it (Kafka keeps
+  both; monitoring writes where its counting stopped there). Commits that carry metadata are
+  therefore also written to a file per broker address and group under
+  ``KafkaSettings.compat_dir`` (``GroupCoordinator.commit_offsets`` patched), and
+  ``kept_metadata`` puts the metadata back on what the broker answers, only where the broker's
+  committed offset is the one committed with it (a restarted broker, which lost its offsets,
+  or another broker on the same port gets none).
 """
 
 from __future__ import annotations
 
 import collections
+import json
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
+from aiokafka.conn import collect_hosts
 from aiokafka.consumer.fetcher import Fetcher, OffsetResetStrategy
+from aiokafka.consumer.group_coordinator import GroupCoordinator
 from aiokafka.protocol.fetch import FetchRequest
 from aiokafka.structs import TopicPartition
 
@@ -49,6 +63,8 @@ log = get_logger("broker_compat")
 _original_end_offsets = Fetcher.end_offsets
 _original_fetcher_init = Fetcher.__init__
 _original_proc_fetch_request = Fetcher._proc_fetch_request
+_original_commit_offsets = GroupCoordinator.commit_offsets
+_metadata_dirs: list[Path] = []  # the one set by ``activate``
 TANSU_FETCH_MIN_WAIT_MS = 20
 TANSU_FETCH_IDLE_WAIT_MS = 1000
 TANSU_FETCH_BATCHING_WAIT_MS = 1000
@@ -130,16 +146,69 @@ def _reset_positions_past_the_end(self: Fetcher, assignment: Any, request: Any) 
             state.await_reset(self._default_reset_strategy)
 
 
+def _metadata_file(hosts: list[tuple[str, int, Any]], group_id: str) -> Path | None:
+    if not _metadata_dirs:
+        return None
+    broker = ",".join(sorted(f"{host}:{port}" for host, port, _ in hosts))
+    return _metadata_dirs[0] / re.sub(r"[^A-Za-z0-9_.-]", "_", f"{broker}-{group_id}.json")
+
+
+def _read_kept(path: Path) -> dict[str, list[Any]]:
+    try:
+        kept: dict[str, list[Any]] = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return kept
+
+
+async def _commit_offsets_keeping_metadata(
+    self: GroupCoordinator, assignment: Any, offsets: Mapping[TopicPartition, Any]
+) -> None:
+    await _original_commit_offsets(self, assignment, offsets)
+    with_metadata = {tp: om for tp, om in offsets.items() if om.metadata}
+    path = _metadata_file(self._client.hosts, self.group_id)
+    if not with_metadata or path is None:
+        return
+    kept = _read_kept(path)
+    kept.update(
+        {f"{tp.topic}:{tp.partition}": [om.offset, om.metadata] for tp, om in with_metadata.items()}
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_suffix(f".{os.getpid()}.tmp")
+    temporary.write_text(json.dumps(kept))
+    temporary.replace(path)
+
+
+def kept_metadata(
+    settings: KafkaSettings, group_id: str, committed: dict[TopicPartition, tuple[int, str]]
+) -> dict[TopicPartition, tuple[int, str]]:
+    """``committed`` (offset, metadata) as the broker answered it, with the metadata Tansu
+    dropped put back (unchanged against Apache Kafka)."""
+    if settings.broker_flavor != "tansu":
+        return committed
+    path = _metadata_file(collect_hosts(settings.bootstrap), group_id)
+    kept = _read_kept(path) if path is not None else {}
+    out = dict(committed)
+    for tp, (offset, metadata) in committed.items():
+        entry = kept.get(f"{tp.topic}:{tp.partition}")
+        if not metadata and entry is not None and entry[0] == offset:
+            out[tp] = (offset, str(entry[1]))
+    return out
+
+
 def activate(settings: KafkaSettings) -> None:
     """Apply the workarounds if (and only if) the configured broker is Tansu."""
     if settings.broker_flavor != "tansu" or Fetcher.end_offsets is _end_offsets_from_high_watermark:
         return
+    _metadata_dirs[:] = [settings.compat_dir]
+    GroupCoordinator.commit_offsets = _commit_offsets_keeping_metadata  # type: ignore[method-assign,unused-ignore]
     Fetcher.end_offsets = _end_offsets_from_high_watermark  # type: ignore[method-assign,unused-ignore]
     Fetcher.__init__ = _fetcher_init_with_adaptive_wait  # type: ignore[method-assign,unused-ignore]
     Fetcher._proc_fetch_request = _proc_fetch_request_adapting_wait  # type: ignore[method-assign,unused-ignore]
     log.info(
         "tansu_workarounds_active",
         patched="aiokafka.Fetcher.end_offsets,aiokafka.Fetcher.__init__/_proc_fetch_request"
-        "(adaptive fetch_max_wait_ms)",
+        "(adaptive fetch_max_wait_ms),aiokafka.GroupCoordinator.commit_offsets (metadata kept "
+        "in a file)",
         fetch_wait_ms=f"{TANSU_FETCH_MIN_WAIT_MS}-{TANSU_FETCH_IDLE_WAIT_MS}",
     )

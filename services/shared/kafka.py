@@ -19,6 +19,7 @@ from aiokafka.helpers import create_ssl_context
 from prometheus_client import Counter
 
 from services.shared.broker_compat import activate as activate_broker_workarounds
+from services.shared.broker_compat import kept_metadata
 from services.shared.errors import Unavailable
 from services.shared.logging import get_logger
 from services.shared.retry import pause
@@ -229,6 +230,34 @@ async def keep_topics(
             log.info("topic_check_failed", error=f"{type(exc).__name__}: {exc}")
         finally:
             await admin.close()
+
+
+async def committed_offsets(
+    settings: KafkaSettings, group_id: str, partitions: Iterable[TopicPartition]
+) -> dict[TopicPartition, tuple[int, str]]:
+    """The offsets ``group_id`` committed for ``partitions``, each with the metadata committed
+    along with it (``AIOKafkaConsumer.committed`` gives the offset alone). A partition the
+    group never committed is absent."""
+    wanted = list(partitions)
+    if not wanted:
+        return {}
+    activate_broker_workarounds(settings)
+    admin = AIOKafkaAdminClient(
+        bootstrap_servers=settings.bootstrap,
+        request_timeout_ms=settings.request_timeout_ms,
+        **security_options(settings),
+    )
+    await admin.start()
+    try:
+        committed = await admin.list_consumer_group_offsets(group_id, partitions=wanted)
+    finally:
+        await admin.close()
+    answered = {
+        tp: (position.offset, position.metadata or "")
+        for tp, position in committed.items()
+        if position.offset >= 0
+    }
+    return kept_metadata(settings, group_id, answered)
 
 
 async def consumer_group_lag(

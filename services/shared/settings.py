@@ -48,6 +48,11 @@ class KafkaSettings(BaseSettings):
     session_timeout_ms: int = Field(
         10_000, description="Consumer group session timeout (Tansu holds JoinGroup for half)."
     )
+    compat_dir: Path = Field(
+        PROJECT_ROOT / "var" / "broker_compat",
+        description="With broker_flavor 'tansu' only: where the workarounds keep what the "
+        "local broker does not (the metadata of offset commits).",
+    )
     request_timeout_ms: int = Field(15_000, description="Client request timeout.")
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
         "PLAINTEXT",
