@@ -222,7 +222,7 @@ class OwnStack:
         from services.cli.bootstrap import read_backlog
         from services.features.settings import FeaturesSettings
         from services.ingestion.settings import IngestionSettings
-        from services.monitoring.reader import counted_mark
+        from services.monitoring.reader import counted_from
         from services.monitoring.settings import MonitoringSettings
         from services.shared.kafka import committed_offsets, consumer_groups_lag
         from services.shared.topics import Topics
@@ -245,7 +245,7 @@ class OwnStack:
         unread = 0
         for tp, lag in uncommitted.items():
             offset, metadata = committed.get(tp, (0, ""))
-            unread += max(lag - max((counted_mark(metadata) or offset) - offset, 0), 0)
+            unread += max(lag - (counted_from(offset, metadata) - offset), 0)
         return pipeline.total + unread
 
     def rss_mib(self) -> dict[str, float]:

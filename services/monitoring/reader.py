@@ -59,14 +59,20 @@ ReferenceLoader = Callable[[str, int], DriftReference | None]
 CommittedLoader = Callable[[list[TopicPartition]], Awaitable[dict[TopicPartition, tuple[int, str]]]]
 
 
-def counted_mark(metadata: str) -> int | None:
-    """Where counting stopped, from a commit's metadata (None: not written by this reader)."""
-    if not metadata.startswith(_COUNTED):
-        return None
-    try:
-        return int(metadata[len(_COUNTED) :])
-    except ValueError:
-        return None
+def counted_from(offset: int, metadata: str) -> int:
+    """The first offset not yet counted, from a commit (``offset``, ``metadata``): the counted
+    mark in the metadata, never below the committed offset (a commit whose metadata this
+    reader did not write: the offset itself)."""
+    mark = 0
+    if metadata.startswith(_COUNTED):
+        with contextlib.suppress(ValueError):
+            mark = int(metadata[len(_COUNTED) :])
+    return max(offset, mark)
+
+
+def counted_metadata(counted: int, offset: int) -> str:
+    """The metadata of a commit at ``offset`` when counting stopped before ``counted``."""
+    return f"{_COUNTED}{max(counted, offset)}"
 
 
 class MonitoringReader(ConsumerRebalanceListener):
@@ -172,9 +178,7 @@ class MonitoringReader(ConsumerRebalanceListener):
             log.warning("counted_marks_unavailable", group=self._group, error=repr(exc))
             committed = {}
         for tp in partitions:
-            offset, metadata = committed.get(tp, (0, ""))
-            mark = counted_mark(metadata)
-            self._counted[tp.partition] = max(offset, mark if mark is not None else 0)
+            self._counted[tp.partition] = counted_from(*committed.get(tp, (0, "")))
 
     # ------------------------------------------------------------------ decoding
 
@@ -313,7 +317,7 @@ class MonitoringReader(ConsumerRebalanceListener):
                 continue
             metadata = ""
             if tp.topic == self._predictions and tp.partition in self._counted:
-                metadata = f"{_COUNTED}{max(self._counted[tp.partition], offset)}"
+                metadata = counted_metadata(self._counted[tp.partition], offset)
             offsets[tp] = (offset, metadata)
         if not offsets:
             return
