@@ -80,24 +80,40 @@ class PredictionLogMetrics:
             ["group", "topic", "partition"],
             registry=registry,
         )
+        # (model_name, model_version, route, flagged) -> its series (``_children_of``)
+        self._children: dict[tuple[str, int, int, bool], tuple[Counter, Histogram, Counter]] = {}
 
     def observe(self, record: monitoring_pb2.PredictionRecord, *, read_at: datetime) -> None:
         """Count one served prediction. Raises ``InvalidArgument`` (nothing counted) for a
         record that breaks the contract."""
         validate(record)
-        probability = record.fraud_probability
-        version = (record.model_name, str(record.model_version))
-        decision = "decline" if record.flagged else "approve"
-        route = ROUTE_NAMES.get(record.route, "unspecified")
-        self.predictions.labels(*version, route, decision).inc()
-        self.fraud_probability.labels(*version).observe(probability)
+        key = (record.model_name, record.model_version, record.route, record.flagged)
+        children = self._children.get(key)
+        if children is None:
+            children = self._children[key] = self._children_of(*key)
+        predictions, probability, degraded = children
+        predictions.inc()
+        probability.observe(record.fraud_probability)
         if record.degraded:
-            self.degraded.labels(*version).inc()
+            degraded.inc()
         if record.HasField("predicted_at"):
-            delay = (
-                read_at - record.predicted_at.ToDatetime(tzinfo=read_at.tzinfo)
-            ).total_seconds()
+            at = record.predicted_at
+            delay = read_at.timestamp() - (at.seconds + at.nanos * 1e-9)
             self.log_delay.observe(max(delay, 0.0))
+
+    def _children_of(
+        self, model_name: str, model_version: int, route: int, flagged: bool
+    ) -> tuple[Counter, Histogram, Counter]:
+        """The labelled series one kind of record updates (looked up once per kind: a
+        ``labels()`` call per record cost as much as the rest of ``observe``)."""
+        version = (model_name, str(model_version))
+        decision = "decline" if flagged else "approve"
+        route_name = ROUTE_NAMES.get(route, "unspecified")
+        return (
+            self.predictions.labels(*version, route_name, decision),
+            self.fraud_probability.labels(*version),
+            self.degraded.labels(*version),
+        )
 
     def reject(self, reason_code: str) -> None:
         """Count a record that could not be read (it stays in the log for inspection)."""
