@@ -11,6 +11,7 @@ import pytest
 import yaml
 from settings_env import known_env_names
 
+from services.cli.localstack.components import SERVICE_SPECS
 from services.shared.settings import PROJECT_ROOT
 from services.shared.topics import Topics
 
@@ -108,6 +109,15 @@ def test_every_component_of_the_platform_is_there(services: dict[str, dict[str, 
         "nvcr.io/nvidia/tritonserver"
         in (PROJECT_ROOT / services["triton"]["build"]["context"] / "triton.Dockerfile").read_text()
     )
+
+
+def test_the_services_behind_the_request_path_get_fewer_cpu_shares(
+    services: dict[str, dict[str, Any]],
+) -> None:
+    # the local stack runs them at a lower nice value; compose says the same with cpu_shares
+    for name, spec in SERVICE_SPECS.items():
+        shares = services[name].get("cpu_shares", 1024)
+        assert (shares < 1024) == spec.background, name
 
 
 def test_every_long_running_service_has_a_healthcheck(

@@ -24,6 +24,7 @@ from services.cli.localstack import (
     end_processes,
     stack_processes,
 )
+from services.cli.localstack.components import BACKGROUND_NICE, SERVICE_SPECS
 
 
 @pytest.fixture
@@ -77,7 +78,10 @@ def test_services_run_from_this_interpreter_with_the_stacks_addresses(stack: Loc
     config = _supervisord(stack)
     for service in stack.built_services():
         section = config[f"program:{service}"]
-        assert section["command"] == f"{sys.executable} -m services.{service}"
+        command = f"{sys.executable} -m services.{service}"
+        if SERVICE_SPECS[service].background:  # behind the request path: a lower CPU priority
+            command = f"nice -n {BACKGROUND_NICE} {command}"
+        assert section["command"] == command
         env = _env(section)
         assert env["MLOPS_KAFKA_BOOTSTRAP"] == "127.0.0.1:19092"
         assert env["MLOPS_KAFKA_BROKER_FLAVOR"] == "tansu"
@@ -90,6 +94,12 @@ def test_services_run_from_this_interpreter_with_the_stacks_addresses(stack: Loc
     assert "--listener-url tcp://127.0.0.1:19092" in config["program:kafka"]["command"]
     assert "--dir " + str(stack.var_dir / "data/redis") in config["program:redis"]["command"]
     assert "services.cli.replace_previous" in config["program:mlflow"]["command"]
+
+
+def test_serving_and_the_event_path_keep_the_cpu_priority_of_the_infrastructure() -> None:
+    background = {name for name, spec in SERVICE_SPECS.items() if spec.background}
+    assert {"serving", "ingestion", "features", "registry"}.isdisjoint(background)
+    assert {"monitoring", "training"} <= background
 
 
 def test_service_environment_covers_every_service(stack: LocalStack) -> None:

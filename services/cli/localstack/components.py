@@ -56,23 +56,33 @@ class ServiceSpec:
     http_api: str | None = None  # what it serves over HTTP on StackSettings.<name>_port
     http_health_path: str = "/"  # with http_api: the page that answers 2xx when healthy
     metrics: bool = True  # Prometheus /metrics on StackSettings.<name>_metrics_port
+    # Off the request and event path (analytics, batch training, control, the operators'
+    # page): runs at nice BACKGROUND_NICE, so that when the cores are contended they go to
+    # Predict and the event path first. It still gets every core nobody else wants.
+    background: bool = False
 
 
 SERVICE_TABLE: tuple[ServiceSpec, ...] = (
     ServiceSpec("ingestion"),
     ServiceSpec("features"),
-    ServiceSpec("training"),
+    ServiceSpec("training", background=True),
     ServiceSpec("registry", grpc_api="mlops.v1.ModelRegistry"),
     ServiceSpec("serving", grpc_api="mlops.v1.Predictor"),
-    ServiceSpec("monitoring"),
-    ServiceSpec("autopilot"),
-    ServiceSpec("dashboard", http_api="operator dashboard", http_health_path="/healthz"),
+    ServiceSpec("monitoring", background=True),
+    ServiceSpec("autopilot", background=True),
+    ServiceSpec(
+        "dashboard",
+        http_api="operator dashboard",
+        http_health_path="/healthz",
+        background=True,
+    ),
 )
 SERVICES = tuple(spec.name for spec in SERVICE_TABLE)
 SERVICE_SPECS = {spec.name: spec for spec in SERVICE_TABLE}
 
 INFRASTRUCTURE_PRIORITY = 10  # supervisord starts low priorities first and stops them last
 SERVICE_PRIORITY = 100
+BACKGROUND_NICE = 10  # CFS weight 110 against 1,024 at nice 0: ~1/10 of a contended core
 
 
 def _infrastructure(
@@ -176,10 +186,13 @@ def service_component(stack: LocalStack, spec: ServiceSpec) -> Component:
     if metrics_port is not None:
         endpoints.append(Endpoint(f"{spec.name} /metrics", f"http://{h}:{metrics_port}/metrics"))
     http_url = None if http_port is None else f"http://{h}:{http_port}{spec.http_health_path}"
+    command: tuple[str, ...] = (str(stack.python), "-m", f"services.{spec.name}")
+    if spec.background:
+        command = ("nice", "-n", str(BACKGROUND_NICE), *command)  # nice execs: same pid
     return Component(
         spec.name,
         "service",
-        (str(stack.python), "-m", f"services.{spec.name}"),
+        command,
         stack.service_environment(spec.name),
         partial(service_health, h, metrics_port, grpc_port, http_url),
         tuple(endpoints),
