@@ -21,6 +21,7 @@ from typing import Annotated, Any
 
 import httpx
 import typer
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -70,10 +71,10 @@ def _call(method: str, path: str, body: dict[str, str] | None = None) -> Any:
     return response.json()
 
 
-def _when(text: str) -> str:
+def _when(text: str, *, short: bool = False) -> str:
     if not text:
         return "-"
-    return datetime.fromisoformat(text).strftime("%Y-%m-%d %H:%M:%S")
+    return datetime.fromisoformat(text).strftime("%m-%d %H:%M" if short else "%Y-%m-%d %H:%M:%S")
 
 
 def _duration(start: str, end: str) -> str:
@@ -161,26 +162,31 @@ def history(
     if not cycles:
         console.print("no cycle yet: the loop is watching")
         return
-    table = Table(title="autopilot cycles (newest first)")
-    for column in ("cycle", "trigger", "started", "took", "candidate", "outcome", "why"):
-        table.add_column(column, overflow="fold")
+    # fits 80 columns: the short fields in a borderless table, each cycle's why below it
+    table = Table(title="autopilot cycles (newest first)", box=box.SIMPLE_HEAD)
+    for column in ("cycle", "trigger", "started", "took", "cand.", "outcome"):
+        table.add_column(column, no_wrap=True)
     for c in cycles:
         table.add_row(
             c["cycle_id"],
             c["trigger"],
-            _when(c["started_at"]),
+            _when(c["started_at"], short=True),
             _duration(c["started_at"], c["ended_at"]),
             f"v{c['candidate_version']}" if c["candidate_version"] else "-",
             c["outcome"],
-            c["steps"][-1]["summary"][:120] if c["steps"] else "",
         )
     console.print(table)
+    for c in cycles:
+        if c["steps"]:
+            console.print(f"[bold]{c['cycle_id']}[/]: {c['steps'][-1]['summary']}")
+    console.print("(`mlops loop history CYCLE` shows a cycle's steps with their evidence)")
 
 
 def _steps(cycle: dict[str, Any]) -> None:
     table = Table(title=f"cycle {cycle['cycle_id']} ({cycle['trigger']}): {cycle['outcome']}")
-    for column in ("at", "phase", "what and why"):
-        table.add_column(column, overflow="fold")
+    table.add_column("at", no_wrap=True)
+    table.add_column("phase", no_wrap=True)
+    table.add_column("what and why", overflow="fold")
     for step in cycle["steps"]:
         table.add_row(_when(step["at"]), step["phase"], step["summary"])
     console.print(table)

@@ -102,12 +102,12 @@ def api(tmp_path: Path) -> Iterator[ApiInThread]:
         yield running
 
 
-def _mlops(api: ApiInThread, *args: str, token: str = TOKEN) -> tuple[int, str]:
+def _mlops(api: ApiInThread, *args: str, token: str = TOKEN, columns: int = 200) -> tuple[int, str]:
     env = {
         "MLOPS_AUTOPILOT_CLIENT_URL": f"http://127.0.0.1:{api.port}",
         "MLOPS_REGISTRY_CLIENT_TOKEN": token,
         "MLOPS_REGISTRY_CLIENT_TOKEN_FILE": "does-not-exist",
-        "COLUMNS": "200",
+        "COLUMNS": str(columns),
     }
     result = CliRunner().invoke(cli, list(args), env=env)
     return result.exit_code, result.output
@@ -165,5 +165,10 @@ def test_a_cycle_shows_in_history_with_its_steps(api: ApiInThread) -> None:
     api.run(api.autopilot.tick())
     code, out = _mlops(api, "loop", "history")
     assert code == 0 and cycle_id in out and "training_failed" in out
+    # a terminal of 80 columns: nothing wider, and the names are whole (not folded)
+    code, out = _mlops(api, "loop", "history", columns=80)
+    assert code == 0 and max(len(line) for line in out.splitlines()) <= 80, out
+    assert f" {cycle_id} " in out and " training_failed" in out, out
+    assert f"{cycle_id}: " in out  # the why, below the table
     code, out = _mlops(api, "loop", "history", cycle_id)
     assert code == 0 and "retraining requested (drift)" in out
