@@ -77,7 +77,10 @@ class AutopilotSettings(ServiceSettings):
         4,
         ge=1,
         description="Trainings one cycle may ask for when the gate had too little held-out "
-        "data to judge (each once min_new_labels more outcomes are labelled).",
+        "data to judge or was undecided (its interval straddling the margin), each once the "
+        "outcomes labelled since the cycle began have doubled. The registry's gate splits its "
+        "error rate over them (RetrainRequest.gate_tests), so a cycle's false-pass rate stays "
+        "the gate's stated one.",
     )
     max_consecutive_rollbacks: int = Field(
         3,

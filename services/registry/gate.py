@@ -17,6 +17,11 @@ transactions stratified by class. The candidate passes only when
   point estimates: a better ranking must not come with badly calibrated probabilities, which
   the decision threshold relies on).
 
+A requester that may retrain after an undecided gate (the autopilot: up to its cycle's
+training attempts) says how many tests it may spend (``RetrainRequest.gate_tests``, the run's
+``mlops.gate_tests`` tag); each is then made at ``1 - (1 - confidence) / tests``
+(``GatePolicy.split_over``) and the interval recorded is that wider one.
+
 With no production version the first model passes (there is nothing to compare with), as long
 as its test set has both classes.
 """
@@ -26,7 +31,7 @@ from __future__ import annotations
 import io
 import json
 import warnings
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Literal
 
 import numpy as np
@@ -71,6 +76,15 @@ class GatePolicy:
             min_rows=settings.gate_min_rows,
             min_positives=settings.gate_min_positives,
         )
+
+    def split_over(self, tests: int) -> GatePolicy:
+        """The policy for one of ``tests`` gate tests spent on one shift (a cycle that may
+        retrain after an undecided gate): Bonferroni, each test at ``(1 - confidence) /
+        tests``, so the chance that a candidate no better than production passes any of
+        them stays the stated one."""
+        if tests <= 1:
+            return self
+        return replace(self, confidence=1.0 - (1.0 - self.confidence) / tests)
 
 
 @dataclass(frozen=True)

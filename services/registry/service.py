@@ -117,6 +117,14 @@ class ReconcileReport:
     retiring: list[Retirement] = field(default_factory=list)  # found loaded, routed nowhere
 
 
+def _gate_tests(run: RunView) -> int:
+    """Gate tests the run's requester may spend on its shift (1 when it does not say)."""
+    try:
+        return max(1, int(run.tags.get(rc.TAG_GATE_TESTS, "1")))
+    except ValueError:
+        return 1
+
+
 def assemble_lineage(model_name: str, version: VersionView, run: RunView) -> LineageRecord:
     """Version -> run -> dataset snapshot -> feature definitions -> code (pure)."""
     tags = run.tags
@@ -518,7 +526,7 @@ class ModelRegistryService:
             )
             production_threshold = float(production_view.tags.get(TAG_THRESHOLD, "0.5"))
         decision = decide(
-            self.policy,
+            self.policy.split_over(_gate_tests(candidate.run)),
             held_out.labels,
             scores,
             candidate.threshold,

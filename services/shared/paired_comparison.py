@@ -54,7 +54,7 @@ class PairedComparison:
 
     def describe(self) -> str:
         return (
-            f"{self.metric} improvement {self.statistic:+.4f}, {self.confidence:.0%} interval "
+            f"{self.metric} improvement {self.statistic:+.4f}, {self.confidence * 100:g}% interval "
             f"[{self.low:+.4f}, {self.high:+.4f}] ({self.test}, {self.resamples} resamples of "
             f"{self.rows} rows with {self.positives} frauds)"
         )

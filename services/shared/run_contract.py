@@ -32,6 +32,9 @@ TAG_CODE_DIRTY = "mlops.code_dirty"
 TAG_REQUEST_ID = "mlops.training_request_id"
 TAG_REQUEST_REASON = "mlops.training_reason"
 TAG_REQUESTED_BY = "mlops.requested_by"
+# gate tests the request's requester may spend on one shift (RetrainRequest.gate_tests): the
+# gate splits its error rate over them
+TAG_GATE_TESTS = "mlops.gate_tests"
 TAG_ENV_PREFIX = "mlops.env."  # mlops.env.python, mlops.env.torch, ...
 
 # metric names on the run: "<split>_<metric>" for the model, "baseline_<split>_<metric>"

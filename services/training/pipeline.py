@@ -115,6 +115,7 @@ class TrainingRequest:
     # the shift the run answers (a drift event's onset_at): train and test around it
     drift_onset: datetime | None = None
     drift_event_id: str = ""
+    gate_tests: int = 1  # gate tests the requester may spend on this shift (the gate's share)
 
     @classmethod
     def from_proto(cls, message: monitoring_pb2.RetrainRequest) -> TrainingRequest:
@@ -132,6 +133,7 @@ class TrainingRequest:
             snapshot_id=message.dataset_snapshot_id,
             drift_onset=onset,
             drift_event_id=drift.event_id if drift is not None else "",
+            gate_tests=max(1, message.gate_tests),
         )
 
     def params(self, defaults: TrainingParams) -> TrainingParams:
@@ -367,6 +369,7 @@ class TrainingPipeline:
             rc.TAG_REQUEST_ID: request.request_id,
             rc.TAG_REQUEST_REASON: request.reason,
             rc.TAG_REQUESTED_BY: request.requested_by,
+            rc.TAG_GATE_TESTS: str(request.gate_tests),
             "mlops.threshold_rule": THRESHOLD_RULE,
             TAG_TRAINING_WINDOW: training_window(trained.params),
             "mlops.drift_event_id": request.drift_event_id,

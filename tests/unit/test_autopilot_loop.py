@@ -649,12 +649,55 @@ async def test_a_gate_rejection_ends_the_cycle_with_the_gate_evidence(h: Harness
     await h.loop.on_drift(_drift())
     h.registry.lineage[2] = h.training.sent[-1].request_id
     await h.loop.on_lifecycle(_event(EventType.MODEL_EVENT_TYPE_REGISTERED, 2))
-    rejected = _event(EventType.MODEL_EVENT_TYPE_GATE_REJECTED, 2, reason="not better")
-    rejected.gate.CopyFrom(models_pb2.GateResult(passed=False, metric="pr_auc"))
-    await h.loop.on_lifecycle(rejected)
+    # shown no better: the whole interval at or below the margin is a verdict
+    await h.loop.on_lifecycle(_rejected(2, low=-0.0004, high=0.0))
     cycle = h.loop.history(1)[0]
-    assert cycle["outcome"] == "rejected_by_gate"
+    assert cycle["outcome"] == "rejected_by_gate" and len(h.training.sent) == 1
     assert cycle["steps"][-1]["evidence"]["gate"]["metric"] == "pr_auc"
+
+
+def _rejected(version: int, *, low: float, high: float) -> models_pb2.ModelEvent:
+    event = _event(EventType.MODEL_EVENT_TYPE_GATE_REJECTED, version, reason="not shown better")
+    event.gate.CopyFrom(
+        models_pb2.GateResult(
+            passed=False,
+            metric="pr_auc",
+            outcome=models_pb2.GATE_OUTCOME_FAILED,
+            test="paired bootstrap",
+            interval_low=low,
+            interval_high=high,
+            margin=0.0,
+        )
+    )
+    return event
+
+
+async def test_an_undecided_gate_gets_another_training_within_the_split_error_budget(
+    h: Harness,
+) -> None:
+    await h.loop.start()
+    await h.loop.on_drift(_drift())
+    first = h.training.sent[-1]
+    # every request tells the gate how many tests the cycle may spend
+    assert first.gate_tests == POLICY.max_training_attempts
+    h.registry.lineage[2] = first.request_id
+    await h.loop.on_lifecycle(_event(EventType.MODEL_EVENT_TYPE_REGISTERED, 2))
+    h.evidence.labels = 600
+    # judged on the shift's first half-minute: neither shown better nor shown no better
+    await h.loop.on_lifecycle(_rejected(2, low=-0.043, high=0.057))
+    assert h.loop.phase == "retraining"
+    assert "undecided" in h.loop.status()["cycle"]["steps"][-1]["summary"]
+    h.evidence.labels = 1200  # twice the outcomes labelled since the cycle began
+    h.clock.advance(POLICY.judge_interval_s + 1)
+    await h.loop.tick()
+    assert len(h.training.sent) == 2
+    second = h.training.sent[-1]
+    assert second.gate_tests == POLICY.max_training_attempts
+    assert second.drift.detector == first.drift.detector  # the same shift
+    h.registry.lineage[3] = second.request_id
+    await h.loop.on_lifecycle(_event(EventType.MODEL_EVENT_TYPE_REGISTERED, 3))
+    await h.loop.on_lifecycle(_event(EventType.MODEL_EVENT_TYPE_GATE_PASSED, 3, reason="better"))
+    assert h.loop.phase == "shadow"
 
 
 async def test_a_failed_registry_call_is_retried_on_the_next_tick(h: Harness) -> None:

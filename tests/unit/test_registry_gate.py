@@ -49,6 +49,22 @@ def test_a_clearly_better_candidate_passes_with_its_interval_recorded() -> None:
     assert "better than production v3" in decision.reason
 
 
+def test_a_test_of_several_on_one_shift_spends_its_share_of_the_error_rate() -> None:
+    assert POLICY.split_over(1) is POLICY and POLICY.split_over(0) is POLICY
+    split = POLICY.split_over(4)
+    assert split.confidence == pytest.approx(1 - 0.05 / 4)
+    labels, shared = _held_out(n=600, seed=3)
+    production = _scores(labels, 1.5, 1, shared)
+    candidate = _scores(labels, 1.8, 2, shared)
+    alone = decide(POLICY, labels, candidate, 0.3, production, 0.3, 3)
+    shared_budget = decide(split, labels, candidate, 0.3, production, 0.3, 3)
+    # the same data, a wider interval: a candidate's lower bound must clear more
+    assert shared_budget.confidence == pytest.approx(0.9875)
+    assert shared_budget.interval_low < alone.interval_low
+    assert shared_budget.interval_high > alone.interval_high
+    assert "98.75% interval" in shared_budget.reason
+
+
 def test_an_equal_candidate_fails_and_a_better_point_estimate_is_not_enough() -> None:
     labels, shared = _held_out()
     production = _scores(labels, 2.0, 1, shared)

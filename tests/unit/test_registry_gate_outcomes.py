@@ -81,13 +81,16 @@ class MemoryStore:
     alias_table: dict[str, int] = field(default_factory=dict)
     history: list[int] = field(default_factory=list)
 
-    def add_run(self, run_id: str, model: bytes, test_set: bytes) -> str:
+    def add_run(
+        self, run_id: str, model: bytes, test_set: bytes, extra: dict[str, str] | None = None
+    ) -> str:
         self.artifacts[(run_id, rc.MODEL_ARTIFACT)] = model
         self.artifacts[(run_id, rc.TEST_SET_ARTIFACT)] = test_set
         tags = {
             rc.TAG_MODEL_SHA256: sha256_hex(model),
             rc.TAG_FEATURE_NAMES: json.dumps(FEATURES),
             rc.TAG_THRESHOLD: "0.3",
+            **(extra or {}),
         }
         self.runs[run_id] = RunView(run_id, "1", "FINISHED", f"mem://{run_id}", tags, {}, {})
         return sha256_hex(model)
@@ -206,3 +209,17 @@ def test_a_copy_of_production_is_rejected_and_a_better_model_passes(
     assert (passed.gate.rows, passed.gate.resamples) == (3000, 300)
     assert transition.events[-1].type == EventType.MODEL_EVENT_TYPE_GATE_PASSED
     assert transition.events[-1].gate == passed.gate
+
+
+def test_a_run_that_may_be_one_of_several_tests_is_judged_at_its_share_of_the_error_rate(
+    registry: tuple[ModelRegistryService, MemoryStore],
+) -> None:
+    service, store = registry
+    one = store.add_run("run-one", torchscript(1.0), held_out(3000, 3))
+    alone = service.register(MODEL, "run-one", one).version.gate
+    four = store.add_run("run-four", torchscript(1.0), held_out(3000, 3), {rc.TAG_GATE_TESTS: "4"})
+    shared = service.register(MODEL, "run-four", four).version.gate
+    assert alone is not None and shared is not None
+    assert alone.confidence == pytest.approx(0.95)
+    assert shared.confidence == pytest.approx(0.9875)  # 0.05 split over the cycle's 4 tests
+    assert shared.interval_low < alone.interval_low and shared.statistic == alone.statistic

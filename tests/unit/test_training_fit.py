@@ -124,5 +124,8 @@ def test_training_request_from_a_retrain_request() -> None:
     )
     request = TrainingRequest.from_proto(message)
     assert (request.request_id, request.reason, request.snapshot_id) == ("r-1", "drift", "")
+    assert request.gate_tests == 1  # a requester that does not say spends one test
     anonymous = TrainingRequest.from_proto(monitoring_pb2.RetrainRequest())
     assert anonymous.request_id.startswith("req-") and anonymous.reason == "manual"
+    looped = TrainingRequest.from_proto(monitoring_pb2.RetrainRequest(gate_tests=4))
+    assert looped.gate_tests == 4

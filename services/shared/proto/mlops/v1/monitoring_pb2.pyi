@@ -232,6 +232,7 @@ class RetrainRequest(google.protobuf.message.Message):
     DRIFT_FIELD_NUMBER: builtins.int
     DATASET_SNAPSHOT_ID_FIELD_NUMBER: builtins.int
     REQUESTED_AT_FIELD_NUMBER: builtins.int
+    GATE_TESTS_FIELD_NUMBER: builtins.int
     request_id: builtins.str
     model_name: builtins.str
     reason: builtins.str
@@ -240,6 +241,12 @@ class RetrainRequest(google.protobuf.message.Message):
     """a person, or the component that asked"""
     dataset_snapshot_id: builtins.str
     """empty: snapshot the current archive"""
+    gate_tests: builtins.int
+    """How many gate tests the requester may spend on the shift this request answers (the
+    autopilot: its cycle's training attempts). The registry's gate splits its error rate over
+    them (confidence 1 - (1 - c) / gate_tests), so retrying after an undecided gate keeps the
+    cycle's false-pass rate the one stated. 0 or 1: one test.
+    """
     @property
     def drift(self) -> global___DriftEvent:
         """set when reason == "drift" """
@@ -256,9 +263,10 @@ class RetrainRequest(google.protobuf.message.Message):
         drift: global___DriftEvent | None = ...,
         dataset_snapshot_id: builtins.str = ...,
         requested_at: google.protobuf.timestamp_pb2.Timestamp | None = ...,
+        gate_tests: builtins.int = ...,
     ) -> None: ...
     def HasField(self, field_name: typing.Literal["drift", b"drift", "requested_at", b"requested_at"]) -> builtins.bool: ...
-    def ClearField(self, field_name: typing.Literal["dataset_snapshot_id", b"dataset_snapshot_id", "drift", b"drift", "model_name", b"model_name", "reason", b"reason", "request_id", b"request_id", "requested_at", b"requested_at", "requested_by", b"requested_by"]) -> None: ...
+    def ClearField(self, field_name: typing.Literal["dataset_snapshot_id", b"dataset_snapshot_id", "drift", b"drift", "gate_tests", b"gate_tests", "model_name", b"model_name", "reason", b"reason", "request_id", b"request_id", "requested_at", b"requested_at", "requested_by", b"requested_by"]) -> None: ...
 
 global___RetrainRequest = RetrainRequest
 
