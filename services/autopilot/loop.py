@@ -621,18 +621,17 @@ class Autopilot:
             self._save()
         elif event.type == EventType.MODEL_EVENT_TYPE_GATE_REJECTED:
             if cycle is not None and cycle.candidate_version == event.version:
-                if (
-                    _worth_more_data(event.gate)
-                    and cycle.request_id
-                    and cycle.attempts < self.policy.max_training_attempts
-                ):
+                # each of the cycle's trainings may be judged (the gate splits its error rate
+                # over them): one trained on the shift's first minute may lose or be undecided
+                # where one trained on more of the new pattern wins
+                if cycle.request_id and cycle.attempts < self.policy.max_training_attempts:
                     cycle.retry_after = _iso(self.clock())
                     cycle.retry_labels = await self._labels_since_start(cycle) or 0.0
                     cycle.candidate_version = 0
                     said = (
                         event.reason
                         if event.gate.outcome == models_pb2.GATE_OUTCOME_INSUFFICIENT_DATA
-                        else f"undecided: {event.reason}"
+                        else f"rejected v{event.version}: {event.reason}"
                     )
                     self._step(
                         cycle,
@@ -1109,19 +1108,6 @@ class Autopilot:
         if production and production != self.state.production_version:
             self.state.production_version = production
             self._save()
-
-
-def _worth_more_data(gate: models_pb2.GateResult) -> bool:
-    """A gate that saw too little to judge, or whose interval straddles the margin (neither
-    shown better nor shown no better): more labelled data may decide it. A rejection whose
-    whole interval lies at or below the margin, or one for calibration, is a verdict."""
-    if gate.outcome == models_pb2.GATE_OUTCOME_INSUFFICIENT_DATA:
-        return True
-    return (
-        gate.outcome == models_pb2.GATE_OUTCOME_FAILED
-        and bool(gate.test)
-        and gate.interval_low <= gate.margin < gate.interval_high
-    )
 
 
 def _gate_evidence(event: models_pb2.ModelEvent) -> dict[str, Any]:

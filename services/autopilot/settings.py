@@ -76,11 +76,11 @@ class AutopilotSettings(ServiceSettings):
     max_training_attempts: int = Field(
         4,
         ge=1,
-        description="Trainings one cycle may ask for when the gate had too little held-out "
-        "data to judge or was undecided (its interval straddling the margin), each once the "
-        "outcomes labelled since the cycle began have doubled. The registry's gate splits its "
-        "error rate over them (RetrainRequest.gate_tests), so a cycle's false-pass rate stays "
-        "the gate's stated one.",
+        description="Trainings one cycle may ask for when its candidates do not pass the gate "
+        "(too little held-out data, or not shown better: a candidate trained on the shift's "
+        "first minute), each once the outcomes labelled since the cycle began have doubled. "
+        "The registry's gate splits its error rate over them (RetrainRequest.gate_tests), so "
+        "a cycle's false-pass rate stays the gate's stated one.",
     )
     max_consecutive_rollbacks: int = Field(
         3,

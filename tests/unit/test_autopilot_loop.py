@@ -292,6 +292,7 @@ async def test_a_drift_event_held_back_by_a_busy_loop_or_the_cooldown_is_not_los
     await h.loop.on_lifecycle(_insufficient(0))  # not this cycle's version: ignored
     h.registry.lineage[6] = h.training.sent[0].request_id
     await h.loop.on_lifecycle(_event(EventType.MODEL_EVENT_TYPE_REGISTERED, 6))
+    cycle.attempts = POLICY.max_training_attempts  # its last training: a rejection ends it
     rejected = _event(EventType.MODEL_EVENT_TYPE_GATE_REJECTED, 6, reason="not better")
     await h.loop.on_lifecycle(rejected)
     assert h.loop.phase == "watching"
@@ -649,7 +650,9 @@ async def test_a_gate_rejection_ends_the_cycle_with_the_gate_evidence(h: Harness
     await h.loop.on_drift(_drift())
     h.registry.lineage[2] = h.training.sent[-1].request_id
     await h.loop.on_lifecycle(_event(EventType.MODEL_EVENT_TYPE_REGISTERED, 2))
-    # shown no better: the whole interval at or below the margin is a verdict
+    cycle_state = h.loop.state.cycle
+    assert cycle_state is not None
+    cycle_state.attempts = POLICY.max_training_attempts  # the last training the cycle may ask
     await h.loop.on_lifecycle(_rejected(2, low=-0.0004, high=0.0))
     cycle = h.loop.history(1)[0]
     assert cycle["outcome"] == "rejected_by_gate" and len(h.training.sent) == 1
@@ -672,8 +675,13 @@ def _rejected(version: int, *, low: float, high: float) -> models_pb2.ModelEvent
     return event
 
 
-async def test_an_undecided_gate_gets_another_training_within_the_split_error_budget(
-    h: Harness,
+@pytest.mark.parametrize(
+    ("low", "high"),
+    [(-0.043, 0.057), (-0.229, -0.016)],
+    ids=["undecided", "worse"],
+)
+async def test_a_rejected_candidate_gets_another_training_within_the_split_error_budget(
+    h: Harness, low: float, high: float
 ) -> None:
     await h.loop.start()
     await h.loop.on_drift(_drift())
@@ -683,10 +691,10 @@ async def test_an_undecided_gate_gets_another_training_within_the_split_error_bu
     h.registry.lineage[2] = first.request_id
     await h.loop.on_lifecycle(_event(EventType.MODEL_EVENT_TYPE_REGISTERED, 2))
     h.evidence.labels = 600
-    # judged on the shift's first half-minute: neither shown better nor shown no better
-    await h.loop.on_lifecycle(_rejected(2, low=-0.043, high=0.057))
+    # trained and judged on the shift's first minute: undecided, or even worse than v1
+    await h.loop.on_lifecycle(_rejected(2, low=low, high=high))
     assert h.loop.phase == "retraining"
-    assert "undecided" in h.loop.status()["cycle"]["steps"][-1]["summary"]
+    assert "rejected v2" in h.loop.status()["cycle"]["steps"][-1]["summary"]
     h.evidence.labels = 1200  # twice the outcomes labelled since the cycle began
     h.clock.advance(POLICY.judge_interval_s + 1)
     await h.loop.tick()
