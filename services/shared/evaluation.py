@@ -97,11 +97,17 @@ def precision_recall_at(
     return float(precision), float(recall)
 
 
-def max_f1_threshold(labels: np.ndarray, scores: np.ndarray) -> float:
-    """The score threshold maximising F1 (flag ``score >= threshold``).
+def max_f1_threshold(
+    labels: np.ndarray, scores: np.ndarray, max_false_positive_rate: float = 1.0
+) -> float:
+    """The score threshold maximising F1 (flag ``score >= threshold``) among those that flag
+    at most ``max_false_positive_rate`` of the negatives.
 
     Candidates are the distinct scores; among equal F1 the highest threshold wins (fewer
-    alerts for the same quality). With no positives, 1.0 (flag nothing).
+    alerts for the same quality). With no positives, 1.0 (flag nothing). The cap matters
+    when the positives are few (a validation period just after a shift): F1 on a handful of
+    frauds can favour a low threshold that declines many legitimate payments, while the
+    negatives, plentiful, measure the false-positive rate precisely.
     """
     y, p = _as_arrays(labels, scores)
     positives = y.sum()
@@ -113,6 +119,11 @@ def max_f1_threshold(labels: np.ndarray, scores: np.ndarray) -> float:
     tp = np.cumsum(y_sorted)[distinct]
     flagged = distinct + 1
     f1 = 2 * tp / (flagged + positives)
+    negatives = y.size - positives
+    allowed = (flagged - tp) <= max_false_positive_rate * negatives
+    if not allowed.any():
+        return 1.0  # even the highest score flags too many negatives: flag nothing
+    f1 = np.where(allowed, f1, -1.0)
     best = int(np.flatnonzero(f1 == f1.max())[0])  # scores descend: first = highest threshold
     return float(p_sorted[distinct[best]])
 

@@ -44,5 +44,7 @@ def fit_baseline(
     with threadpool_limits(limits=params.torch_threads):
         model.fit(train.features, train.labels.astype(np.int64), sample_weight=train.row_weights())
     fitted = FittedBaseline(model, 0.5)
-    fitted.threshold = max_f1_threshold(validation.labels, fitted.scores(validation.features))
+    fitted.threshold = max_f1_threshold(
+        validation.labels, fitted.scores(validation.features), params.max_false_positive_rate
+    )
     return fitted

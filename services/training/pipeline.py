@@ -59,7 +59,7 @@ from services.training.window import split_for_training, training_window
 
 log = get_logger("training")
 
-THRESHOLD_RULE = "max_f1_on_validation"
+THRESHOLD_RULE = "max_f1_on_validation_within_max_false_positive_rate"
 TAG_TRAINING_WINDOW = "mlops.training_window"  # services/training/window.py
 REFERENCE_ROWS = 20_000  # rows of the drift reference monitoring measures live traffic against
 
@@ -261,7 +261,9 @@ class TrainingPipeline:
         )
         fitted = fit_fraud_mlp(split.train, split.validation, params, progress.epoch)
         validation_scores = scores(fitted.model, split.validation.features)
-        threshold = max_f1_threshold(split.validation.labels, validation_scores)
+        threshold = max_f1_threshold(
+            split.validation.labels, validation_scores, params.max_false_positive_rate
+        )
         model_metrics = evaluate(
             split.test.labels, scores(fitted.model, split.test.features), threshold
         )

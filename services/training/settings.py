@@ -56,6 +56,14 @@ class TrainingParams(BaseSettings):
         1, ge=1, description="CPU threads; fixed so that results are bit-identical run to run."
     )
     baseline_max_iter: int = Field(200, ge=1, description="Boosting rounds of the baseline.")
+    max_false_positive_rate: float = Field(
+        0.02,
+        gt=0,
+        le=1,
+        description="The decision threshold maximises F1 on the validation period among "
+        "thresholds that flag at most this share of its legitimate transactions (both the "
+        "model's and the baseline's).",
+    )
     drift_onset: datetime | None = Field(
         None,
         description="When the shift this run answers began (the drift event's onset_at; the "

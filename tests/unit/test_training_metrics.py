@@ -56,6 +56,16 @@ def test_precision_and_recall_at_a_threshold() -> None:
     assert precision_recall_at(labels, scores, 0.95) == (0.0, 0.0)  # nothing flagged
 
 
+def test_max_f1_threshold_keeps_the_false_positive_rate_within_its_cap() -> None:
+    # 3 frauds among 100: the best F1 (0.86 at 0.49) flags one legitimate payment (1 %)
+    labels = np.array([1, 1, 1] + [0] * 97)
+    scores = np.array([0.9, 0.5, 0.49, 0.6] + [0.1] * 96)
+    assert max_f1_threshold(labels, scores) == pytest.approx(0.49)
+    capped = max_f1_threshold(labels, scores, max_false_positive_rate=0.005)
+    assert capped == pytest.approx(0.9)  # one fraud caught, no legitimate payment flagged
+    assert max_f1_threshold(labels, scores, max_false_positive_rate=0.02) == pytest.approx(0.49)
+
+
 def test_max_f1_threshold_picks_the_best_and_highest_among_equals() -> None:
     labels = np.array([0, 0, 0, 1, 1])
     scores = np.array([0.1, 0.2, 0.3, 0.8, 0.9])
