@@ -477,7 +477,7 @@ class Autopilot:
             model_name=self.policy.model_name,
             reason=cycle.trigger,
             requested_by=ACTOR,
-            # every attempt may end in an undecided gate and another attempt: the gate splits
+            # every attempt may end in a rejection and another attempt: the gate splits
             # its error rate over all the cycle may spend
             gate_tests=self.policy.max_training_attempts,
         )

@@ -17,7 +17,7 @@ transactions stratified by class. The candidate passes only when
   point estimates: a better ranking must not come with badly calibrated probabilities, which
   the decision threshold relies on).
 
-A requester that may retrain after an undecided gate (the autopilot: up to its cycle's
+A requester that may retrain after a rejection (the autopilot: up to its cycle's
 training attempts) says how many tests it may spend (``RetrainRequest.gate_tests``, the run's
 ``mlops.gate_tests`` tag); each is then made at ``1 - (1 - confidence) / tests``
 (``GatePolicy.split_over``) and the interval recorded is that wider one.
@@ -79,7 +79,7 @@ class GatePolicy:
 
     def split_over(self, tests: int) -> GatePolicy:
         """The policy for one of ``tests`` gate tests spent on one shift (a cycle that may
-        retrain after an undecided gate): Bonferroni, each test at ``(1 - confidence) /
+        retrain after a rejection): Bonferroni, each test at ``(1 - confidence) /
         tests``, so the chance that a candidate no better than production passes any of
         them stays the stated one."""
         if tests <= 1:

@@ -244,7 +244,7 @@ class RetrainRequest(google.protobuf.message.Message):
     gate_tests: builtins.int
     """How many gate tests the requester may spend on the shift this request answers (the
     autopilot: its cycle's training attempts). The registry's gate splits its error rate over
-    them (confidence 1 - (1 - c) / gate_tests), so retrying after an undecided gate keeps the
+    them (confidence 1 - (1 - c) / gate_tests), so retrying after a rejected candidate keeps the
     cycle's false-pass rate the one stated. 0 or 1: one test.
     """
     @property
