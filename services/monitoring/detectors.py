@@ -129,7 +129,10 @@ class Cusum:
         self.samples = np.zeros(columns, dtype=np.int64)
         self.signal_sum = np.zeros(columns)
 
-    def update(self, x: np.ndarray, raw: np.ndarray, t: np.ndarray) -> list[Alarm]:
+    def update(
+        self, x: np.ndarray, raw: np.ndarray, t: np.ndarray, muted: np.ndarray | None = None
+    ) -> list[Alarm]:
+        """``muted``: columns held at 0 for this batch (no alarm; their run restarts after)."""
         n = len(t)
         if not n:
             return []
@@ -137,6 +140,8 @@ class Cusum:
         raw = np.asarray(raw, dtype=np.float64).reshape(n, self.columns)
         t = np.asarray(t, dtype=np.float64)
         s = _lindley(self.statistic, y)
+        if muted is not None and muted.any():
+            s[:, muted] = 0.0
         # a row where a column's run ended: its statistic is 0 there (or it alarmed there)
         ended = s <= 0.0
         crossed = np.flatnonzero((s > self.threshold).any(axis=0))
@@ -273,8 +278,14 @@ class Mcusum:
         self.samples = 0
         self.onset_time = 0.0
 
-    def update(self, z: np.ndarray, raw: np.ndarray, t: np.ndarray) -> list[Alarm]:
-        """A batch of rows; returns the alarms (column 0) in row order."""
+    def update(
+        self, z: np.ndarray, raw: np.ndarray, t: np.ndarray, muted: bool = False
+    ) -> list[Alarm]:
+        """A batch of rows; returns the alarms (column 0) in row order. ``muted``: held at 0
+        for this batch (no alarm; the run restarts after)."""
+        if muted:
+            self.statistic = 0.0
+            return []
         alarms: list[Alarm] = []
         n = len(t)
         pos, window = 0, 64

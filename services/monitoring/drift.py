@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -71,6 +71,11 @@ class DriftConfig:
     reference_resamples: int = 40  # data detectors: stretches, each against a resampled reference
     moved_input_sd: float = 0.2  # an input "moved" when its mean score shifted this far
     seed: int = 0
+
+
+# the signal names of the pooled input detector and of the score detector
+POOLED_SIGNAL = "inputs"
+SCORE_SIGNAL = "score"
 
 
 @dataclass(frozen=True)
@@ -252,21 +257,36 @@ class DataDetectors:
         )
 
     def update(
-        self, inputs: np.ndarray, scores: np.ndarray, times: np.ndarray, config: DriftConfig
+        self,
+        inputs: np.ndarray,
+        scores: np.ndarray,
+        times: np.ndarray,
+        config: DriftConfig,
+        muted: Collection[str] = (),
     ) -> list[Detection]:
-        """Feed a batch of rows (inputs in ``names`` order); returns what fired, in order."""
+        """Feed a batch of rows (inputs in ``names`` order); returns what fired, in order.
+
+        ``muted``: signals (input names, ``inputs`` for the pooled detector, ``score``) in
+        their cooldown: held at 0 for this batch, so a shift that lasts costs no detections
+        that would only be suppressed (under load each row re-alarmed a restarted CUSUM, and
+        monitoring's CPU per prediction tripled); each restarts from 0 when its cooldown
+        ends, which delays a repeat detection by at most one batch."""
         if not len(scores):
             return []
         z = self.transform.transform(inputs)
         zs = self.score_transform.transform(scores)[:, 0]
         m = len(self.names)
+        quiet = np.array([name in muted for name in self.names], dtype=bool)
         found: list[tuple[int, Detection]] = []
-        for alarm in self.per_input.update(np.hstack([z, -z]), np.hstack([inputs, inputs]), times):
+        for alarm in self.per_input.update(
+            np.hstack([z, -z]), np.hstack([inputs, inputs]), times, np.concatenate([quiet, quiet])
+        ):
             found.append((alarm.row, self._input_detection(alarm, m)))
-        for alarm in self.pooled.update(z, inputs, times):
+        for alarm in self.pooled.update(z, inputs, times, POOLED_SIGNAL in muted):
             found.append((alarm.row, self._pooled_detection(alarm, config)))
         score_raw = np.column_stack([scores, scores])
-        for alarm in self.score.update(np.column_stack([zs, -zs]), score_raw, times):
+        score_quiet = np.full(2, SCORE_SIGNAL in muted)
+        for alarm in self.score.update(np.column_stack([zs, -zs]), score_raw, times, score_quiet):
             found.append((alarm.row, self._score_detection(alarm)))
         return [d for _, d in sorted(found, key=lambda item: item[0])]
 
@@ -294,7 +314,7 @@ class DataDetectors:
         top = int(order[0])
         return Detection(
             kind="data",
-            signal="inputs",
+            signal=POOLED_SIGNAL,
             detector="mcusum",
             statistic=alarm.statistic,
             threshold=p.threshold,
@@ -308,7 +328,7 @@ class DataDetectors:
     def _score_detection(self, alarm: Alarm) -> Detection:
         return Detection(
             kind="score",
-            signal="score",
+            signal=SCORE_SIGNAL,
             detector="cusum_rise" if alarm.column == 0 else "cusum_fall",
             statistic=alarm.statistic,
             threshold=float(self.score.threshold[alarm.column]),
@@ -341,7 +361,7 @@ class DataDetectors:
         out.append(
             SignalState(
                 "data",
-                "inputs",
+                POOLED_SIGNAL,
                 "mcusum",
                 self.pooled.statistic,
                 self.pooled.threshold,
@@ -351,7 +371,7 @@ class DataDetectors:
         out.append(
             SignalState(
                 "score",
-                "score",
+                SCORE_SIGNAL,
                 "cusum",
                 float(self.score.statistic.max()),
                 float(self.score.threshold[0]),

@@ -228,7 +228,8 @@ class LiveMonitor:
                     self._queue_warmup_build(current)
             return []
         events: list[monitoring_pb2.DriftEvent] = []
-        for detection in current.data.update(inputs, scores, times, self.config.drift):
+        muted = self._cooling(model_name, float(times[0]))
+        for detection in current.data.update(inputs, scores, times, self.config.drift, muted):
             events += self._emit(current, detection, float(times[-1]))
         return events
 
@@ -245,6 +246,16 @@ class LiveMonitor:
                 lambda: data_detectors_from_warmup(config, np.nan_to_num(inputs), scores),
             )
         )
+
+    def _cooling(self, model_name: str, now: float) -> set[str]:
+        """The data and score signals of ``model_name`` still in their cooldown at ``now``."""
+        return {
+            signal
+            for (model, kind, signal), last in self._last_event.items()
+            if model == model_name
+            and kind in ("data", "score")
+            and now - last < self.config.cooldown_s
+        }
 
     def _emit(
         self, current: _ProductionVersion, d: Detection, now: float

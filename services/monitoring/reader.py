@@ -131,13 +131,21 @@ class MonitoringReader(ConsumerRebalanceListener):
                     timeout_ms=self._poll_timeout_ms, max_records=self._max_records
                 )
                 read_at = datetime.now(UTC)
-                events: list[monitoring_pb2.DriftEvent] = []
+                # one call per poll, not per partition: the drift detectors' array work has a
+                # fixed cost per call, which per partition was most of monitoring's CPU under
+                # load (predictions first, so a label read in the same poll finds its own)
+                predictions: list[tuple[monitoring_pb2.PredictionRecord, int, int]] = []
+                labels: list[tuple[str, bool, float, int, int]] = []
                 for tp, records in batches.items():
                     if tp.topic == self._predictions:
-                        predictions = self._predictions_of(records, read_at)
-                        events += self.monitor.add_predictions(predictions)
+                        predictions += self._predictions_of(records, read_at)
                     else:
-                        events += self.monitor.add_labels(self._labels_of(records))
+                        labels += self._labels_of(records)
+                events: list[monitoring_pb2.DriftEvent] = []
+                if predictions:
+                    events += self.monitor.add_predictions(predictions)
+                if labels:
+                    events += self.monitor.add_labels(labels)
                 self._start_background_work()
                 now = time.monotonic()
                 if now >= next_tick:

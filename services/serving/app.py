@@ -96,6 +96,7 @@ class ServingApp:
             capacity=settings.prediction_log_capacity,
             dlq_topic=topics.dlq,
             max_record_bytes=settings.kafka.max_record_bytes,
+            drain_interval_s=settings.prediction_log_flush_ms / 1000.0,
         )
         self.predictor = Predictor(
             model_name=settings.registry.model_name,

@@ -104,6 +104,16 @@ class ServingSettings(ServiceSettings, GrpcTlsSettings):
         description="Prediction records buffered for predictions.log; beyond it they are "
         "dropped (and counted), never waited for.",
     )
+    prediction_log_flush_ms: int = Field(
+        250,
+        ge=1,
+        le=5000,
+        description="How often buffered prediction records are sent to predictions.log: "
+        "fewer, fuller record batches (at 3,000 Predict/s, about 190 records per partition "
+        "each). Its readers (monitoring, the shadow judge) are not on a latency path; small "
+        "batches cost the broker per batch (the local broker, whose fetches cost grows with "
+        "the batches it holds, spent 0.4-0.7 cores serving monitoring at 20 ms).",
+    )
     shadow_max_inflight: int = Field(
         8,
         ge=0,

@@ -65,6 +65,18 @@ def test_batched_cusum_alarms_where_the_recursion_crosses_and_restarts() -> None
     assert expected and expected[0][0] >= 3000  # nothing before the shift at 3000
 
 
+def test_a_muted_column_is_held_at_zero_and_starts_afresh_after() -> None:
+    x = np.full((100, 2), 1.0)  # both columns far above k: an alarm every few rows
+    times = np.arange(100, dtype=float)
+    cusum = Cusum(2, 0.5, 2.0)
+    muted = np.array([True, False])
+    alarms = cusum.update(x[:50], x[:50], times[:50], muted)
+    assert alarms and {a.column for a in alarms} == {1}
+    assert cusum.statistic[0] == 0.0
+    after = [a for a in cusum.update(x[50:], x[50:], times[50:]) if a.column == 0]
+    assert after[0].row == 4 and after[0].onset_time == 50.0  # 5 x 0.5 > 2 from row 50 on
+
+
 def test_each_column_restarts_alone_and_reports_its_own_run() -> None:
     # three columns shifting at different rows, many alarms per batch in some, none in one;
     # every alarm (row, statistic, onset, run length, mean since onset) as the scalar recursion

@@ -171,6 +171,12 @@ def test_monitor_measures_quality_detects_drift_once_per_cooldown_and_serves_it(
     assert all(e.model_version == 1 for e in events)
     assert len({e.signal for e in events}) == len(events)  # one event per signal (cooldown)
     assert monitor.add_predictions(batch(25_000, 3000, 0.8)) == []  # still in its cooldown
+    # a signal in its cooldown is held at 0: a lasting shift costs no re-alarms per row
+    detectors = monitor.production["fraud"].data
+    assert detectors is not None and not detectors.per_input.statistic.any()
+    assert detectors.pooled.statistic == 0.0 and not detectors.score.statistic.any()
+    again = monitor.add_predictions(batch(40_000, 3000, 0.8))  # cooldown (10,000 s) over
+    assert {e.signal for e in again} == {e.signal for e in events}
 
     client = TestClient(create_app(monitor))
     drift = client.get("/api/v1/drift").json()
