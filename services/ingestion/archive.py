@@ -7,16 +7,21 @@ Layout (``StorageSettings.offline_dir``)::
 
 A file holds the rows read from one partition of ``events.validated`` (or
 ``events.validated.labels``) over one offset range, all of one event date (UTC); its name says
-the partition and the first and last offsets of its rows. Files are written atomically (a
+the partition and the first and last offsets of its rows, and after the partition started over
+(its topic re-created: a restart of the in-memory local broker, a topic deleted by hand) the
+partition's generation (``part-p0003-g0001-...``; none for the first): offsets of a later
+generation repeat those of an earlier one, and without it a new file could take an old one's
+name and its rows would be lost. Files are written atomically (a
 dot-prefixed temporary in the same directory, fsync, rename, fsync of the directory) and never
 modified afterwards, so dataset snapshots can hard-link them.
 
 Exactly once: files of a partition are written in offset order by the one consumer that owns
-the partition, so "the highest last offset on disk + 1" is where the archive resumes after a
-restart (it seeks there on assignment). What was buffered but not written is read again; what
-was written is never read again. Rows whose transaction id was already archived from another
-record of the validated stream (a same-source re-delivery by the validator after a crash) are
-skipped by a claim on the id, like the validator's duplicate check, so every id is archived once.
+the partition, so "the highest last offset on disk + 1" (of its latest generation) is where the
+archive resumes after a restart (it seeks there on assignment). What was buffered but not
+written is read again; what was written is never read again. Rows whose transaction id was
+already archived from another record of the validated stream (a same-source re-delivery by the
+validator after a crash) are skipped by a claim on the id, like the validator's duplicate
+check, so every id is archived once.
 
 Columns: see ``SCHEMAS``. ``source_*`` is where the event was read from the product topic
 (``events.transactions``/``events.labels``), the event's lineage.
@@ -73,7 +78,7 @@ SCHEMAS: dict[str, pa.Schema] = {
     ),
 }
 _EPOCH = date(1970, 1, 1)
-_FILE_NAME = re.compile(r"^part-p(\d+)-(\d+)-(\d+)\.parquet$")
+_FILE_NAME = re.compile(r"^part-p(\d+)(?:-g(\d+))?-(\d+)-(\d+)\.parquet$")
 
 
 def _micros(ts: Any) -> int:
@@ -144,6 +149,7 @@ class ArchiveFile:
     first_offset: int
     last_offset: int
     rows: list[tuple[Any, ...]]
+    generation: int = 0  # how often the partition started over before these rows
 
     @property
     def event_date(self) -> date:
@@ -151,7 +157,7 @@ class ArchiveFile:
 
     @property
     def name(self) -> str:
-        return file_name(self.partition, self.first_offset, self.last_offset)
+        return file_name(self.partition, self.first_offset, self.last_offset, self.generation)
 
     @property
     def relative_path(self) -> Path:
@@ -169,16 +175,28 @@ class ArchiveFile:
         )
 
 
-def file_name(partition: int, first_offset: int, last_offset: int) -> str:
-    return f"part-p{partition:04d}-{first_offset:019d}-{last_offset:019d}.parquet"
+class FileName(NamedTuple):
+    """What an archive file's name says."""
+
+    partition: int
+    first_offset: int
+    last_offset: int
+    generation: int = 0
 
 
-def parse_file_name(name: str) -> tuple[int, int, int] | None:
-    """(partition, first offset, last offset) of an archive file name, else None."""
+def file_name(partition: int, first_offset: int, last_offset: int, generation: int = 0) -> str:
+    offsets = f"{first_offset:019d}-{last_offset:019d}"
+    if generation:
+        return f"part-p{partition:04d}-g{generation:04d}-{offsets}.parquet"
+    return f"part-p{partition:04d}-{offsets}.parquet"
+
+
+def parse_file_name(name: str) -> FileName | None:
+    """What an archive file name says, else None."""
     match = _FILE_NAME.match(name)
     if match is None:
         return None
-    return int(match[1]), int(match[2]), int(match[3])
+    return FileName(int(match[1]), int(match[3]), int(match[4]), int(match[2] or 0))
 
 
 @dataclass
@@ -186,6 +204,7 @@ class _Buffer:
     event_day: int
     first_offset: int
     started_at: float  # monotonic seconds
+    generation: int
     last_offset: int = -1
     rows: list[tuple[Any, ...]] = field(default_factory=list)
 
@@ -203,16 +222,21 @@ class ArchiveBatcher:
         self.max_age_s = max_age_s
         self._buffers: dict[tuple[str, int], _Buffer] = {}
 
-    def add(self, partition: int, offset: int, row: ArchiveRow, *, now: float) -> list[ArchiveFile]:
-        """Buffer a row (offsets of a partition must increase); returns files now due."""
+    def add(
+        self, partition: int, offset: int, row: ArchiveRow, *, now: float, generation: int = 0
+    ) -> list[ArchiveFile]:
+        """Buffer a row (offsets of a partition's generation must increase); returns files now
+        due (what was buffered of an earlier generation is due at once)."""
         key = (row.dataset, partition)
         due: list[ArchiveFile] = []
         buffer = self._buffers.get(key)
-        if buffer is not None and buffer.event_day != row.event_day:
+        if buffer is not None and (
+            buffer.event_day != row.event_day or buffer.generation != generation
+        ):
             due.append(self._take(key))
             buffer = None
         if buffer is None:
-            buffer = self._buffers[key] = _Buffer(row.event_day, offset, now)
+            buffer = self._buffers[key] = _Buffer(row.event_day, offset, now, generation)
         if offset <= buffer.last_offset:
             raise ValueError(f"offset {offset} after {buffer.last_offset} in {key}")
         buffer.rows.append(row.values)
@@ -243,7 +267,13 @@ class ArchiveBatcher:
     def _take(self, key: tuple[str, int]) -> ArchiveFile:
         buffer = self._buffers.pop(key)
         return ArchiveFile(
-            key[0], key[1], buffer.event_day, buffer.first_offset, buffer.last_offset, buffer.rows
+            key[0],
+            key[1],
+            buffer.event_day,
+            buffer.first_offset,
+            buffer.last_offset,
+            buffer.rows,
+            buffer.generation,
         )
 
 
@@ -285,6 +315,8 @@ class Archiver:
             topics.validated: transaction_row,
             topics.validated_labels: label_row,
         }
+        # (topic, partition) -> the partition's generation (0 unless it started over)
+        self.generations: dict[tuple[str, int], int] = {}
 
     def dataset(self, topic: str) -> str:
         return self.datasets[topic]
@@ -308,7 +340,12 @@ class Archiver:
             if verdict(before, position) is Verdict.DUPLICATE:
                 step.duplicates.append(record)
                 continue
-            step.files.extend(self.batcher.add(record.partition, record.offset, row, now=now))
+            generation = self.generations.get((record.topic, record.partition), 0)
+            step.files.extend(
+                self.batcher.add(
+                    record.partition, record.offset, row, now=now, generation=generation
+                )
+            )
         step.files.extend(self.batcher.due(now=now))
         return step
 
@@ -334,20 +371,22 @@ class OfflineArchive:
         _fsync_directory(target.parent)
         return target
 
-    def files(self, dataset: str) -> list[tuple[Path, int, int, int]]:
-        """Every archive file of ``dataset``: (path, partition, first, last offset)."""
+    def files(self, dataset: str) -> list[tuple[Path, FileName]]:
+        """Every archive file of ``dataset`` with what its name says."""
         found = []
         for path in (self.offline_dir / dataset).glob("event_date=*/part-p*.parquet"):
             parsed = parse_file_name(path.name)
             if parsed is not None:
-                found.append((path, *parsed))
+                found.append((path, parsed))
         return found
 
-    def resume_offsets(self, dataset: str) -> dict[int, int]:
-        """Per partition: the offset after the highest one already archived."""
-        resume: dict[int, int] = {}
-        for _path, partition, _first, last in self.files(dataset):
-            resume[partition] = max(resume.get(partition, 0), last + 1)
+    def resume_offsets(self, dataset: str) -> dict[int, tuple[int, int]]:
+        """Per partition: its latest generation on disk and the offset after the highest one
+        archived in it."""
+        resume: dict[int, tuple[int, int]] = {}
+        for _path, name in self.files(dataset):
+            latest = resume.get(name.partition, (-1, 0))
+            resume[name.partition] = max(latest, (name.generation, name.last_offset + 1))
         return resume
 
     def remove_temporaries(self, dataset: str, partitions: set[int]) -> int:
@@ -355,7 +394,7 @@ class OfflineArchive:
         removed = 0
         for path in (self.offline_dir / dataset).glob("event_date=*/.part-p*.parquet.tmp"):
             parsed = parse_file_name(path.name[1 : -len(".tmp")])
-            if parsed is not None and parsed[0] in partitions:
+            if parsed is not None and parsed.partition in partitions:
                 with contextlib.suppress(FileNotFoundError):
                     path.unlink()
                     removed += 1

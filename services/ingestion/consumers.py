@@ -318,25 +318,31 @@ class ArchiveLoop(ConsumerRebalanceListener):
                 )
                 for tp in tps:
                     partition = tp.partition
-                    if partition in resume and resume[partition] > ends.get(tp, 0):
+                    generation, offset = resume.get(partition, (0, None))
+                    if offset is not None and offset > ends.get(tp, 0):
                         # the partition ends below what is archived: the topic was re-created
                         # (a restart of the in-memory local broker, a topic deleted by hand);
-                        # what it holds is new, from the group's committed offset on
+                        # what it holds is new, from the group's committed offset on, and its
+                        # files are of the next generation (their offsets repeat old ones)
                         log.warning(
                             "archive_partition_restarted",
                             topic=topic,
                             partition=partition,
-                            archived_through=resume.pop(partition) - 1,
+                            archived_through=offset - 1,
                             end_offset=ends.get(tp, 0),
+                            generation=generation + 1,
                         )
-                    if partition in resume:
-                        self.consumer.seek(tp, resume[partition])
-                        self._next_offset[tp] = resume[partition]
+                        generation, offset = generation + 1, None
+                    self.archiver.generations[(topic, partition)] = generation
+                    if offset is not None:
+                        self.consumer.seek(tp, offset)
+                        self._next_offset[tp] = offset
                     log.info(
                         "archive_partition_assigned",
                         topic=topic,
                         partition=partition,
-                        resume_offset=resume.get(partition, "committed"),
+                        resume_offset="committed" if offset is None else offset,
+                        generation=generation,
                         temporaries_removed=removed,
                     )
         set_ready("ingestion", True)
@@ -371,8 +377,18 @@ class ArchiveLoop(ConsumerRebalanceListener):
             high = self.consumer.highwater(tp)
             if expected is not None and high is not None and high < expected:
                 # offsets start over below where this partition was: the topic was re-created
-                # (see on_partitions_assigned); its records are new, not a stale batch
-                log.warning("archive_partition_restarted", topic=tp.topic, partition=tp.partition)
+                # (see on_partitions_assigned); its records are new, not a stale batch, and
+                # of the partition's next generation (what is buffered of the last one is
+                # written under its own)
+                key = (tp.topic, tp.partition)
+                generation = self.archiver.generations.get(key, 0) + 1
+                self.archiver.generations[key] = generation
+                log.warning(
+                    "archive_partition_restarted",
+                    topic=tp.topic,
+                    partition=tp.partition,
+                    generation=generation,
+                )
                 expected = None
             for r in consumed:
                 if expected is not None and r.offset < expected:

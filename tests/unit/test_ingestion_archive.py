@@ -148,8 +148,12 @@ def test_offsets_must_increase_within_a_partition() -> None:
 def test_file_names_say_partition_and_offset_range_and_sort_by_offset() -> None:
     name = file_name(3, 1200, 1699)
     assert name == "part-p0003-0000000000000001200-0000000000000001699.parquet"
-    assert parse_file_name(name) == (3, 1200, 1699)
+    assert parse_file_name(name) == (3, 1200, 1699, 0)
     assert file_name(0, 9, 10) < file_name(0, 10, 11) < file_name(0, 100, 200)
+    # a partition that started over: its offsets repeat, its generation tells the files apart
+    again = file_name(3, 1200, 1699, generation=2)
+    assert again == "part-p0003-g0002-0000000000000001200-0000000000000001699.parquet"
+    assert parse_file_name(again) == (3, 1200, 1699, 2)
     assert parse_file_name(".part-p0003-1-2.parquet.tmp") is None
     assert parse_file_name("part-0.parquet") is None
 
@@ -161,12 +165,12 @@ def _archive(tmp_path: Path) -> OfflineArchive:
     return OfflineArchive(tmp_path / "offline")
 
 
-def _file(partition: int, first: int, last: int, day: datetime = DAY):
+def _file(partition: int, first: int, last: int, day: datetime = DAY, generation: int = 0):
     batcher = ArchiveBatcher(max_rows=10_000, max_age_s=60)
     for offset in range(first, last + 1):
-        batcher.add(
-            partition, offset, transaction_row(_transaction(f"tx-{offset}", day, offset)), now=0
-        )
+        tx_id = f"tx-g{generation}-{offset}" if generation else f"tx-{offset}"
+        row = transaction_row(_transaction(tx_id, day, offset))
+        batcher.add(partition, offset, row, now=0, generation=generation)
     (archive_file,) = batcher.take_all()
     return archive_file
 
@@ -219,8 +223,11 @@ def test_resume_offsets_are_after_the_highest_archived_offset_per_partition(
     archive.write(_file(0, 0, 9))
     archive.write(_file(0, 10, 14, DAY + timedelta(days=1)))
     archive.write(_file(1, 3, 4))
-    assert archive.resume_offsets(TRANSACTIONS) == {0: 15, 1: 5}
+    assert archive.resume_offsets(TRANSACTIONS) == {0: (0, 15), 1: (0, 5)}
     assert archive.resume_offsets(LABELS) == {}
+    # partition 0 started over: its latest generation counts, though its offsets are lower
+    archive.write(_file(0, 0, 2, generation=1))
+    assert archive.resume_offsets(TRANSACTIONS) == {0: (1, 3), 1: (0, 5)}
 
 
 def test_half_written_files_of_my_partitions_are_removed(tmp_path: Path) -> None:
@@ -306,7 +313,8 @@ async def test_crashes_at_random_points_neither_lose_nor_duplicate_rows(tmp_path
             namespace="ns",
         )
         resume = archive.resume_offsets(TRANSACTIONS)
-        position = {p: resume.get(p, 0) for p in log}  # worst case: no committed offsets
+        # worst case: no committed offsets
+        position = {p: resume[p][1] if p in resume else 0 for p in log}
         clock = 0.0
         crashed = False
         while any(position[p] < len(log[p]) for p in log):
@@ -455,7 +463,9 @@ async def test_a_re_created_topic_is_archived_from_its_new_beginning(tmp_path: P
     await loop.on_partitions_revoked([tp])
     consumer.positions.clear()
     await loop.on_partitions_assigned([tp])  # reassigned after the restart
-    assert tp not in consumer.positions  # no seek past the end: from the committed offset
+    # no seek past the end: after the new generation's files (offsets 0-1, written at the
+    # revocation), not the old one's
+    assert consumer.positions[tp] == 2
     await loop.handle({tp: new[2:]})
     for archive_file in loop.batcher.take_all():
         archive.write(archive_file)
@@ -465,3 +475,52 @@ async def test_a_re_created_topic_is_archived_from_its_new_beginning(tmp_path: P
         for tx_id in pq.read_table(path, partitioning=None).column("transaction_id").to_pylist()
     ]
     assert sorted(i for i in ids if i.startswith("new-")) == [f"new-{o}" for o in range(5)]
+
+
+async def test_a_second_restart_of_the_broker_loses_no_file_of_the_first(tmp_path: Path) -> None:
+    """Each restart of the in-memory broker starts the topic again at offset 0: the files of
+    each generation repeat the offsets of the one before, and none may take another's place
+    (nor may rows still buffered from before a restart be lost)."""
+    consumer = _Consumer()
+    archive = OfflineArchive(tmp_path / "offline")
+    archiver = Archiver(
+        TOPICS, InMemoryClaims(), ArchiveBatcher(max_rows=10_000, max_age_s=600), namespace="ns"
+    )
+    stop = asyncio.Event()
+    loop = ArchiveLoop(
+        consumer,  # type: ignore[arg-type]
+        archiver,
+        archive,
+        Retry(stop, initial_s=0.01, max_s=0.01),
+        group="g",
+        poll_timeout_ms=10,
+        lag_interval_s=60,
+    )
+    tp = TopicPartition(TOPICS.validated, 0)
+    consumer.assigned = {tp}
+    await loop.on_partitions_assigned([tp])
+    first = [_Record(o, _transaction(f"first-{o}", DAY, o)) for o in range(5)]
+    await loop.handle({tp: first})  # buffered, not yet written
+    # the broker restarts twice: 3 new events at offsets 0-2, then 2 at offsets 0-1 (a
+    # restart shows as a partition that ends below the position)
+    for restart, count in ((1, 3), (2, 2)):
+        consumer.ends[tp] = count
+        new = [_Record(o, _transaction(f"r{restart}-{o}", DAY, o)) for o in range(count)]
+        await loop.handle({tp: new})
+        assert archiver.generations[(tp.topic, 0)] == restart
+    for archive_file in loop.batcher.take_all():
+        archive.write(archive_file)
+    names = sorted(path.name for path, _ in archive.files(TRANSACTIONS))
+    assert names == [file_name(0, 0, 4), file_name(0, 0, 2, 1), file_name(0, 0, 1, 2)]
+    ids = [
+        tx_id
+        for path, _ in archive.files(TRANSACTIONS)
+        for tx_id in pq.read_table(path, partitioning=None).column("transaction_id").to_pylist()
+    ]
+    expected = [f"first-{o}" for o in range(5)] + [f"r1-{o}" for o in range(3)] + ["r2-0", "r2-1"]
+    assert sorted(ids) == sorted(expected)
+    # a restart of ingestion itself resumes in the latest generation, after its offsets
+    consumer.ends[tp] = 10
+    await loop.on_partitions_revoked([tp])
+    await loop.on_partitions_assigned([tp])
+    assert consumer.positions[tp] == 2 and archiver.generations[(tp.topic, 0)] == 2
