@@ -250,19 +250,21 @@ class LiveMonitor:
     def _cooling(self, model_name: str, now: float) -> set[str]:
         """The data and score signals of ``model_name`` still in their cooldown at ``now``."""
         return {
-            signal
-            for (model, kind, signal), last in self._last_event.items()
-            if model == model_name
-            and kind in ("data", "score")
-            and now - last < self.config.cooldown_s
+            key[2]
+            for key in self._last_event
+            if key[0] == model_name and key[1] in ("data", "score") and self._in_cooldown(key, now)
         }
+
+    def _in_cooldown(self, key: tuple[str, str, str], now: float) -> bool:
+        """Whether the signal ``(model, kind, signal)`` raised an event within its cooldown."""
+        last = self._last_event.get(key)
+        return last is not None and now - last < self.config.cooldown_s
 
     def _emit(
         self, current: _ProductionVersion, d: Detection, now: float
     ) -> list[monitoring_pb2.DriftEvent]:
         key = (current.model_name, d.kind, d.signal)
-        last = self._last_event.get(key)
-        if last is not None and now - last < self.config.cooldown_s:
+        if self._in_cooldown(key, now):
             self.metrics.drift_suppressed.labels(current.model_name, d.kind, d.signal).inc()
             return []
         self._last_event[key] = now
@@ -368,8 +370,7 @@ class LiveMonitor:
             states = current.data.states() if current.data else []
             states += [current.concept.state(), current.ranks.state()]
             for state in states:
-                last = self._last_event.get((current.model_name, state.kind, state.signal))
-                drifting = last is not None and now - last < self.config.cooldown_s
+                drifting = self._in_cooldown((current.model_name, state.kind, state.signal), now)
                 out.append((current, state, drifting))
         return out
 
