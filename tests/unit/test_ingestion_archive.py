@@ -346,11 +346,7 @@ async def test_crashes_at_random_points_neither_lose_nor_duplicate_rows(tmp_path
         break
     assert crashes >= 3
     files = archive.files(TRANSACTIONS)
-    ids = [
-        tx_id
-        for path, *_ in files
-        for tx_id in pq.read_table(path, partitioning=None).column("transaction_id").to_pylist()
-    ]
+    ids = _archived_ids(archive)
     assert len(ids) == len(set(ids)), "a row was archived twice"
     assert set(ids) == expected, "a row is missing"
     dates = {path.parent.name for path, *_ in files}
@@ -392,24 +388,38 @@ class _Record:
     value: bytes
 
 
-async def test_a_batch_fetched_before_a_rebalance_is_not_archived_twice(tmp_path: Path) -> None:
-    """A batch polled before a rebalance can be handled after the new assignment's seek; the
-    same offsets then come again from the seek position."""
+def _archived_ids(archive: OfflineArchive) -> list[str]:
+    """Every transaction id in the archive's files, as often as it is there."""
+    return [
+        tx_id
+        for path, _ in archive.files(TRANSACTIONS)
+        for tx_id in pq.read_table(path, partitioning=None).column("transaction_id").to_pylist()
+    ]
+
+
+def _archive_loop(tmp_path: Path) -> tuple[_Consumer, OfflineArchive, ArchiveLoop]:
+    """An archive loop on a stand-in consumer, writing under ``tmp_path``."""
     consumer = _Consumer()
     archive = OfflineArchive(tmp_path / "offline")
     archiver = Archiver(
         TOPICS, InMemoryClaims(), ArchiveBatcher(max_rows=10_000, max_age_s=600), namespace="ns"
     )
-    stop = asyncio.Event()
     loop = ArchiveLoop(
         consumer,  # type: ignore[arg-type]
         archiver,
         archive,
-        Retry(stop, initial_s=0.01, max_s=0.01),
+        Retry(asyncio.Event(), initial_s=0.01, max_s=0.01),
         group="g",
         poll_timeout_ms=10,
         lag_interval_s=60,
     )
+    return consumer, archive, loop
+
+
+async def test_a_batch_fetched_before_a_rebalance_is_not_archived_twice(tmp_path: Path) -> None:
+    """A batch polled before a rebalance can be handled after the new assignment's seek; the
+    same offsets then come again from the seek position."""
+    consumer, archive, loop = _archive_loop(tmp_path)
     tp = TopicPartition(TOPICS.validated, 0)
     log = [_Record(o, _transaction(f"tx-{o}", DAY, o)) for o in range(30)]
     archive.write(_file(0, 0, 9))  # offsets 0-9 are on disk already
@@ -423,11 +433,7 @@ async def test_a_batch_fetched_before_a_rebalance_is_not_archived_twice(tmp_path
     await loop.handle({tp: log[20:30]})  # what the seek fetches
     for archive_file in loop.batcher.take_all():
         archive.write(archive_file)
-    ids = [
-        tx_id
-        for path, *_ in archive.files(TRANSACTIONS)
-        for tx_id in pq.read_table(path, partitioning=None).column("transaction_id").to_pylist()
-    ]
+    ids = _archived_ids(archive)
     assert sorted(ids) == sorted(f"tx-{o}" for o in range(30))
     assert consumer.commits[-1] == {tp: 20}
 
@@ -436,21 +442,7 @@ async def test_a_re_created_topic_is_archived_from_its_new_beginning(tmp_path: P
     """After the in-memory local broker restarts, every topic starts again at offset 0, below
     what the archive holds: its records are new and must be archived, not skipped as if
     they were on disk already (found by loadtests/chaos.py)."""
-    consumer = _Consumer()
-    archive = OfflineArchive(tmp_path / "offline")
-    archiver = Archiver(
-        TOPICS, InMemoryClaims(), ArchiveBatcher(max_rows=10_000, max_age_s=600), namespace="ns"
-    )
-    stop = asyncio.Event()
-    loop = ArchiveLoop(
-        consumer,  # type: ignore[arg-type]
-        archiver,
-        archive,
-        Retry(stop, initial_s=0.01, max_s=0.01),
-        group="g",
-        poll_timeout_ms=10,
-        lag_interval_s=60,
-    )
+    consumer, archive, loop = _archive_loop(tmp_path)
     tp = TopicPartition(TOPICS.validated, 0)
     archive.write(_file(0, 0, 99))  # the old topic's offsets 0-99, on disk
     consumer.assigned = {tp}
@@ -469,11 +461,7 @@ async def test_a_re_created_topic_is_archived_from_its_new_beginning(tmp_path: P
     await loop.handle({tp: new[2:]})
     for archive_file in loop.batcher.take_all():
         archive.write(archive_file)
-    ids = [
-        tx_id
-        for path, *_ in archive.files(TRANSACTIONS)
-        for tx_id in pq.read_table(path, partitioning=None).column("transaction_id").to_pylist()
-    ]
+    ids = _archived_ids(archive)
     assert sorted(i for i in ids if i.startswith("new-")) == [f"new-{o}" for o in range(5)]
 
 
@@ -481,21 +469,7 @@ async def test_a_second_restart_of_the_broker_loses_no_file_of_the_first(tmp_pat
     """Each restart of the in-memory broker starts the topic again at offset 0: the files of
     each generation repeat the offsets of the one before, and none may take another's place
     (nor may rows still buffered from before a restart be lost)."""
-    consumer = _Consumer()
-    archive = OfflineArchive(tmp_path / "offline")
-    archiver = Archiver(
-        TOPICS, InMemoryClaims(), ArchiveBatcher(max_rows=10_000, max_age_s=600), namespace="ns"
-    )
-    stop = asyncio.Event()
-    loop = ArchiveLoop(
-        consumer,  # type: ignore[arg-type]
-        archiver,
-        archive,
-        Retry(stop, initial_s=0.01, max_s=0.01),
-        group="g",
-        poll_timeout_ms=10,
-        lag_interval_s=60,
-    )
+    consumer, archive, loop = _archive_loop(tmp_path)
     tp = TopicPartition(TOPICS.validated, 0)
     consumer.assigned = {tp}
     await loop.on_partitions_assigned([tp])
@@ -507,20 +481,16 @@ async def test_a_second_restart_of_the_broker_loses_no_file_of_the_first(tmp_pat
         consumer.ends[tp] = count
         new = [_Record(o, _transaction(f"r{restart}-{o}", DAY, o)) for o in range(count)]
         await loop.handle({tp: new})
-        assert archiver.generations[(tp.topic, 0)] == restart
+        assert loop.archiver.generations[(tp.topic, 0)] == restart
     for archive_file in loop.batcher.take_all():
         archive.write(archive_file)
     names = sorted(path.name for path, _ in archive.files(TRANSACTIONS))
     assert names == [file_name(0, 0, 4), file_name(0, 0, 2, 1), file_name(0, 0, 1, 2)]
-    ids = [
-        tx_id
-        for path, _ in archive.files(TRANSACTIONS)
-        for tx_id in pq.read_table(path, partitioning=None).column("transaction_id").to_pylist()
-    ]
+    ids = _archived_ids(archive)
     expected = [f"first-{o}" for o in range(5)] + [f"r1-{o}" for o in range(3)] + ["r2-0", "r2-1"]
     assert sorted(ids) == sorted(expected)
     # a restart of ingestion itself resumes in the latest generation, after its offsets
     consumer.ends[tp] = 10
     await loop.on_partitions_revoked([tp])
     await loop.on_partitions_assigned([tp])
-    assert consumer.positions[tp] == 2 and archiver.generations[(tp.topic, 0)] == 2
+    assert consumer.positions[tp] == 2 and loop.archiver.generations[(tp.topic, 0)] == 2
