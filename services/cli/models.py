@@ -191,6 +191,14 @@ def show(
                     f"{g.positives} frauds, {g.resamples} resamples",
                 )
             )
+            rows.append(
+                (
+                    "calibration test",
+                    f"ECE improvement {g.calibration_statistic:+.4f}, {g.confidence:.0%} "
+                    f"interval [{g.calibration_interval_low:+.4f}, "
+                    f"{g.calibration_interval_high:+.4f}] (paired bootstrap)",
+                )
+            )
     rows += [(name, f"{value:.6f}") for name, value in sorted(v.metrics.items())]
     for name, value in rows:
         table.add_row(name, value)

@@ -70,8 +70,9 @@ class RegistrySettings(ServiceSettings, GrpcTlsSettings):
     gate_calibration_tolerance: float = Field(
         0.02,
         ge=0,
-        description="A candidate's expected calibration error may exceed production's by at "
-        "most this much.",
+        description="A candidate fails when its expected calibration error is shown (the "
+        "paired bootstrap interval of production's minus the candidate's, at the gate's "
+        "confidence, lies wholly below minus this) worse than production's by more than this.",
     )
     publish_passed_as: Literal["canary", "none"] = Field(
         "canary",

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 _EPS = 1e-6
+CALIBRATION_BINS = 10
 
 
 def _as_arrays(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -61,16 +62,18 @@ def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float:
     return float((ranks[y == 1].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
 
 
-def expected_calibration_error(labels: np.ndarray, scores: np.ndarray, bins: int = 10) -> float:
-    """Sum over equal-width bins of (share of rows) * |mean score - fraud rate|."""
+def calibration_bins(scores: np.ndarray) -> np.ndarray:
+    """Each score's equal-width probability bin (0 .. CALIBRATION_BINS - 1)."""
+    index = (np.asarray(scores, dtype=np.float64) * CALIBRATION_BINS).astype(np.int64)
+    return np.clip(index, 0, CALIBRATION_BINS - 1)
+
+
+def expected_calibration_error(labels: np.ndarray, scores: np.ndarray) -> float:
+    """Sum over equal-width bins of (share of rows) * |mean score - fraud rate|, that is
+    sum over bins of |sum of scores - number of frauds| / rows."""
     y, p = _as_arrays(labels, scores)
-    index = np.clip((p * bins).astype(np.int64), 0, bins - 1)
-    total = 0.0
-    for b in range(bins):
-        mask = index == b
-        if mask.any():
-            total += mask.mean() * abs(p[mask].mean() - y[mask].mean())
-    return float(total)
+    gaps = np.bincount(calibration_bins(p), weights=p - y, minlength=CALIBRATION_BINS)
+    return float(np.abs(gaps).sum() / y.size)
 
 
 def log_loss_rows(labels: np.ndarray, scores: np.ndarray) -> np.ndarray:

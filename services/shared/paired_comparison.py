@@ -11,14 +11,16 @@ difference over resamples is the difference's own sampling error.
   set's number of frauds (the comparison is conditional on the labels at hand; a resample
   without a fraud, where PR-AUC is undefined, cannot happen).
 - Statistic: the candidate's improvement over the baseline (positive: better) in PR-AUC
-  (average precision, ``evaluation.average_precision``) or in mean log-loss (baseline's
-  minus candidate's).
+  (average precision, ``evaluation.average_precision``), in mean log-loss (baseline's
+  minus candidate's) or in expected calibration error (``evaluation.
+  expected_calibration_error``, 10 equal-width bins; baseline's minus candidate's).
 - Interval: the percentile interval of the resampled differences at ``confidence`` (two
   sided; its lower end is a one-sided lower bound at ``1 - (1 - confidence) / 2``).
 
 The resamples are computed as per-row counts over rows sorted once by each model's score, so
 PR-AUC on every resample costs O(rows), not a sort: 1000 resamples of 10 000 rows take well
-under a second.
+under a second. Calibration error on a resample is a sum over bins of |weighted scores -
+weighted frauds| / rows, one matrix product per resample block.
 """
 
 from __future__ import annotations
@@ -28,10 +30,16 @@ from typing import Literal
 
 import numpy as np
 
-from services.shared.evaluation import average_precision, log_loss_rows
+from services.shared.evaluation import (
+    CALIBRATION_BINS,
+    average_precision,
+    calibration_bins,
+    expected_calibration_error,
+    log_loss_rows,
+)
 
-PairedMetric = Literal["pr_auc", "log_loss"]
-PAIRED_METRICS: tuple[PairedMetric, ...] = ("pr_auc", "log_loss")
+PairedMetric = Literal["pr_auc", "log_loss", "calibration_error"]
+PAIRED_METRICS: tuple[PairedMetric, ...] = ("pr_auc", "log_loss", "calibration_error")
 RESAMPLING_UNIT = "transaction (with replacement, stratified by label)"
 _BLOCK_CELLS = 2_000_000  # resamples x rows held in memory at once
 
@@ -96,6 +104,20 @@ class _SortedScorer:
         return np.asarray(np.sum(recall_step * precision, axis=1))
 
 
+class _BinnedScorer:
+    """One model's rows as (score, label) sums per calibration bin, so a resample's expected
+    calibration error is sum over bins of |drawn scores - drawn frauds| / rows."""
+
+    def __init__(self, labels: np.ndarray, scores: np.ndarray) -> None:
+        members = np.zeros((scores.size, CALIBRATION_BINS))
+        members[np.arange(scores.size), calibration_bins(scores)] = 1.0
+        self.gap = members * (scores - labels)[:, None]  # [rows, bins]
+
+    def calibration_error(self, counts: np.ndarray) -> np.ndarray:
+        """Expected calibration error of each resample (rows of ``counts``)."""
+        return np.asarray(np.abs(counts @ self.gap).sum(axis=1) / counts.shape[1])
+
+
 def paired_bootstrap(
     labels: np.ndarray,
     baseline: np.ndarray,
@@ -128,10 +150,13 @@ def paired_bootstrap(
     if metric == "pr_auc":
         base_value, cand_value = average_precision(y, b), average_precision(y, c)
         base_sorted, cand_sorted = _SortedScorer(y, b), _SortedScorer(y, c)
-    else:
+    elif metric == "log_loss":
         base_rows, cand_rows = log_loss_rows(y, b), log_loss_rows(y, c)
         base_value, cand_value = float(base_rows.mean()), float(cand_rows.mean())
         improvement_rows = base_rows - cand_rows
+    else:
+        base_value, cand_value = expected_calibration_error(y, b), expected_calibration_error(y, c)
+        base_bins, cand_bins = _BinnedScorer(y, b), _BinnedScorer(y, c)
     statistic = cand_value - base_value if metric == "pr_auc" else base_value - cand_value
     block = max(1, _BLOCK_CELLS // n)
     samples: list[np.ndarray] = []
@@ -143,8 +168,12 @@ def paired_bootstrap(
             samples.append(
                 cand_sorted.average_precision(counts) - base_sorted.average_precision(counts)
             )
-        else:
+        elif metric == "log_loss":
             samples.append(counts @ improvement_rows / n)
+        else:
+            samples.append(
+                base_bins.calibration_error(counts) - cand_bins.calibration_error(counts)
+            )
         left -= size
     tail = (1 - confidence) / 2
     low, high = np.quantile(np.concatenate(samples), [tail, 1 - tail])

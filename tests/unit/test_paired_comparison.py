@@ -6,8 +6,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from services.shared.evaluation import average_precision, log_loss_rows
+from services.shared.evaluation import (
+    average_precision,
+    calibration_bins,
+    expected_calibration_error,
+    log_loss_rows,
+)
 from services.shared.paired_comparison import (
+    _BinnedScorer,
     _resample_counts,
     _SortedScorer,
     paired_bootstrap,
@@ -38,6 +44,32 @@ def test_the_pr_auc_of_every_resample_equals_the_metric_on_the_resampled_rows() 
         assert labels[rows].sum() == labels.sum()  # stratified: the frauds' count is kept
 
 
+def test_the_calibration_error_of_every_resample_equals_the_metric_on_the_resampled_rows() -> None:
+    labels, baseline, _ = _population(500, 0.1, 4)
+    rng = np.random.default_rng(5)
+    counts = _resample_counts(
+        rng, np.flatnonzero(labels == 1), np.flatnonzero(labels == 0), labels.size, 20
+    )
+    fast = _BinnedScorer(labels, baseline).calibration_error(counts)
+    for row, value in zip(counts, fast, strict=True):
+        rows = np.repeat(np.arange(labels.size), row)
+        want = expected_calibration_error(labels[rows], baseline[rows])
+        assert value == pytest.approx(want, abs=1e-12)
+
+
+def test_a_better_calibrated_candidate_has_a_calibration_interval_above_zero() -> None:
+    labels, baseline, _ = _population(3000, 0.05, 1)
+    overconfident = np.clip(baseline * 3, 0, 1)  # the same ranking, probabilities too high
+    result = paired_bootstrap(
+        labels, overconfident, baseline, metric="calibration_error", resamples=400, confidence=0.95
+    )
+    assert result.statistic == pytest.approx(
+        expected_calibration_error(labels, overconfident)
+        - expected_calibration_error(labels, baseline)
+    )
+    assert 0 < result.low < result.statistic < result.high
+
+
 def test_a_clearly_better_candidate_has_an_interval_above_zero() -> None:
     labels, baseline, candidate = _population(3000, 0.05, 1)
     result = paired_bootstrap(
@@ -56,14 +88,23 @@ def test_a_clearly_better_candidate_has_an_interval_above_zero() -> None:
 
 def test_identical_models_have_a_zero_width_interval_at_zero() -> None:
     labels, baseline, _ = _population(1000, 0.05, 2)
-    for metric in ("pr_auc", "log_loss"):
+    for metric in ("pr_auc", "log_loss", "calibration_error"):
         result = paired_bootstrap(
             labels, baseline, baseline.copy(), metric=metric, resamples=200, confidence=0.95
         )
         assert (result.low, result.statistic, result.high) == (0.0, 0.0, 0.0)
 
 
-@pytest.mark.parametrize("metric", ["pr_auc", "log_loss"])
+def _calibration_error_at(labels: np.ndarray, scores: np.ndarray, fraud_rate: float) -> float:
+    """The population's calibration error when frauds make ``fraud_rate`` of the rows."""
+    weights = np.where(
+        labels == 1, fraud_rate / labels.mean(), (1 - fraud_rate) / (1 - labels.mean())
+    )
+    gaps = np.bincount(calibration_bins(scores), weights=weights * (scores - labels))
+    return float(np.abs(gaps).sum() / weights.sum())
+
+
+@pytest.mark.parametrize("metric", ["pr_auc", "log_loss", "calibration_error"])
 def test_the_interval_covers_the_true_difference_at_about_the_nominal_rate(metric: str) -> None:
     """200 samples of 1500 rows (75 frauds) from a population of 400 000 rows whose
     difference is known: a 90% interval should cover it in about 180 of them (binomial sd
@@ -73,9 +114,13 @@ def test_the_interval_covers_the_true_difference_at_about_the_nominal_rate(metri
     positives, negatives = np.flatnonzero(labels == 1), np.flatnonzero(labels == 0)
     if metric == "pr_auc":
         truth = average_precision(labels, candidate) - average_precision(labels, baseline)
-    else:  # the sample's class mix is fixed at 5%: the truth is the class-weighted mean
+    elif metric == "log_loss":  # the sample's class mix is fixed at 5%: class-weighted mean
         gain = log_loss_rows(labels, baseline) - log_loss_rows(labels, candidate)
         truth = 0.05 * gain[positives].mean() + 0.95 * gain[negatives].mean()
+    else:
+        truth = _calibration_error_at(labels, baseline, 0.05) - _calibration_error_at(
+            labels, candidate, 0.05
+        )
     rng = np.random.default_rng(11)
     covered, trials = 0, 200
     for trial in range(trials):

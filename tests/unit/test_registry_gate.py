@@ -140,7 +140,26 @@ def test_worse_calibration_rejects_even_a_better_ranking() -> None:
     policy = GatePolicy(calibration_tolerance=0.02, resamples=400, min_positives=20)
     decision = decide(policy, labels, overconfident, 0.5, production, 0.3, 3)
     assert not decision.passed and decision.interval_low > 0
-    assert "calibration error" in decision.reason and "is worse" in decision.reason
+    assert decision.calibration_interval_high < -0.02 < 0 < decision.candidate_calibration_error
+    assert decision.calibration_statistic == pytest.approx(
+        decision.baseline_calibration_error - decision.candidate_calibration_error
+    )
+    assert "calibration error" in decision.reason and "shown worse" in decision.reason
+
+
+def test_calibration_worse_on_the_point_estimates_alone_is_no_verdict_against_a_candidate() -> None:
+    """Few frauds: the candidate's calibration error exceeds production's plus the tolerance on
+    the held-out rows, but its interval reaches past it; the better ranking decides."""
+    labels, shared = _held_out(n=400, seed=8)
+    production = _scores(labels, 1.5, 1, shared)
+    candidate = np.clip(_scores(labels, 3.5, 2, shared) * 1.15, 0, 1)  # a little too high
+    policy = GatePolicy(calibration_tolerance=0.02, resamples=400, min_positives=10)
+    decision = decide(policy, labels, candidate, 0.5, production, 0.3, 3)
+    point_gap = decision.candidate_calibration_error - decision.baseline_calibration_error
+    assert point_gap > 0.02, point_gap  # the old point comparison would have rejected it
+    assert decision.calibration_interval_high >= -0.02 > decision.calibration_interval_low
+    assert decision.passed, decision.reason
+    assert "not shown worse" in decision.reason
 
 
 def test_log_loss_is_a_gate_metric_too() -> None:

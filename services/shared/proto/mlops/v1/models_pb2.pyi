@@ -181,6 +181,9 @@ class GateResult(google.protobuf.message.Message):
     ROWS_FIELD_NUMBER: builtins.int
     POSITIVES_FIELD_NUMBER: builtins.int
     RESAMPLES_FIELD_NUMBER: builtins.int
+    CALIBRATION_STATISTIC_FIELD_NUMBER: builtins.int
+    CALIBRATION_INTERVAL_LOW_FIELD_NUMBER: builtins.int
+    CALIBRATION_INTERVAL_HIGH_FIELD_NUMBER: builtins.int
     passed: builtins.bool
     reason: builtins.str
     metric: builtins.str
@@ -212,6 +215,13 @@ class GateResult(google.protobuf.message.Message):
     """of which frauds"""
     resamples: builtins.int
     """bootstrap resamples"""
+    calibration_statistic: builtins.float
+    """production's minus the candidate's expected calibration error (positive: the candidate
+    is better calibrated), and its interval at confidence from the same kind of bootstrap;
+    the candidate fails when interval_high < -tolerance
+    """
+    calibration_interval_low: builtins.float
+    calibration_interval_high: builtins.float
     def __init__(
         self,
         *,
@@ -233,8 +243,11 @@ class GateResult(google.protobuf.message.Message):
         rows: builtins.int = ...,
         positives: builtins.int = ...,
         resamples: builtins.int = ...,
+        calibration_statistic: builtins.float = ...,
+        calibration_interval_low: builtins.float = ...,
+        calibration_interval_high: builtins.float = ...,
     ) -> None: ...
-    def ClearField(self, field_name: typing.Literal["baseline_calibration_error", b"baseline_calibration_error", "baseline_value", b"baseline_value", "baseline_version", b"baseline_version", "candidate_calibration_error", b"candidate_calibration_error", "candidate_value", b"candidate_value", "confidence", b"confidence", "interval_high", b"interval_high", "interval_low", b"interval_low", "margin", b"margin", "metric", b"metric", "outcome", b"outcome", "passed", b"passed", "positives", b"positives", "reason", b"reason", "resamples", b"resamples", "rows", b"rows", "statistic", b"statistic", "test", b"test"]) -> None: ...
+    def ClearField(self, field_name: typing.Literal["baseline_calibration_error", b"baseline_calibration_error", "baseline_value", b"baseline_value", "baseline_version", b"baseline_version", "calibration_interval_high", b"calibration_interval_high", "calibration_interval_low", b"calibration_interval_low", "calibration_statistic", b"calibration_statistic", "candidate_calibration_error", b"candidate_calibration_error", "candidate_value", b"candidate_value", "confidence", b"confidence", "interval_high", b"interval_high", "interval_low", b"interval_low", "margin", b"margin", "metric", b"metric", "outcome", b"outcome", "passed", b"passed", "positives", b"positives", "reason", b"reason", "resamples", b"resamples", "rows", b"rows", "statistic", b"statistic", "test", b"test"]) -> None: ...
 
 global___GateResult = GateResult
 
