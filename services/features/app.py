@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Hashable, Iterable
@@ -38,7 +39,7 @@ from faust.streams import Stream
 from faust.types import TP, EventT, StreamT, TopicT
 
 from services.features import metrics
-from services.features.consumer import FeaturesTransport
+from services.features.consumer import FeaturesConsumer, FeaturesTransport
 from services.features.events import (
     MerchantFact,
     TransactionRef,
@@ -66,6 +67,7 @@ from services.shared.topics import Topics
 from services.shared.usecase.features import MERCHANT_VIEW, USER_VIEW
 
 log = get_logger("features.app")
+CHANGELOG_REWRITE_QUIET_S = 60.0
 
 Rebuild = Callable[[Iterable[tuple[Hashable, Any]], set[int]], None]
 
@@ -101,6 +103,16 @@ class FactTable(faust.Table):
     def _changelog(self, partition: int, key: bytes, value: bytes | None) -> None:
         assert self.outbound is not None, "FactTable used before the pipeline wired it"
         self.outbound.add(self.changelog_topic_name, partition, key, value)
+
+    def rewrite_changelog(self) -> int:
+        """Write every fact of this worker's partitions to the changelog again (the broker
+        lost it: a restart of the in-memory local broker); how many. The partition is the
+        last field of every fact."""
+        facts = [(k, v) for k, v in self.data.items() if v is not None]
+        for key, value in facts:
+            if int(value[-1]) in self.active_partitions:
+                self._changelog(int(value[-1]), _json(key), _json(value))
+        return len(facts)
 
     async def on_recovery_completed(self, active_tps: set[TP], standby_tps: set[TP]) -> None:
         await super().on_recovery_completed(active_tps, standby_tps)
@@ -214,6 +226,7 @@ class FeaturePipeline:
         self.settings = settings
         self.sink = sink
         self.outbound = outbound
+        self._changelogs_rewritten_at = -math.inf
         self.topics = Topics.from_settings(settings.kafka)
         partitions = settings.kafka.partitions
         options = faust_settings(settings)
@@ -458,6 +471,32 @@ class FeaturePipeline:
     @property
     def tables(self) -> list[FactTable]:
         return [self.user_facts, self.merchant_fact_table, self.join_table]
+
+    @property
+    def consumer(self) -> FeaturesConsumer:
+        return cast(FeaturesConsumer, self.app.consumer)
+
+    async def topics_lost(self, why: str) -> None:
+        """The broker lost the service's topics (a restart of the in-memory local broker:
+        ``why`` says how it showed). Write the tables' facts to the new changelogs, so a later
+        restart of the service recovers the whole state, not only what came after; once per
+        loss: signs of the same loss within ``CHANGELOG_REWRITE_QUIET_S`` of a rewrite (every
+        partition of every topic shows it) are that loss."""
+        now = time.monotonic()
+        if now - self._changelogs_rewritten_at < CHANGELOG_REWRITE_QUIET_S:
+            return
+        self._changelogs_rewritten_at = now
+        written = {table.name: table.rewrite_changelog() for table in self.tables}
+        # handed to the sender, in order with everything else; the sink's next flush waits
+        # for their acknowledgement with the rest (a flush here would take the sink's own)
+        await self.outbound.send()
+        metrics.CHANGELOG_REWRITES.inc()
+        log.warning(
+            "changelogs_rewritten",
+            why=why,
+            facts=",".join(f"{name}={count}" for name, count in written.items()),
+            seconds=round(time.monotonic() - now, 3),
+        )
 
     def drop_faust_monitor(self) -> None:
         """Stop faust's Monitor sensor: it updates in-memory stats (for faust's own web

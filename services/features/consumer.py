@@ -18,6 +18,13 @@ the committed offsets, as before). The fetch itself is not part of the race (a f
 cancelled after aiokafka handed its records over would lose them from the position).
 Everything else is faust's code of the same method (offset gaps, ``commit_every``, the
 generation check, the partitions filter, yielding to the loop every 100 records).
+
+``forget_partition`` drops what faust remembers of a partition's offsets (read offset,
+acknowledgements, gaps, last commit) when the client moved its position back because the topic
+started over (a restart of the in-memory local broker, services/shared/broker_compat.py): faust
+would otherwise drop every record of the new topic below the old read offset as already seen
+and ignore their acknowledgements as already committed, and the features service stood still,
+with a lag, until the next rebalance (about 5 minutes in loadtests/chaos.py).
 """
 
 from __future__ import annotations
@@ -27,7 +34,12 @@ from typing import Any
 
 from faust.transport.drivers import aiokafka as aiokafka_driver
 from faust.types import TP
+from faust.types.tuples import ack_lock
 from mode import ServiceT
+
+from services.shared.logging import get_logger
+
+log = get_logger("features.consumer")
 
 
 class FeaturesConsumer(aiokafka_driver.Consumer):
@@ -103,6 +115,19 @@ class FeaturesConsumer(aiokafka_driver.Consumer):
                 await self.commit()
             await callback(message)
             read_offset[tp] = offset
+
+    def forget_partition(self, partition: Any) -> None:
+        """Forget ``partition``'s offsets (a topic that started over; module docstring). Safe
+        from the client's thread: the acknowledgement lock is faust's, and the next records
+        of the partition are fetched only after this returns."""
+        tp = TP(partition.topic, partition.partition)
+        with ack_lock:
+            self._read_offset[tp] = None
+            self._committed_offset[tp] = None
+            self._acked.pop(tp, None)
+            self._acked_index.pop(tp, None)
+            self._gap.pop(tp, None)
+        log.info("partition_offsets_forgotten", topic=tp.topic, partition=tp.partition)
 
     async def _seek_back(self) -> None:
         self.log.dev("getmany called while flow not active. Seek back to committed offsets.")

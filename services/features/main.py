@@ -8,7 +8,7 @@ import time
 from functools import partial
 from pathlib import Path
 
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaProducer, TopicPartition
 
 from services.features.app import FeaturePipeline, writer_id
 from services.features.offline_log import FeatureLogWriter
@@ -111,12 +111,35 @@ async def run_pipeline(
         ],
     )
     app = pipeline.app
-    # and put them back (with the tables' changelogs) if the broker loses them (runtime.py
-    # does the same for the contract's topics)
+    loop = asyncio.get_running_loop()
+    rewrites: set[asyncio.Task[None]] = set()
+
+    def rewrite(why: str) -> None:
+        task = loop.create_task(pipeline.topics_lost(why))
+        rewrites.add(task)
+        task.add_done_callback(rewrites.discard)
+
+    def topic_started_over(partition: TopicPartition) -> None:
+        """On the local broker, a position past a re-created partition's end was reset (the
+        broker restarted; broker_compat): in faust's consumer thread."""
+        pipeline.consumer.forget_partition(partition)
+        why = f"{partition.topic}:{partition.partition} started over"
+        loop.call_soon_threadsafe(rewrite, why)
+
+    broker_compat.on_position_reset(topic_started_over)
+    # and put them back (with the tables' changelogs, and the tables' facts in them) if the
+    # broker loses them (runtime.py does the same for the contract's topics)
     changelogs = [t.changelog_topic_name for t in pipeline.tables]
     internal = [pipeline.transaction_refs_topic, pipeline.merchant_facts_topic, *changelogs]
     keeper = asyncio.create_task(
-        keep_topics(settings.kafka, stop, internal, compacted=changelogs), name="keep-internal"
+        keep_topics(
+            settings.kafka,
+            stop,
+            internal,
+            compacted=changelogs,
+            on_recreated=lambda topics: pipeline.topics_lost(f"re-created {','.join(topics)}"),
+        ),
+        name="keep-internal",
     )
 
     async def ready() -> None:

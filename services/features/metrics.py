@@ -52,6 +52,11 @@ EVICTED = Counter(
     "Facts dropped from an entity's history because it reached its size cap.",
     ["view"],
 )
+CHANGELOG_REWRITES = Counter(
+    "mlops_features_changelog_rewrites_total",
+    "Times the tables' facts were written to their changelogs again because the broker lost "
+    "its topics (a restart of the in-memory local broker).",
+)
 TABLE_ENTRIES = Gauge(
     "mlops_features_table_entries",
     "Facts or entries held in each state table of this worker.",

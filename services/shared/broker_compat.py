@@ -30,7 +30,11 @@ fixtures set it). Everything the platform does differently for Tansu is in this 
   offset 0, so every consumer whose position was further waited at it for ever (ingestion's
   validator, serving's routing follower: measured by loadtests/chaos.py), and would then have
   skipped everything before it. A fetch answered with a high watermark below the position is
-  therefore treated as out of range: the position is reset as Kafka would have it.
+  therefore treated as out of range: the position is reset as Kafka would have it, and the
+  listeners registered with ``on_position_reset`` are told (in the consumer's thread, before
+  the next fetch): a client that keeps its own bookkeeping of offsets (faust: read offsets,
+  acknowledgements, the last commit) must forget the old topic's, or it takes the new
+  topic's records, whose offsets are lower, for ones it has already seen.
 - Tansu 0.6 keeps a committed offset but drops the metadata committed with it (Kafka keeps
   both; monitoring writes where its counting stopped there). Commits that carry metadata are
   therefore also written to a file per broker address and group under
@@ -46,7 +50,7 @@ import collections
 import json
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +69,7 @@ _original_fetcher_init = Fetcher.__init__
 _original_proc_fetch_request = Fetcher._proc_fetch_request
 _original_commit_offsets = GroupCoordinator.commit_offsets
 _metadata_dirs: list[Path] = []  # the one set by ``activate``
+_reset_listeners: list[Callable[[TopicPartition], None]] = []
 TANSU_FETCH_MIN_WAIT_MS = 20
 TANSU_FETCH_IDLE_WAIT_MS = 1000
 TANSU_FETCH_BATCHING_WAIT_MS = 1000
@@ -144,6 +149,16 @@ def _reset_positions_past_the_end(self: Fetcher, assignment: Any, request: Any) 
                 note="the topic was re-created (a broker restart): position reset",
             )
             state.await_reset(self._default_reset_strategy)
+            for listener in _reset_listeners:
+                listener(tp)
+
+
+def on_position_reset(listener: Callable[[TopicPartition], None]) -> Callable[[], None]:
+    """Call ``listener(partition)`` whenever a position past a re-created partition's end is
+    reset (module docstring); it runs in the consumer's thread, before the next fetch.
+    Returns what removes the listener again."""
+    _reset_listeners.append(listener)
+    return lambda: _reset_listeners.remove(listener)
 
 
 def _metadata_file(hosts: list[tuple[str, int, Any]], group_id: str) -> Path | None:

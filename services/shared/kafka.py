@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
-from collections.abc import Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
@@ -196,9 +196,10 @@ async def keep_topics(
     *,
     interval_s: float = 10.0,
     compacted: Iterable[str] = (),
+    on_recreated: Callable[[list[str]], Awaitable[None]] | None = None,
 ) -> None:
     """Re-create ``names`` (default: the contract's topics) whenever they are missing, until
-    ``stop``.
+    ``stop``; then await ``on_recreated(the topics re-created)``.
 
     A broker that lost its topics (the local in-memory broker after a restart; a topic
     deleted by hand on a real cluster) would otherwise leave every consumer committing to
@@ -225,6 +226,8 @@ async def keep_topics(
                     if created:
                         TOPICS_RECREATED.inc(len(created))
                         log.warning("topics_recreated", topics=",".join(created))
+                        if on_recreated is not None:
+                            await on_recreated(created)
                 await pause(stop, interval_s)
         except (KafkaError, Unavailable, OSError) as exc:  # the broker away: look again later
             log.info("topic_check_failed", error=f"{type(exc).__name__}: {exc}")

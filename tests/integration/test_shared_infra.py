@@ -13,6 +13,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from services.shared import broker_compat
 from services.shared.errors import InvalidArgument, NotFound
 from services.shared.grpc_server import BearerTokenAuth, GrpcServer
 from services.shared.kafka import (
@@ -74,6 +75,8 @@ async def test_a_position_past_the_end_is_reset_as_kafka_would(kafka: KafkaSetti
     finally:
         await producer.stop()
     consumer = create_consumer(kafka, group_id=None, client_id="test")  # earliest
+    told: list[TopicPartition] = []
+    forget = broker_compat.on_position_reset(told.append)
     await consumer.start()
     try:
         tp = TopicPartition(topic, 0)
@@ -89,7 +92,9 @@ async def test_a_position_past_the_end_is_reset_as_kafka_would(kafka: KafkaSetti
             batches = await consumer.getmany(timeout_ms=500)
             values += [r.value for records in batches.values() for r in records]
         assert values == [b"r%d" % i for i in range(5)]
+        assert told == [tp]  # a client keeping its own offsets learns of the reset
     finally:
+        forget()
         await consumer.stop()
 
 
