@@ -60,7 +60,7 @@ from services.features.windows import (
     UserActivity,
     WindowPolicy,
 )
-from services.shared.kafka import faust_credentials
+from services.shared.kafka import ensure_topics, faust_credentials
 from services.shared.logging import get_logger
 from services.shared.sender import Source, dead_letter
 from services.shared.topics import Topics
@@ -473,6 +473,15 @@ class FeaturePipeline:
         return [self.user_facts, self.merchant_fact_table, self.join_table]
 
     @property
+    def changelog_topics(self) -> list[str]:
+        return [table.changelog_topic_name for table in self.tables]
+
+    @property
+    def internal_topics(self) -> list[str]:
+        """The topics of this service's own: re-keyed facts and the tables' changelogs."""
+        return [self.transaction_refs_topic, self.merchant_facts_topic, *self.changelog_topics]
+
+    @property
     def consumer(self) -> FeaturesConsumer:
         return cast(FeaturesConsumer, self.app.consumer)
 
@@ -486,6 +495,11 @@ class FeaturePipeline:
         if now - self._changelogs_rewritten_at < CHANGELOG_REWRITE_QUIET_S:
             return
         self._changelogs_rewritten_at = now
+        # the topics first: records sent to a topic the local broker does not have are lost
+        # (services/shared/broker_compat.py)
+        await ensure_topics(
+            self.settings.kafka, self.internal_topics, compacted=self.changelog_topics
+        )
         written = {table.name: table.rewrite_changelog() for table in self.tables}
         # handed to the sender, in order with everything else; the sink's next flush waits
         # for their acknowledgement with the rest (a flush here would take the sink's own)

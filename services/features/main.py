@@ -99,16 +99,12 @@ async def run_pipeline(
         before_ack=outbound.flush,
     )
     pipeline = FeaturePipeline(settings, sink, outbound)
-    # the inputs and internal topics exist with the same partition count (co-partitioning)
+    # the inputs and internal topics exist with the same partition count (co-partitioning),
+    # the changelogs too: only a broker that lost them makes the topic check re-create them
     await ensure_topics(
         settings.kafka,
-        [
-            topics.validated,
-            topics.validated_labels,
-            topics.dlq,
-            pipeline.transaction_refs_topic,
-            pipeline.merchant_facts_topic,
-        ],
+        [topics.validated, topics.validated_labels, topics.dlq, *pipeline.internal_topics],
+        compacted=pipeline.changelog_topics,
     )
     app = pipeline.app
     loop = asyncio.get_running_loop()
@@ -129,14 +125,12 @@ async def run_pipeline(
     broker_compat.on_position_reset(topic_started_over)
     # and put them back (with the tables' changelogs, and the tables' facts in them) if the
     # broker loses them (runtime.py does the same for the contract's topics)
-    changelogs = [t.changelog_topic_name for t in pipeline.tables]
-    internal = [pipeline.transaction_refs_topic, pipeline.merchant_facts_topic, *changelogs]
     keeper = asyncio.create_task(
         keep_topics(
             settings.kafka,
             stop,
-            internal,
-            compacted=changelogs,
+            pipeline.internal_topics,
+            compacted=pipeline.changelog_topics,
             on_recreated=lambda topics: pipeline.topics_lost(f"re-created {','.join(topics)}"),
         ),
         name="keep-internal",

@@ -19,7 +19,7 @@ from aiokafka.helpers import create_ssl_context
 from prometheus_client import Counter
 
 from services.shared.broker_compat import activate as activate_broker_workarounds
-from services.shared.broker_compat import kept_metadata
+from services.shared.broker_compat import kept_metadata, topic_check_interval_s
 from services.shared.errors import Unavailable
 from services.shared.logging import get_logger
 from services.shared.retry import pause
@@ -27,6 +27,7 @@ from services.shared.settings import KafkaSettings
 from services.shared.topics import Topics
 
 log = get_logger("kafka")
+UNREACHABLE_RECHECK_S = 0.25
 TOPICS_RECREATED = Counter(
     "mlops_kafka_topics_recreated_total",
     "Topics this process found missing on the broker and created again",
@@ -194,12 +195,15 @@ async def keep_topics(
     stop: asyncio.Event,
     names: Iterable[str] | None = None,
     *,
-    interval_s: float = 10.0,
+    interval_s: float | None = None,
     compacted: Iterable[str] = (),
     on_recreated: Callable[[list[str]], Awaitable[None]] | None = None,
 ) -> None:
     """Re-create ``names`` (default: the contract's topics) whenever they are missing, until
-    ``stop``; then await ``on_recreated(the topics re-created)``.
+    ``stop``; then await ``on_recreated(the topics re-created)``. Looks every ``interval_s``
+    (default: ``broker_compat.topic_check_interval_s``: 10 s, 1 s on the local broker), and
+    every ``UNREACHABLE_RECHECK_S`` while the broker does not answer, so topics lost with it
+    are back as soon as it is.
 
     A broker that lost its topics (the local in-memory broker after a restart; a topic
     deleted by hand on a real cluster) would otherwise leave every consumer committing to
@@ -208,7 +212,10 @@ async def keep_topics(
     their beginning (``auto_offset_reset=earliest``). One metadata request per interval.
     """
     wanted = list(names) if names is not None else Topics.from_settings(settings).all()
-    while not await pause(stop, interval_s):
+    interval = interval_s if interval_s is not None else topic_check_interval_s(settings)
+    wait = interval
+    while not await pause(stop, wait):
+        wait = interval
         admin = AIOKafkaAdminClient(
             bootstrap_servers=settings.bootstrap,
             request_timeout_ms=settings.request_timeout_ms,
@@ -228,9 +235,10 @@ async def keep_topics(
                         log.warning("topics_recreated", topics=",".join(created))
                         if on_recreated is not None:
                             await on_recreated(created)
-                await pause(stop, interval_s)
-        except (KafkaError, Unavailable, OSError) as exc:  # the broker away: look again later
+                await pause(stop, interval)
+        except (KafkaError, Unavailable, OSError) as exc:  # the broker away: look again soon
             log.info("topic_check_failed", error=f"{type(exc).__name__}: {exc}")
+            wait = min(interval, UNREACHABLE_RECHECK_S)
         finally:
             await admin.close()
 

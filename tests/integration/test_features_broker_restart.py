@@ -82,6 +82,7 @@ async def test_a_broker_restart_loses_no_feature_state(
             await publish(kafka, before)
             reference.feed(before)
             wait_until_online_matches(store, feast_settings, reference, "before the restart", 90)
+            assert worker.metric("mlops_features_changelog_rewrites_total") == 0  # no loss yet
 
             brokers[0].stop()  # everything the broker held is gone
             brokers.append(
