@@ -139,6 +139,10 @@ class _UserHistory:
         return self.facts[-1].event_time_us
 
 
+def _stored_seq(facts: list[UserTransaction], transaction_id: str) -> int:
+    return next(fact.seq for fact in facts if fact.transaction_id == transaction_id)
+
+
 class UserActivity:
     """Per-user transaction history and the ``user_activity`` features computed from it."""
 
@@ -154,10 +158,16 @@ class UserActivity:
         return len(self._users)
 
     def apply(self, txn: TransactionEvent, seq: int, partition: int) -> Update:
-        """Apply a transaction read at offset ``seq`` of ``partition``."""
+        """Apply a transaction read at offset ``seq`` of ``partition``.
+
+        A fact's position is never below the ones before it in the user's history: after the
+        topic started over (a restart of the in-memory local broker) offsets begin again at
+        0, and a redelivered event re-emits its row as of its own stored position (not as of
+        the new, lower offset, which would leave out everything before the restart)."""
         history = self._users.get(txn.user_id)
         if history is not None and txn.transaction_id in history.ids:
-            row = self._row(txn.user_id, history, seq, txn.event_time_us, txn.ingested_us)
+            as_of = max(seq, _stored_seq(history.facts, txn.transaction_id))
+            row = self._row(txn.user_id, history, as_of, txn.event_time_us, txn.ingested_us)
             return Update(Outcome.DUPLICATE, row)
         if history is not None and (
             txn.event_time_us < history.clock - self._policy.allowed_lateness_us
@@ -166,6 +176,7 @@ class UserActivity:
         if history is None:
             history = self._users[txn.user_id] = _UserHistory(partition)
         history.partition = partition
+        seq = max(seq, history.max_seq + 1)
         fact = UserTransaction(
             txn.event_time_us, seq, txn.transaction_id, txn.amount, txn.merchant_id, txn.country
         )
@@ -327,10 +338,16 @@ class MerchantActivity:
         return len(self._merchants)
 
     def apply(self, fact: MerchantFact, seq: int, partition: int) -> Update:
-        """Apply a merchant fact read at offset ``seq`` of ``partition``."""
+        """Apply a merchant fact read at offset ``seq`` of ``partition`` (positions never go
+        back within a history: ``UserActivity.apply``)."""
         history = self._merchants.get(fact.merchant_id)
         if history is not None and self._known(history, fact):
-            return Update(Outcome.DUPLICATE, self._row(fact, history, seq))
+            stored = (
+                history.txns[fact.transaction_id][1]
+                if fact.kind == _TXN
+                else history.labels[fact.transaction_id][2]
+            )
+            return Update(Outcome.DUPLICATE, self._row(fact, history, max(seq, stored)))
         if history is not None and not history.empty:
             if fact.kind == _TXN and (
                 fact.event_time_us < history.clock - self._policy.allowed_lateness_us
@@ -343,6 +360,7 @@ class MerchantActivity:
         if history is None:
             history = self._merchants[fact.merchant_id] = _MerchantHistory(partition)
         history.partition = partition
+        seq = max(seq, history.max_seq + 1)
         if fact.kind == _TXN:
             self._insert_txn(history, fact.transaction_id, fact.event_time_us, seq)
             self._log.put(

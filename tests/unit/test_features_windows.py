@@ -237,6 +237,22 @@ def test_user_features_match_a_brute_force_reference(seed: int) -> None:
     assert rebuilt.fact_count == activity.fact_count == len(log.records)
 
 
+def test_after_the_topic_started_over_a_redelivered_event_re_emits_its_own_row() -> None:
+    """A restart of the in-memory local broker: offsets begin again at 0 under a history
+    built from the old topic. New facts go on after the old positions, and a redelivered
+    event's row still counts what came before the restart."""
+    activity, log = users()
+    for i in range(3):
+        activity.apply(txn(f"old{i}", T0 + i * MINUTE_US), 1000 + i, 0)
+    first = activity.apply(txn("new0", T0 + 3 * MINUTE_US), 0, 0)  # offset 0 of the new topic
+    assert first.row is not None and first.row.features["user_txn_count_1h"] == 4
+    assert log.records[("u1", "new0")][0][1] == 1003  # its position goes on from the history's
+    activity.apply(txn("new1", T0 + 4 * MINUTE_US), 1, 0)
+
+    again = activity.apply(txn("new0", T0 + 3 * MINUTE_US), 0, 0)  # redelivered
+    assert again.outcome is Outcome.DUPLICATE and again.row == first.row
+
+
 # --------------------------------------------------------------------------------- merchants
 
 
@@ -306,6 +322,18 @@ def test_merchant_duplicates_late_transactions_and_label_corrections() -> None:
     assert corrected.row.features["merchant_labels_7d"] == 1
     assert corrected.row.features["merchant_fraud_rate_7d"] == 0.0
     assert log.records[("m1", "label", "t1")][0] == [T0 + 1, 0, 5, 0]
+
+
+def test_merchant_facts_after_the_topic_started_over_keep_their_order() -> None:
+    activity, _ = merchants()
+    for i in range(3):
+        activity.apply(mtxn(f"old{i}", T0 + i), 500 + i, 0)
+    first = activity.apply(mtxn("new0", T0 + 3), 0, 0)  # offset 0 of the re-created topic
+    labelled = activity.apply(mlabel("new0", T0 + 3, True), 1, 0).row
+    assert first.row is not None and first.row.features["merchant_txn_count_24h"] == 4
+    again = activity.apply(mtxn("new0", T0 + 3), 0, 0)
+    assert again.outcome is Outcome.DUPLICATE and again.row == first.row
+    assert activity.apply(mlabel("new0", T0 + 3, True), 1, 0).row == labelled
 
 
 def test_merchant_retention_and_rebuild() -> None:
