@@ -1,12 +1,14 @@
 """A short chaos run (loadtests/chaos.py, `make chaos` in full) against a stack of its own.
 
-kill -9 of ingestion, features and serving, each under the simulator's traffic and a Predict
-load. After each: every transaction the broker acknowledged is in the offline archive exactly
-once, the online features of every user of the round equal a recomputation from the archive,
-the consumers caught up (no lag) and Predict answers again. How fast is measured
-(RELIABILITY.md), not asserted here. Not the broker restart: the in-memory local broker loses
-what only it held and the features service's windows start over (RELIABILITY.md, README);
-`make chaos` measures it.
+kill -9 of ingestion, features and serving, then a restart of the broker, each under the
+simulator's traffic and a Predict load. After each: every transaction the broker acknowledged
+is in the offline archive exactly once, the online features of every user of the round equal
+a recomputation from the archive, the consumers caught up (no lag) and Predict answers again.
+How fast is measured (RELIABILITY.md), not asserted here. The broker restart may lose a few
+acknowledged transactions: the in-memory local broker acknowledges records sent to a topic
+it lost before the topic is re-created, and never serves them (services/shared/
+broker_compat.py; README "What a restart of the local broker loses"); at most 5 % of the
+round's, none twice.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from loadtests.stack_harness import OwnStack  # noqa: E402
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1800)]
 
-FAULTS = ["ingestion", "features", "serving"]
+FAULTS = ["ingestion", "features", "serving", "kafka"]
 
 
 @pytest.fixture(scope="module")
@@ -57,11 +59,15 @@ def test_every_fault_loses_and_duplicates_nothing(stack: OwnStack) -> None:
     assert [r.fault for r in rows] == FAULTS
     for row in rows:
         assert row.acked > 0, row.fault  # traffic flowed in every round
-        assert row.lost == 0 and row.duplicated == 0, row
+        assert row.duplicated == 0, row
+        if row.fault == "kafka":  # acknowledged into a topic the broker had lost (docstring)
+            assert row.lost <= 0.05 * row.acked, row
+        else:
+            assert row.lost == 0, row
         assert row.users_checked > 0 and not row.feature_differences, row
         assert math.isfinite(row.lag_s), f"{row.fault}: a consumer group never caught up"
         assert math.isfinite(row.answer_s), f"{row.fault}: Predict never answered again"
         assert math.isfinite(row.recovery_s), f"{row.fault}: never healthy again"
     # the only fault Predict cannot ride through is the death of serving itself
-    unaffected = [r for r in rows if r.fault in ("ingestion", "features")]
+    unaffected = [r for r in rows if r.fault in ("ingestion", "features", "kafka")]
     assert all(r.load.ok > 0 for r in unaffected)
