@@ -42,8 +42,8 @@ fixtures set it). Everything the platform does differently for Tansu is in this 
   its offsets pass them. Measured with one producer at 500 records/s across a restart, the
   topic re-created 4 s later: 1,178 acknowledged records lost and 620 sends failed. Nothing a
   client can do about the records sent before it learns of the restart; what shortens the
-  window is re-creating the topics sooner: services check for missing topics every
-  ``TANSU_TOPIC_CHECK_INTERVAL_S`` here (``topic_check_interval_s``; 10 s against Kafka).
+  window is re-creating the topics sooner (``kafka.keep_topics`` checks as soon as its
+  connection drops, and every 0.25 s until the broker answers).
 - Tansu 0.6 keeps a committed offset but drops the metadata committed with it (Kafka keeps
   both; monitoring writes where its counting stopped there). Commits that carry metadata are
   therefore also written to a file per broker address and group under
@@ -82,8 +82,6 @@ _reset_listeners: list[Callable[[TopicPartition], None]] = []
 TANSU_FETCH_MIN_WAIT_MS = 20
 TANSU_FETCH_IDLE_WAIT_MS = 1000
 TANSU_FETCH_BATCHING_WAIT_MS = 1000
-TANSU_TOPIC_CHECK_INTERVAL_S = 1.0
-TOPIC_CHECK_INTERVAL_S = 10.0
 
 
 async def _end_offsets_from_high_watermark(
@@ -162,15 +160,6 @@ def _reset_positions_past_the_end(self: Fetcher, assignment: Any, request: Any) 
             state.await_reset(self._default_reset_strategy)
             for listener in _reset_listeners:
                 listener(tp)
-
-
-def topic_check_interval_s(settings: KafkaSettings) -> float:
-    """How often a service looks for topics the broker lost (module docstring)."""
-    return (
-        TANSU_TOPIC_CHECK_INTERVAL_S
-        if settings.broker_flavor == "tansu"
-        else (TOPIC_CHECK_INTERVAL_S)
-    )
 
 
 def on_position_reset(listener: Callable[[TopicPartition], None]) -> Callable[[], None]:
