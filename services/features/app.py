@@ -108,11 +108,14 @@ class FactTable(faust.Table):
         """Write every fact of this worker's partitions to the changelog again (the broker
         lost it: a restart of the in-memory local broker); how many. The partition is the
         last field of every fact."""
-        facts = [(k, v) for k, v in self.data.items() if v is not None]
-        for key, value in facts:
-            if int(value[-1]) in self.active_partitions:
-                self._changelog(int(value[-1]), _json(key), _json(value))
-        return len(facts)
+        mine = [
+            (key, value)
+            for key, value in self.data.items()
+            if value is not None and int(value[-1]) in self.active_partitions
+        ]
+        for key, value in mine:
+            self._changelog(int(value[-1]), _json(key), _json(value))
+        return len(mine)
 
     async def on_recovery_completed(self, active_tps: set[TP], standby_tps: set[TP]) -> None:
         await super().on_recovery_completed(active_tps, standby_tps)

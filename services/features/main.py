@@ -77,6 +77,15 @@ async def serve(settings: FeaturesSettings, stop: asyncio.Event) -> None:
         await producer.stop()
 
 
+def _log_failed_rewrite(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error(
+            "changelogs_not_rewritten",
+            error=repr(task.exception()),
+            note="a later restart of the service recovers only what came after the loss",
+        )
+
+
 async def run_pipeline(
     settings: FeaturesSettings,
     stop: asyncio.Event,
@@ -114,6 +123,7 @@ async def run_pipeline(
         task = loop.create_task(pipeline.topics_lost(why))
         rewrites.add(task)
         task.add_done_callback(rewrites.discard)
+        task.add_done_callback(_log_failed_rewrite)
 
     def topic_started_over(partition: TopicPartition) -> None:
         """On the local broker, a position past a re-created partition's end was reset (the
