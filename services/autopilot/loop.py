@@ -32,6 +32,7 @@ unit tests drive it with fakes and a clock.
 from __future__ import annotations
 
 import asyncio
+import math
 import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -141,7 +142,9 @@ class LoopPolicy:
     shadow_timeout_s: float = 1800.0
     paired_limit: int = 20_000
     judge_interval_s: float = 15.0
-    canary_percent: int = 10
+    canary_percent: int = 10  # the canary's share at least
+    canary_max_percent: int = 50  # and at most, when production's traffic is thin
+    canary_sample_s: float = 30.0  # the share is sized for the minimum sample in this time
     canary_timeout_s: float = 900.0
     watch_s: float = 120.0
     settle_s: float = 10.0
@@ -899,15 +902,16 @@ class Autopilot:
             cycle.looks = look  # only looks with enough data spend the error budget
             cycle.look_positives = verdict.positives
         if verdict.outcome == "better":
+            share, sizing = await self._canary_share(cycle, now)
             summary = (
                 f"shadow: v{cycle.candidate_version} better than v{cycle.production_version} "
-                f"({verdict.summary}); canary at {self.policy.canary_percent}%"
+                f"({verdict.summary}); canary at {share}% ({sizing})"
             )
             try:
                 await self.registry.set_alias(
                     "canary",
                     cycle.candidate_version,
-                    traffic_percent=self.policy.canary_percent,
+                    traffic_percent=share,
                     reason=self._reason(cycle, summary),
                 )
             except PlatformError as exc:
@@ -949,6 +953,37 @@ class Autopilot:
         else:
             cycle.steps.append(Step(SHADOW, _iso(now), verdict.summary, {"shadow": evidence}))
         self._save()
+
+    async def _canary_share(self, cycle: Cycle, now: datetime) -> tuple[int, str]:
+        """The canary's share: ``canary_percent``, raised (up to ``canary_max_percent``) so
+        that the canary's minimum sample arrives within ``canary_sample_s`` at production's
+        traffic over the shadow phase. What a bad canary can do is bounded by the answers it
+        gives before its verdict (the minimum sample), not by the share: a larger share on
+        thin traffic exposes no more answers, it only gets them sooner. Shadow has already
+        shown the candidate better on labels; the canary checks what it cannot see."""
+        policy = self.policy
+        floor = policy.canary_percent
+        if policy.canary_max_percent <= floor or policy.canary_sample_s <= 0:
+            return floor, "fixed share"
+        since = _parse(cycle.phase_started_at) or now
+        seconds = (now - since).total_seconds()
+        try:
+            [production] = await self.evidence.health(
+                [("production", cycle.production_version)], since
+            )
+        except PlatformError as exc:
+            metrics.ACTION_FAILURES.labels("health").inc()
+            log.warning("canary_sizing_unavailable", error=exc.message)
+            return floor, "production's traffic unknown"
+        if seconds <= 0 or production.requests <= 0:
+            return floor, "production's traffic unknown"
+        rate = production.requests / seconds
+        needed = 100.0 * policy.operational.min_requests / (rate * policy.canary_sample_s)
+        share = max(floor, min(policy.canary_max_percent, math.ceil(needed)))
+        return share, (
+            f"production answers {rate:.1f}/s: {policy.operational.min_requests} canary "
+            f"answers in about {policy.operational.min_requests / (rate * share / 100):.0f}s"
+        )
 
     async def _operational(
         self,

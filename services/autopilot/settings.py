@@ -131,7 +131,24 @@ class AutopilotSettings(ServiceSettings):
     )
 
     # canary: what shadow cannot see
-    canary_percent: int = Field(10, ge=1, le=50, description="Traffic answered by the canary.")
+    canary_percent: int = Field(
+        10, ge=1, le=50, description="Traffic answered by the canary (its least share)."
+    )
+    canary_max_percent: int = Field(
+        50,
+        ge=1,
+        le=50,
+        description="The canary's largest share: on thin traffic the share is raised so the "
+        "minimum sample (canary_min_requests) arrives within canary_sample_s; a bad canary "
+        "still gives at most that sample's answers before its verdict. Set it to "
+        "canary_percent for a fixed share.",
+    )
+    canary_sample_s: float = Field(
+        30.0,
+        ge=0,
+        description="The time the canary's share is sized for (its minimum sample at "
+        "production's traffic of the shadow phase); 0: a fixed share.",
+    )
     canary_min_requests: int = Field(
         200, ge=1, description="Answers of the canary (and of production) before a verdict."
     )
@@ -198,6 +215,8 @@ class AutopilotSettings(ServiceSettings):
             paired_limit=self.paired_limit,
             judge_interval_s=self.judge_interval_s,
             canary_percent=self.canary_percent,
+            canary_max_percent=self.canary_max_percent,
+            canary_sample_s=self.canary_sample_s,
             canary_timeout_s=self.canary_timeout_s,
             watch_s=self.watch_s,
             settle_s=self.settle_s,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -74,6 +75,8 @@ class FakeEvidence:
         self.candidate = VersionHealth()
         self.production = VersionHealth()
         self.quality: dict[str, float] | None = None
+        self.traffic: VersionHealth | None = None
+        self.health_asked: list[tuple[list[tuple[str, int]], datetime]] = []
 
     async def paired(self, baseline: int, candidate: int, limit: int) -> PairedData:
         return self.pairs
@@ -85,6 +88,9 @@ class FakeEvidence:
         return self.labels
 
     async def health(self, versions: list[tuple[str, int]], since: datetime) -> list[VersionHealth]:
+        self.health_asked.append((versions, since))
+        if self.traffic is not None and versions[0][0] == "production" and len(versions) == 1:
+            return [self.traffic]  # production's traffic, for the canary's share
         return [self.candidate if i == 0 else self.production for i, _ in enumerate(versions)]
 
 
@@ -368,6 +374,43 @@ async def test_a_better_candidate_goes_shadow_canary_production(h: Harness) -> N
     assert evidence["outcome"] == "better" and evidence["n"] == 3000
     assert evidence["interval"][0] > 0
     assert h.loop.state.production_version == version
+
+
+@pytest.mark.parametrize(
+    ("answers", "share"),
+    [
+        (0, 10),  # production's traffic unknown: the least share
+        (11 * 2, 50),  # 2 answers/s: 100 canary answers in 30 s would need 167 %: capped
+        (11 * 20, 17),  # 20/s: 100 answers in 30 s need 16.7 % of it
+        (11 * 200, 10),  # 200/s: the least share already gives them in 5 s
+    ],
+)
+async def test_the_canary_share_is_sized_for_its_minimum_sample(
+    h: Harness, answers: int, share: int
+) -> None:
+    version = await _to_shadow(h)
+    shadow_started = h.clock()
+    h.evidence.traffic = _health(answers) if answers else None
+    h.evidence.pairs = _pairs(3000, 4.0)
+    h.clock.advance(11)
+    await h.loop.tick()
+    assert h.loop.phase == "canary"
+    assert h.registry.calls[-1][:4] == ("set_alias", "canary", version, share)
+    asked = [a for a in h.evidence.health_asked if len(a[0]) == 1]
+    assert asked == [([("production", 1)], shadow_started)]  # over the shadow phase
+    if answers:
+        assert "answers in about" in h.registry.calls[-1][4]
+
+
+async def test_a_fixed_canary_share_asks_nothing(tmp_path: Path) -> None:
+    h = Harness(tmp_path / "state.json", replace(POLICY, canary_max_percent=10))
+    version = await _to_shadow(h)
+    h.evidence.traffic = _health(22)
+    h.evidence.pairs = _pairs(3000, 4.0)
+    h.clock.advance(11)
+    await h.loop.tick()
+    assert h.registry.calls[-1][:4] == ("set_alias", "canary", version, 10)
+    assert h.evidence.health_asked == []
 
 
 async def test_shadow_looks_are_spaced_by_new_labelled_frauds(h: Harness) -> None:
