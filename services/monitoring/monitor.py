@@ -134,6 +134,7 @@ class LiveMonitor:
                 at,
                 partition,
                 offset,
+                record.replayed,
             )
             joined, dropped = self.join.add_prediction(prediction)
             events += self._outcomes(joined)

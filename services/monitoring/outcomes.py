@@ -9,7 +9,11 @@ State is bounded by time and count: a prediction waits at most ``max_wait_s`` (s
 for its label, at most ``max_pending`` predictions wait at once (the oldest go first), and what
 leaves unmatched is counted by reason (``expired``: no label in time; ``evicted``: the state
 was full). A label that finds no prediction waits ``label_linger_s`` (a prediction logged late,
-or a shadow score after the answer) and is then counted as ``label_unmatched``.
+or a shadow score after the answer) and is then counted as ``label_unmatched``. A *replayed*
+shadow score (serving scored an earlier answer's inputs when the shadow was set) joins only a
+label that comes after it (by record time, so a re-read gives the same answer): an earlier
+label may have been in the candidate's training data. Those are counted as
+``replayed_after_label``.
 
 Stream time is the largest record timestamp seen, so replays behave as the live run did.
 ``low_watermark(partition)`` is the oldest record still needed: the transport commits no offset
@@ -34,6 +38,7 @@ class Prediction:
     at: float  # predicted_at (epoch seconds)
     partition: int
     offset: int
+    replayed: bool = False  # a shadow score of an earlier answer (PredictionRecord.replayed)
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +66,7 @@ class JoinCounts:
     evicted: int = 0  # predictions dropped because max_pending were waiting
     label_unmatched: int = 0  # labels no prediction came for within label_linger_s
     label_duplicates: int = 0  # a second label for a transaction (the first one counts)
+    replayed_after_label: int = 0  # replayed scores whose label came first: never joined
 
 
 class OutcomeJoin:
@@ -94,6 +100,11 @@ class OutcomeJoin:
         """Returns (outcomes joined now, predictions that left unmatched now)."""
         self.stream_time = max(self.stream_time, prediction.at)
         label = self._labels.get(prediction.transaction_id)
+        if label is not None and prediction.replayed:
+            # the label was there before the score: it may have been in the candidate's
+            # training data (a replayed score joins only a label that comes after it)
+            self.counts.replayed_after_label += 1
+            return [], []
         if label is not None:
             label.matched = True
             self.counts.joined += 1
@@ -131,8 +142,10 @@ class OutcomeJoin:
         self._unindex_predictions(transaction_id, predictions)
         label.matched = True
         self._pending_count -= len(predictions)
-        self.counts.joined += len(predictions)
-        return [Outcome(p, is_fraud, at) for p in predictions]
+        joined = [p for p in predictions if not p.replayed or p.at < at]
+        self.counts.replayed_after_label += len(predictions) - len(joined)
+        self.counts.joined += len(joined)
+        return [Outcome(p, is_fraud, at) for p in joined]
 
     def expire(self, now: float | None = None) -> list[Prediction]:
         """Drop what waited too long (as of ``now``, default the stream time); returns the

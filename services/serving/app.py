@@ -113,6 +113,8 @@ class ServingApp:
             deadline_margin_fraction=settings.deadline_margin_fraction,
             degrade_without_features=settings.on_feature_store_unavailable == "degrade",
             shadow_max_inflight=settings.shadow_max_inflight,
+            shadow_replay_s=settings.shadow_replay_s,
+            shadow_replay_max_rows=settings.shadow_replay_max_rows,
             switch_wait_s=settings.switch_wait_ms / 1000.0,
         )
         self.server = GrpcServer(

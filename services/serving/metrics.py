@@ -58,6 +58,12 @@ SHADOW_SKIPPED = Counter(
     "mlops_serving_shadow_skipped_total",
     "Mirrored rows not scored because too many shadow batches were in flight",
 )
+SHADOW_REPLAYED = Counter(
+    "mlops_serving_shadow_replayed_total",
+    "Earlier answers scored on a newly set shadow version (their logged model inputs), by "
+    "outcome: scored, failed (Triton did not answer; the rest of the replay is given up)",
+    ["outcome"],
+)
 ROUTING = Gauge(
     "mlops_serving_route_traffic_percent",
     "The routing table: traffic share of each served version by alias",

@@ -58,6 +58,7 @@ class PredictionBatch:
     route: int
     degraded: bool
     predicted_at: float  # epoch seconds
+    replayed: bool = False  # shadow scores of earlier answers (PredictionRecord.replayed)
 
     def __len__(self) -> int:
         return len(self.request_ids)
@@ -76,6 +77,7 @@ class PredictionBatch:
             self.route,
             self.degraded,
             self.predicted_at,
+            self.replayed,
         )
 
 
@@ -155,6 +157,8 @@ class RecordEncoder:
             for flagged in (False, True)
         }
         timestamp = self._timestamp(batch.predicted_at)
+        if batch.replayed:
+            timestamp += b"\x60\x01"  # field 12, replayed = true
         out = []
         for request_id, transaction, features, probability, flagged, latency_ms in zip(
             batch.request_ids,

@@ -18,6 +18,7 @@ import asyncio
 import itertools
 import time
 import uuid
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -28,7 +29,7 @@ from services.serving import metrics
 from services.serving.batching import MicroBatcher
 from services.serving.online_features import OnlineFeatureReader
 from services.serving.prediction_log import PredictionBatch, PredictionLog
-from services.serving.routing import CanaryRouter, RouteDecision, ServedModel
+from services.serving.routing import CanaryRouter, RouteDecision, RoutingTable, ServedModel
 from services.serving.scoring import TritonScorer, VersionNotServed
 from services.shared.errors import DeadlineExceeded, InvalidArgument, PlatformError, Unavailable
 from services.shared.logging import get_logger
@@ -108,6 +109,8 @@ class Predictor:
         deadline_margin_fraction: float = 0.05,
         degrade_without_features: bool = True,
         shadow_max_inflight: int = 8,
+        shadow_replay_s: float = 600.0,
+        shadow_replay_max_rows: int = 20_000,
         switch_wait_s: float = 2.0,
         max_batch_requests: int = 1000,
     ) -> None:
@@ -127,6 +130,11 @@ class Predictor:
         self._unserved_since: dict[int, float] = {}  # version -> when a wait for it failed
         self._shadow_tasks: set[asyncio.Task[None]] = set()
         self._shadow_warned = 0.0
+        self._replay_s = shadow_replay_s
+        self._replay_max_rows = shadow_replay_max_rows
+        self._recent: deque[PredictionBatch] = deque()  # answers a new shadow replays
+        self._recent_rows = 0
+        self._replay: asyncio.Task[None] | None = None
         self._request_ids = RequestIds()
         self._join_keys = features.layout.join_keys
         unknown = [
@@ -134,6 +142,7 @@ class Predictor:
         ]
         if unknown:
             raise ValueError(f"feature views join on {unknown}, which transactions do not carry")
+        router.on_update(self._routing_changed)
         self._batcher: MicroBatcher[_Request, Prediction] = MicroBatcher(
             self._score_batch,
             max_size=batch_max_size,
@@ -291,7 +300,8 @@ class Predictor:
                     results[live[position]] = group.error
                 continue
             assert group.scores is not None
-            self._answer(rows, group, matrix, degraded, predicted_at, live, results)
+            answered = self._answer(rows, group, matrix, degraded, predicted_at, live, results)
+            self._remember(answered)
         self._mirror(rows, matrix, degraded)
 
     async def _online_features(
@@ -402,7 +412,7 @@ class Predictor:
         predicted_at: float,
         live: list[int],
         results: list[Prediction | BaseException | None],
-    ) -> None:
+    ) -> PredictionBatch:
         model = group.model
         assert group.scores is not None
         route = model.route
@@ -431,22 +441,22 @@ class Predictor:
                 route=route,
             )
             latency.observe(elapsed)
-        self._log.record(
-            PredictionBatch(
-                request_ids=request_ids,
-                transactions=transactions,
-                features=matrix[group.rows],
-                fraud_probabilities=scores,
-                flagged=flagged,
-                latencies_ms=[elapsed * 1000.0 for elapsed in latencies],
-                model_name=model_name,
-                model_version=model_version,
-                route=route,
-                degraded=degraded,
-                predicted_at=predicted_at,
-            )
+        batch = PredictionBatch(
+            request_ids=request_ids,
+            transactions=transactions,
+            features=matrix[group.rows],
+            fraud_probabilities=scores,
+            flagged=flagged,
+            latencies_ms=[elapsed * 1000.0 for elapsed in latencies],
+            model_name=model_name,
+            model_version=model_version,
+            route=route,
+            degraded=degraded,
+            predicted_at=predicted_at,
         )
+        self._log.record(batch)
         counter.inc(len(group.rows))
+        return batch
 
     # ------------------------------------------------------------------ shadow
 
@@ -486,6 +496,101 @@ class Predictor:
         throwaway: list[Prediction | BaseException | None] = [None] * len(rows)
         self._answer(rows, scored, matrix, degraded, time.time(), list(range(len(rows))), throwaway)
 
+    # ------------------------------------------------------------------ shadow replay
+
+    def _remember(self, batch: PredictionBatch) -> None:
+        """Keep an answered batch for a later shadow's replay (bounded by time and rows)."""
+        if self._replay_s <= 0 or self._replay_max_rows <= 0 or batch.degraded:
+            return  # degraded answers used default features: not what a model would see
+        self._recent.append(batch)
+        self._recent_rows += len(batch)
+        oldest = batch.predicted_at - self._replay_s
+        while self._recent and (
+            self._recent_rows > self._replay_max_rows or self._recent[0].predicted_at < oldest
+        ):
+            self._recent_rows -= len(self._recent.popleft())
+
+    def _routing_changed(self, previous: RoutingTable | None, table: RoutingTable) -> None:
+        shadow = table.shadow
+        before = previous.shadow if previous is not None else None
+        if shadow is not None and before is not None and before.version == shadow.version:
+            return
+        if self._replay is not None and not self._replay.done():
+            self._replay.cancel()  # the shadow it scored for is gone or replaced
+        if shadow is None or not self._recent:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return  # no event loop (a table set before serving runs): nothing answered yet
+        self._replay = loop.create_task(self._replay_on(table, shadow))
+
+    async def replay_done(self) -> None:
+        """Wait for the running shadow replay, if any (tests, and an orderly stop)."""
+        if self._replay is not None:
+            await asyncio.gather(self._replay, return_exceptions=True)
+
+    async def _replay_on(self, table: RoutingTable, shadow: ServedModel) -> None:
+        """Score the recent answers' logged model inputs on the new shadow version and log
+        them as replayed shadow records: a paired comparison then has transactions whose
+        labels are still to come as soon as the shadow is set, not a label delay later."""
+        started = time.perf_counter()
+        horizon = time.time() - self._replay_s
+        batches = [b for b in self._recent if b.predicted_at >= horizon]
+        scored = failed = 0
+        try:
+            for batch in batches:
+                if batch.model_version == shadow.version:
+                    continue  # answered by that version already (a canary)
+                keep = [
+                    i
+                    for i, txn in enumerate(batch.transactions)
+                    if CanaryRouter.route_with(table, txn.user_id).shadow is not None
+                ]
+                for start in range(0, len(keep), self._batch_max_size):
+                    rows = keep[start : start + self._batch_max_size]
+                    try:
+                        scores = await self._scorer.score(
+                            shadow.version, batch.features[rows], self._default_timeout_s
+                        )
+                    except Unavailable as exc:
+                        failed += len(keep) - start
+                        metrics.SHADOW_REPLAYED.labels("failed").inc(len(keep) - start)
+                        log.warning("shadow_replay_failed", version=shadow.version, error=str(exc))
+                        return
+                    values: list[float] = scores.tolist()
+                    self._log.record(
+                        PredictionBatch(
+                            request_ids=[batch.request_ids[i] for i in rows],
+                            transactions=[batch.transactions[i] for i in rows],
+                            features=batch.features[rows],
+                            fraud_probabilities=values,
+                            flagged=[shadow.declines(v) for v in values],
+                            latencies_ms=[0.0] * len(rows),
+                            model_name=batch.model_name,
+                            model_version=shadow.version,
+                            route=shadow.route,
+                            degraded=False,
+                            predicted_at=time.time(),
+                            replayed=True,
+                        )
+                    )
+                    scored += len(rows)
+                    metrics.SHADOW_REPLAYED.labels("scored").inc(len(rows))
+        except asyncio.CancelledError:
+            log.info("shadow_replay_stopped", version=shadow.version, scored=scored)
+            raise
+        finally:
+            if scored or failed:
+                log.info(
+                    "shadow_replayed",
+                    version=shadow.version,
+                    scored=scored,
+                    failed=failed,
+                    window_s=self._replay_s,
+                    seconds=round(time.perf_counter() - started, 3),
+                )
+
     # ------------------------------------------------------------------ lifecycle
 
     async def probe(self, model: ServedModel, timeout_s: float) -> PlatformError | None:
@@ -504,5 +609,8 @@ class Predictor:
 
     async def close(self) -> None:
         await self._batcher.close()
+        if self._replay is not None and not self._replay.done():
+            self._replay.cancel()
+            await asyncio.gather(self._replay, return_exceptions=True)
         if self._shadow_tasks:
             await asyncio.gather(*self._shadow_tasks, return_exceptions=True)

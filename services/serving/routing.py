@@ -10,7 +10,7 @@ canary's share does not change, and raising the share only adds users to it.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import mmh3
@@ -116,17 +116,24 @@ class CanaryRouter:
     def __init__(self, table: RoutingTable | None = None) -> None:
         self._table = table
         self._waiters: list[asyncio.Future[None]] = []
+        self._listeners: list[Callable[[RoutingTable | None, RoutingTable], None]] = []
+
+    def on_update(self, listener: Callable[[RoutingTable | None, RoutingTable], None]) -> None:
+        """Call ``listener(previous, table)`` after every table swap (on the swapper's thread)."""
+        self._listeners.append(listener)
 
     @property
     def table(self) -> RoutingTable | None:
         return self._table
 
     def update(self, table: RoutingTable) -> None:
-        self._table = table
+        previous, self._table = self._table, table
         waiters, self._waiters = self._waiters, []
         for waiter in waiters:
             if not waiter.done():
                 waiter.set_result(None)
+        for listener in self._listeners:
+            listener(previous, table)
 
     async def changed(self, since: RoutingTable | None, timeout_s: float) -> bool:
         """Wait (up to ``timeout_s``) until the table is no longer ``since``."""

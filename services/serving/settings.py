@@ -120,6 +120,20 @@ class ServingSettings(ServiceSettings, GrpcTlsSettings):
         description="Shadow scoring batches in flight at once; beyond it shadow copies "
         "are skipped (and counted).",
     )
+    shadow_replay_s: float = Field(
+        600.0,
+        ge=0,
+        description="When a new shadow version is set, the answers of this many seconds before "
+        "are scored on it too (from their logged model inputs; records marked replayed): its "
+        "paired comparison need not wait a label delay for labels of transactions it scored "
+        "live. Monitoring joins a replayed score only with a label that comes after it. "
+        "0: off.",
+    )
+    shadow_replay_max_rows: int = Field(
+        20_000,
+        ge=0,
+        description="At most this many recent answers are kept for a replay (the newest).",
+    )
     health_interval_s: float = Field(
         1.0, gt=0, description="How often Triton is probed for the routed versions."
     )

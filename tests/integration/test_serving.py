@@ -682,6 +682,10 @@ async def test_canary_gets_its_share_sticky_per_user_and_shadow_is_logged_not_re
     moved = await asyncio.gather(*(serving.predict(transaction(u)) for u in on_canary[:200]))
     assert all(a.model_version == 2 for a in moved)
 
+    # answers before the shadow is set: those of v1 are replayed on the new shadow v2
+    before = [transaction(u) for u in users[300:320]]
+    earlier = [await serving.predict(t, request_id=f"pre-{i}") for i, t in enumerate(before)]
+
     # shadow: v2 mirrors production v1; callers only ever see v1
     await publish_routing(
         kafka,
@@ -712,6 +716,28 @@ async def test_canary_gets_its_share_sticky_per_user_and_shadow_is_logged_not_re
         assert shadow.fraud_probability == pytest.approx(float(shadow_scores[i]), abs=1e-5)
         assert records[(f"sh-{i}", monitoring_pb2.ROUTE_PRODUCTION)].model_version == 1
         assert answer.fraud_probability != pytest.approx(shadow.fraud_probability, abs=1e-9)
+        assert not shadow.replayed
+
+    # the replay: v1's earlier answers scored on v2 from their logged inputs, marked replayed;
+    # v2's own (canary) answers are not scored again
+    by_v1 = {f"pre-{i}" for i, a in enumerate(earlier) if a.model_version == 1}
+    assert 0 < len(by_v1) < len(earlier)  # the 50 % canary answered the others
+    replayed: dict[tuple[str, int], monitoring_pb2.PredictionRecord] = {}
+
+    async def all_replayed() -> bool:
+        replayed.update(await read_predictions(kafka, by_v1))
+        return all((rid, monitoring_pb2.ROUTE_SHADOW) in replayed for rid in by_v1)
+
+    await wait_for(all_replayed, 30, "the replayed shadow records")
+    replay_scores = local_scores(2, expected_matrix(before, {}, {}))
+    for i, answer in enumerate(earlier):
+        shadow = replayed.get((f"pre-{i}", monitoring_pb2.ROUTE_SHADOW))
+        if answer.model_version != 1:
+            assert shadow is None
+            continue
+        assert shadow is not None and shadow.replayed and shadow.model_version == 2
+        assert shadow.fraud_probability == pytest.approx(float(replay_scores[i]), abs=1e-5)
+        assert shadow.transaction.transaction_id == before[i].transaction_id
 
 
 async def test_health_is_not_serving_until_a_version_is_routable_and_reflection_lists_predictor(

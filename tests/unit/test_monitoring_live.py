@@ -52,6 +52,32 @@ def test_join_pairs_each_version_with_the_label_and_counts_what_leaves_unmatched
     assert join.counts.label_unmatched == 1  # "zzz" lingered and left alone
 
 
+def test_a_replayed_shadow_score_joins_only_a_label_that_comes_after_it() -> None:
+    join = OutcomeJoin(max_wait_s=100.0, max_pending=100, label_linger_s=10.0)
+
+    def replayed(txid: str, at: float) -> Prediction:
+        return Prediction(txid, "fraud", 3, "shadow", 0.2, False, at, 0, 9, replayed=True)
+
+    # answered at 0, replayed on the new shadow at 20, labelled at 30: both versions joined
+    join.add_prediction(_prediction("later", 0.0))
+    join.add_prediction(replayed("later", 20.0))
+    outcomes = join.add_label("later", True, 30.0, 0, 1)
+    assert sorted(o.prediction.model_version for o in outcomes) == [1, 3]
+    # labelled at 25 (lingering), replayed at 26: the label may be in the candidate's
+    # training data, so the replayed score is not joined
+    join.add_prediction(_prediction("earlier", 0.0))
+    assert len(join.add_label("earlier", False, 25.0, 0, 2)) == 1
+    assert join.add_prediction(replayed("earlier", 26.0)) == ([], [])
+    # a re-read after a restart can bring the label after the replayed record although it
+    # came first: record times decide, as the first time
+    join.add_prediction(_prediction("reread", 0.0))
+    join.add_prediction(replayed("reread", 40.0))
+    outcomes = join.add_label("reread", False, 35.0, 0, 3)
+    assert [o.prediction.model_version for o in outcomes] == [1]
+    assert join.counts.replayed_after_label == 2 and join.counts.joined == 4
+    assert join.pending == 0
+
+
 def test_low_watermarks_keep_what_a_restart_must_read_again() -> None:
     join = OutcomeJoin(max_wait_s=1000.0, max_pending=100, label_linger_s=5.0)
     join.add_prediction(_prediction("a", 10.0, partition=0, offset=10))

@@ -41,6 +41,7 @@ def reference_records(batch: PredictionBatch) -> list[monitoring_pb2.PredictionR
             degraded=batch.degraded,
             latency_ms=batch.latencies_ms[i],
             predicted_at=predicted_at,
+            replayed=batch.replayed,
         )
         for i in range(len(batch))
     ]
@@ -73,6 +74,7 @@ def test_a_batch_encodes_to_the_records_of_its_rows() -> None:
         # a name longer than one varint byte of length; defaults everywhere else
         batch(3, model_version=0, model_name="m" * 150, predicted_at=0.0),
         batch(2, route=monitoring_pb2.ROUTE_UNSPECIFIED, request_ids=["", ""]),
+        batch(5, route=monitoring_pb2.ROUTE_SHADOW, replayed=True, predicted_at=0.0),
     ):
         expected = reference_records(one)
         encoded = encoder.encode_batch(one)

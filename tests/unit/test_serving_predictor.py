@@ -312,6 +312,82 @@ async def test_a_failing_shadow_changes_nothing_for_callers() -> None:
     assert [e.route for e in pending(log)] == [monitoring_pb2.ROUTE_PRODUCTION]
 
 
+async def test_a_new_shadow_scores_the_recent_answers_inputs_marked_replayed() -> None:
+    predictor, _, _, log = make()
+    txns = [txn(f"p-{i}") for i in range(6)]
+    await asyncio.gather(*(predictor.predict(t, f"r{i}") for i, t in enumerate(txns)))
+    answered = {e.request_id: e for e in pending(log)}
+    assert len(answered) == 6
+    predictor.router.update(RoutingTable(production=PRODUCTION, shadow=SHADOW))
+    await predictor.replay_done()  # the replay is a task of its own
+    await predictor.close()
+    replayed = pending(log)
+    assert sorted(e.request_id for e in replayed) == [f"r{i}" for i in range(6)]
+    for entry in replayed:
+        original = answered[entry.request_id]
+        assert entry.replayed and entry.route == monitoring_pb2.ROUTE_SHADOW
+        assert entry.model_version == 3 and entry.latency_ms == 0.0
+        assert entry.transaction == original.transaction
+        assert dict(entry.features) == pytest.approx(dict(original.features))
+        inputs = np.array([[original.features[n] for n in MODEL_INPUTS]], np.float32)
+        assert entry.fraud_probability == pytest.approx(float(score_of(3, inputs)[0]), rel=1e-6)
+        assert entry.flagged == (entry.fraud_probability >= SHADOW.threshold)
+        assert entry.predicted_at.ToSeconds() >= original.predicted_at.ToSeconds()
+    assert not any(e.replayed for e in answered.values())
+
+
+async def test_a_replay_keeps_only_the_window_and_skips_the_shadows_own_answers() -> None:
+    features = FakeFeatures()
+    scorer = FakeScorer()
+    log = PredictionLog(producer_never_used, "predictions.log", capacity=1000)
+    canary_all = ServedModel(3, "canary", 100, 0.9)
+    router = CanaryRouter(RoutingTable(production=PRODUCTION, canary=canary_all))
+    predictor = Predictor(
+        model_name="fraud_detector",
+        router=router,
+        features=features,  # type: ignore[arg-type]
+        scorer=scorer,  # type: ignore[arg-type]
+        prediction_log=log,
+        batch_max_delay_s=0.001,
+        shadow_replay_max_rows=3,
+    )
+    for i in range(5):  # one batch each; only the newest 3 rows are kept
+        await predictor.predict(txn(f"c-{i}"), f"c{i}")
+    router.update(RoutingTable(production=PRODUCTION))
+    await predictor.predict(txn("p-0"), "p0")
+    log.take(10**9)
+    # v3 answered c0-c4 itself (as the canary): a shadow v3 has nothing of them to replay
+    router.update(RoutingTable(production=PRODUCTION, shadow=SHADOW))
+    await predictor.replay_done()
+    await predictor.close()
+    assert [(e.request_id, e.replayed) for e in pending(log)] == [("p0", True)]
+
+
+async def test_no_replay_when_off_or_when_the_shadow_stays() -> None:
+    predictor, _, _, log = make(RoutingTable(production=PRODUCTION, shadow=SHADOW))
+    await predictor.predict(txn(), "r1")
+    await predictor.close()
+    log.take(10**9)
+    predictor.router.update(RoutingTable(production=PRODUCTION, shadow=SHADOW))  # same shadow
+    await predictor.replay_done()
+    assert pending(log) == []
+
+    off = Predictor(
+        model_name="fraud_detector",
+        router=CanaryRouter(RoutingTable(production=PRODUCTION)),
+        features=FakeFeatures(),  # type: ignore[arg-type]
+        scorer=FakeScorer(),  # type: ignore[arg-type]
+        prediction_log=log,
+        shadow_replay_s=0,
+    )
+    await off.predict(txn(), "r2")
+    log.take(10**9)
+    off.router.update(RoutingTable(production=PRODUCTION, shadow=SHADOW))
+    await off.replay_done()
+    await off.close()
+    assert pending(log) == []
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [

@@ -26,7 +26,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from services.shared.proto.mlops.v1 import events_pb2 as mlops_dot_v1_dot_events__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19mlops/v1/monitoring.proto\x12\x08mlops.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x15mlops/v1/events.proto\"\x8e\x03\n\x10PredictionRecord\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12*\n\x0btransaction\x18\x02 \x01(\x0b\x32\x15.mlops.v1.Transaction\x12:\n\x08\x66\x65\x61tures\x18\x03 \x03(\x0b\x32(.mlops.v1.PredictionRecord.FeaturesEntry\x12\x19\n\x11\x66raud_probability\x18\x04 \x01(\x01\x12\x0f\n\x07\x66lagged\x18\x05 \x01(\x08\x12\x12\n\nmodel_name\x18\x06 \x01(\t\x12\x15\n\rmodel_version\x18\x07 \x01(\x03\x12\x1e\n\x05route\x18\x08 \x01(\x0e\x32\x0f.mlops.v1.Route\x12\x10\n\x08\x64\x65graded\x18\t \x01(\x08\x12\x12\n\nlatency_ms\x18\n \x01(\x01\x12\x30\n\x0cpredicted_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x1a/\n\rFeaturesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xcf\x02\n\nDriftEvent\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x10\n\x08\x64\x65tector\x18\x02 \x01(\t\x12\x0e\n\x06signal\x18\x03 \x01(\t\x12\x12\n\nmodel_name\x18\x04 \x01(\t\x12\x15\n\rmodel_version\x18\x05 \x01(\x03\x12\x11\n\tstatistic\x18\x06 \x01(\x01\x12\x11\n\tthreshold\x18\x07 \x01(\x01\x12\x17\n\x0freference_value\x18\x08 \x01(\x01\x12\x15\n\rcurrent_value\x18\t \x01(\x01\x12/\n\x0b\x64\x65tected_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04kind\x18\x0b \x01(\t\x12,\n\x08onset_at\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07samples\x18\r \x01(\x03\x12\x0e\n\x06inputs\x18\x0e \x03(\t\"\xe6\x01\n\x0eRetrainRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nmodel_name\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x14\n\x0crequested_by\x18\x04 \x01(\t\x12#\n\x05\x64rift\x18\x05 \x01(\x0b\x32\x14.mlops.v1.DriftEvent\x12\x1b\n\x13\x64\x61taset_snapshot_id\x18\x06 \x01(\t\x12\x30\n\x0crequested_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\ngate_tests\x18\x08 \x01(\r\"\xe8\x01\n\x0eTrainingResult\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nmodel_name\x18\x02 \x01(\t\x12(\n\x06status\x18\x03 \x01(\x0e\x32\x18.mlops.v1.TrainingStatus\x12\x12\n\nerror_code\x18\x04 \x01(\t\x12\r\n\x05\x65rror\x18\x05 \x01(\t\x12\x0e\n\x06run_id\x18\x06 \x01(\t\x12\x0f\n\x07version\x18\x07 \x01(\x03\x12/\n\x0b\x66inished_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07seconds\x18\t \x01(\x01*X\n\x05Route\x12\x15\n\x11ROUTE_UNSPECIFIED\x10\x00\x12\x14\n\x10ROUTE_PRODUCTION\x10\x01\x12\x10\n\x0cROUTE_CANARY\x10\x02\x12\x10\n\x0cROUTE_SHADOW\x10\x03*\x86\x01\n\x0eTrainingStatus\x12\x1f\n\x1bTRAINING_STATUS_UNSPECIFIED\x10\x00\x12\x1b\n\x17TRAINING_STATUS_TRAINED\x10\x01\x12\x1a\n\x16TRAINING_STATUS_REUSED\x10\x02\x12\x1a\n\x16TRAINING_STATUS_FAILED\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19mlops/v1/monitoring.proto\x12\x08mlops.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x15mlops/v1/events.proto\"\xa0\x03\n\x10PredictionRecord\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12*\n\x0btransaction\x18\x02 \x01(\x0b\x32\x15.mlops.v1.Transaction\x12:\n\x08\x66\x65\x61tures\x18\x03 \x03(\x0b\x32(.mlops.v1.PredictionRecord.FeaturesEntry\x12\x19\n\x11\x66raud_probability\x18\x04 \x01(\x01\x12\x0f\n\x07\x66lagged\x18\x05 \x01(\x08\x12\x12\n\nmodel_name\x18\x06 \x01(\t\x12\x15\n\rmodel_version\x18\x07 \x01(\x03\x12\x1e\n\x05route\x18\x08 \x01(\x0e\x32\x0f.mlops.v1.Route\x12\x10\n\x08\x64\x65graded\x18\t \x01(\x08\x12\x12\n\nlatency_ms\x18\n \x01(\x01\x12\x30\n\x0cpredicted_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08replayed\x18\x0c \x01(\x08\x1a/\n\rFeaturesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xcf\x02\n\nDriftEvent\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x10\n\x08\x64\x65tector\x18\x02 \x01(\t\x12\x0e\n\x06signal\x18\x03 \x01(\t\x12\x12\n\nmodel_name\x18\x04 \x01(\t\x12\x15\n\rmodel_version\x18\x05 \x01(\x03\x12\x11\n\tstatistic\x18\x06 \x01(\x01\x12\x11\n\tthreshold\x18\x07 \x01(\x01\x12\x17\n\x0freference_value\x18\x08 \x01(\x01\x12\x15\n\rcurrent_value\x18\t \x01(\x01\x12/\n\x0b\x64\x65tected_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04kind\x18\x0b \x01(\t\x12,\n\x08onset_at\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07samples\x18\r \x01(\x03\x12\x0e\n\x06inputs\x18\x0e \x03(\t\"\xe6\x01\n\x0eRetrainRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nmodel_name\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x14\n\x0crequested_by\x18\x04 \x01(\t\x12#\n\x05\x64rift\x18\x05 \x01(\x0b\x32\x14.mlops.v1.DriftEvent\x12\x1b\n\x13\x64\x61taset_snapshot_id\x18\x06 \x01(\t\x12\x30\n\x0crequested_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\ngate_tests\x18\x08 \x01(\r\"\xe8\x01\n\x0eTrainingResult\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nmodel_name\x18\x02 \x01(\t\x12(\n\x06status\x18\x03 \x01(\x0e\x32\x18.mlops.v1.TrainingStatus\x12\x12\n\nerror_code\x18\x04 \x01(\t\x12\r\n\x05\x65rror\x18\x05 \x01(\t\x12\x0e\n\x06run_id\x18\x06 \x01(\t\x12\x0f\n\x07version\x18\x07 \x01(\x03\x12/\n\x0b\x66inished_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07seconds\x18\t \x01(\x01*X\n\x05Route\x12\x15\n\x11ROUTE_UNSPECIFIED\x10\x00\x12\x14\n\x10ROUTE_PRODUCTION\x10\x01\x12\x10\n\x0cROUTE_CANARY\x10\x02\x12\x10\n\x0cROUTE_SHADOW\x10\x03*\x86\x01\n\x0eTrainingStatus\x12\x1f\n\x1bTRAINING_STATUS_UNSPECIFIED\x10\x00\x12\x1b\n\x17TRAINING_STATUS_TRAINED\x10\x01\x12\x1a\n\x16TRAINING_STATUS_REUSED\x10\x02\x12\x1a\n\x16TRAINING_STATUS_FAILED\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,18 +35,18 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_PREDICTIONRECORD_FEATURESENTRY']._loaded_options = None
   _globals['_PREDICTIONRECORD_FEATURESENTRY']._serialized_options = b'8\001'
-  _globals['_ROUTE']._serialized_start=1302
-  _globals['_ROUTE']._serialized_end=1390
-  _globals['_TRAININGSTATUS']._serialized_start=1393
-  _globals['_TRAININGSTATUS']._serialized_end=1527
+  _globals['_ROUTE']._serialized_start=1320
+  _globals['_ROUTE']._serialized_end=1408
+  _globals['_TRAININGSTATUS']._serialized_start=1411
+  _globals['_TRAININGSTATUS']._serialized_end=1545
   _globals['_PREDICTIONRECORD']._serialized_start=96
-  _globals['_PREDICTIONRECORD']._serialized_end=494
-  _globals['_PREDICTIONRECORD_FEATURESENTRY']._serialized_start=447
-  _globals['_PREDICTIONRECORD_FEATURESENTRY']._serialized_end=494
-  _globals['_DRIFTEVENT']._serialized_start=497
-  _globals['_DRIFTEVENT']._serialized_end=832
-  _globals['_RETRAINREQUEST']._serialized_start=835
-  _globals['_RETRAINREQUEST']._serialized_end=1065
-  _globals['_TRAININGRESULT']._serialized_start=1068
-  _globals['_TRAININGRESULT']._serialized_end=1300
+  _globals['_PREDICTIONRECORD']._serialized_end=512
+  _globals['_PREDICTIONRECORD_FEATURESENTRY']._serialized_start=465
+  _globals['_PREDICTIONRECORD_FEATURESENTRY']._serialized_end=512
+  _globals['_DRIFTEVENT']._serialized_start=515
+  _globals['_DRIFTEVENT']._serialized_end=850
+  _globals['_RETRAINREQUEST']._serialized_start=853
+  _globals['_RETRAINREQUEST']._serialized_end=1083
+  _globals['_TRAININGRESULT']._serialized_start=1086
+  _globals['_TRAININGRESULT']._serialized_end=1318
 # @@protoc_insertion_point(module_scope)

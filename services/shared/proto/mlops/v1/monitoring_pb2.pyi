@@ -102,6 +102,7 @@ class PredictionRecord(google.protobuf.message.Message):
     DEGRADED_FIELD_NUMBER: builtins.int
     LATENCY_MS_FIELD_NUMBER: builtins.int
     PREDICTED_AT_FIELD_NUMBER: builtins.int
+    REPLAYED_FIELD_NUMBER: builtins.int
     request_id: builtins.str
     fraud_probability: builtins.float
     flagged: builtins.bool
@@ -112,6 +113,12 @@ class PredictionRecord(google.protobuf.message.Message):
     degraded: builtins.bool
     """answered with default features"""
     latency_ms: builtins.float
+    replayed: builtins.bool
+    """A shadow score of a transaction answered before the shadow was set: when a new shadow
+    version arrives, serving scores the model inputs of its recent answers on it (route
+    shadow, latency 0). Monitoring joins such a score only with a label that comes after it,
+    so the label cannot have been in the candidate's training data.
+    """
     @property
     def transaction(self) -> services.shared.proto.mlops.v1.events_pb2.Transaction: ...
     @property
@@ -134,9 +141,10 @@ class PredictionRecord(google.protobuf.message.Message):
         degraded: builtins.bool = ...,
         latency_ms: builtins.float = ...,
         predicted_at: google.protobuf.timestamp_pb2.Timestamp | None = ...,
+        replayed: builtins.bool = ...,
     ) -> None: ...
     def HasField(self, field_name: typing.Literal["predicted_at", b"predicted_at", "transaction", b"transaction"]) -> builtins.bool: ...
-    def ClearField(self, field_name: typing.Literal["degraded", b"degraded", "features", b"features", "flagged", b"flagged", "fraud_probability", b"fraud_probability", "latency_ms", b"latency_ms", "model_name", b"model_name", "model_version", b"model_version", "predicted_at", b"predicted_at", "request_id", b"request_id", "route", b"route", "transaction", b"transaction"]) -> None: ...
+    def ClearField(self, field_name: typing.Literal["degraded", b"degraded", "features", b"features", "flagged", b"flagged", "fraud_probability", b"fraud_probability", "latency_ms", b"latency_ms", "model_name", b"model_name", "model_version", b"model_version", "predicted_at", b"predicted_at", "replayed", b"replayed", "request_id", b"request_id", "route", b"route", "transaction", b"transaction"]) -> None: ...
 
 global___PredictionRecord = PredictionRecord
 
