@@ -37,7 +37,7 @@ def create_app(monitor: LiveMonitor) -> FastAPI:
                 "expired": monitor.join.counts.expired,
                 "evicted": monitor.join.counts.evicted,
                 "label_unmatched": monitor.join.counts.label_unmatched,
-                "replayed_after_label": monitor.join.counts.replayed_after_label,
+                "replayed_unused": monitor.join.counts.replayed_unused,
                 "pending": monitor.join.pending,
             },
             "versions": [f.as_dict() for f in monitor.quality_figures()],

@@ -52,8 +52,8 @@ class LiveMetrics:
             "mlops_monitoring_outcomes_unmatched_total",
             "What left the join without a partner (since start), by reason: expired (no "
             "label within the wait), evicted (the state was full), label_unmatched (a label no "
-            "prediction came for), label_duplicate, replayed_after_label (a replayed shadow "
-            "score whose label came first: never joined)",
+            "prediction came for), label_duplicate, replayed_unused (a replayed shadow "
+            "score of an answer no longer waiting for its label: never joined)",
             ["reason"],
             registry=registry,
         )
@@ -100,7 +100,7 @@ class LiveMetrics:
         self.unmatched.labels("evicted").set(c.evicted)
         self.unmatched.labels("label_unmatched").set(c.label_unmatched)
         self.unmatched.labels("label_duplicate").set(c.label_duplicates)
-        self.unmatched.labels("replayed_after_label").set(c.replayed_after_label)
+        self.unmatched.labels("replayed_unused").set(c.replayed_unused)
         self.pending.set(join.pending)
 
     def report_quality(self, figures: QualityFigures) -> None:

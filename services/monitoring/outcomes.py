@@ -10,10 +10,10 @@ for its label, at most ``max_pending`` predictions wait at once (the oldest go f
 leaves unmatched is counted by reason (``expired``: no label in time; ``evicted``: the state
 was full). A label that finds no prediction waits ``label_linger_s`` (a prediction logged late,
 or a shadow score after the answer) and is then counted as ``label_unmatched``. A *replayed*
-shadow score (serving scored an earlier answer's inputs when the shadow was set) joins only a
-label that comes after it (by record time, so a re-read gives the same answer): an earlier
-label may have been in the candidate's training data. Those are counted as
-``replayed_after_label``.
+shadow score (serving scored an earlier answer's inputs when the shadow was set) joins only
+if that answer still waits for its label, and only a label that comes after it (by record
+time, so a re-read gives the same answer): an earlier label may have been in the candidate's
+training data. The others are counted as ``replayed_unused`` and hold no state.
 
 Stream time is the largest record timestamp seen, so replays behave as the live run did.
 ``low_watermark(partition)`` is the oldest record still needed: the transport commits no offset
@@ -66,7 +66,7 @@ class JoinCounts:
     evicted: int = 0  # predictions dropped because max_pending were waiting
     label_unmatched: int = 0  # labels no prediction came for within label_linger_s
     label_duplicates: int = 0  # a second label for a transaction (the first one counts)
-    replayed_after_label: int = 0  # replayed scores whose label came first: never joined
+    replayed_unused: int = 0  # replayed scores of answers no longer waiting: never joined
 
 
 class OutcomeJoin:
@@ -100,10 +100,12 @@ class OutcomeJoin:
         """Returns (outcomes joined now, predictions that left unmatched now)."""
         self.stream_time = max(self.stream_time, prediction.at)
         label = self._labels.get(prediction.transaction_id)
-        if label is not None and prediction.replayed:
-            # the label was there before the score: it may have been in the candidate's
-            # training data (a replayed score joins only a label that comes after it)
-            self.counts.replayed_after_label += 1
+        if prediction.replayed and (
+            label is not None or prediction.transaction_id not in self._pending
+        ):
+            # its answer no longer waits for a label: the label came first (it may have been
+            # in the candidate's training data), or the answer expired or was evicted
+            self.counts.replayed_unused += 1
             return [], []
         if label is not None:
             label.matched = True
@@ -143,7 +145,7 @@ class OutcomeJoin:
         label.matched = True
         self._pending_count -= len(predictions)
         joined = [p for p in predictions if not p.replayed or p.at < at]
-        self.counts.replayed_after_label += len(predictions) - len(joined)
+        self.counts.replayed_unused += len(predictions) - len(joined)
         self.counts.joined += len(joined)
         return [Outcome(p, is_fraud, at) for p in joined]
 

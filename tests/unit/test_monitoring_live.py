@@ -74,7 +74,9 @@ def test_a_replayed_shadow_score_joins_only_a_label_that_comes_after_it() -> Non
     join.add_prediction(replayed("reread", 40.0))
     outcomes = join.add_label("reread", False, 35.0, 0, 3)
     assert [o.prediction.model_version for o in outcomes] == [1]
-    assert join.counts.replayed_after_label == 2 and join.counts.joined == 4
+    # an answer that is no longer waiting (joined, expired or evicted): nothing to join
+    assert join.add_prediction(replayed("never-answered", 41.0)) == ([], [])
+    assert join.counts.replayed_unused == 3 and join.counts.joined == 4
     assert join.pending == 0
 
 
