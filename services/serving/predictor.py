@@ -533,63 +533,76 @@ class Predictor:
     async def _replay_on(self, table: RoutingTable, shadow: ServedModel) -> None:
         """Score the recent answers' logged model inputs on the new shadow version and log
         them as replayed shadow records: a paired comparison then has transactions whose
-        labels are still to come as soon as the shadow is set, not a label delay later."""
+        labels are still to come as soon as the shadow is set, not a label delay later.
+        Rows of many (small) answered batches go to Triton in full batches."""
         started = time.perf_counter()
         horizon = time.time() - self._replay_s
-        batches = [b for b in self._recent if b.predicted_at >= horizon]
-        scored = failed = 0
+        request_ids: list[str] = []
+        transactions: list[events_pb2.Transaction] = []
+        pieces: list[np.ndarray] = []
+        model_name = self.model_name
+        for batch in list(self._recent):
+            if batch.predicted_at < horizon or batch.model_version == shadow.version:
+                continue  # too old, or answered by that version already (a canary)
+            keep = [
+                i
+                for i, txn in enumerate(batch.transactions)
+                if CanaryRouter.route_with(table, txn.user_id).shadow is not None
+            ]
+            if keep:
+                request_ids += [batch.request_ids[i] for i in keep]
+                transactions += [batch.transactions[i] for i in keep]
+                pieces.append(batch.features[keep])
+        if not pieces:
+            return
+        features = np.concatenate(pieces)
+        scored = 0
         try:
-            for batch in batches:
-                if batch.model_version == shadow.version:
-                    continue  # answered by that version already (a canary)
-                keep = [
-                    i
-                    for i, txn in enumerate(batch.transactions)
-                    if CanaryRouter.route_with(table, txn.user_id).shadow is not None
-                ]
-                for start in range(0, len(keep), self._batch_max_size):
-                    rows = keep[start : start + self._batch_max_size]
-                    try:
-                        scores = await self._scorer.score(
-                            shadow.version, batch.features[rows], self._default_timeout_s
-                        )
-                    except Unavailable as exc:
-                        failed += len(keep) - start
-                        metrics.SHADOW_REPLAYED.labels("failed").inc(len(keep) - start)
-                        log.warning("shadow_replay_failed", version=shadow.version, error=str(exc))
-                        return
-                    values: list[float] = scores.tolist()
-                    self._log.record(
-                        PredictionBatch(
-                            request_ids=[batch.request_ids[i] for i in rows],
-                            transactions=[batch.transactions[i] for i in rows],
-                            features=batch.features[rows],
-                            fraud_probabilities=values,
-                            flagged=[shadow.declines(v) for v in values],
-                            latencies_ms=[0.0] * len(rows),
-                            model_name=batch.model_name,
-                            model_version=shadow.version,
-                            route=shadow.route,
-                            degraded=False,
-                            predicted_at=time.time(),
-                            replayed=True,
-                        )
+            for start in range(0, len(request_ids), self._batch_max_size):
+                end = start + self._batch_max_size
+                try:
+                    scores = await self._scorer.score(
+                        shadow.version, features[start:end], self._default_timeout_s
                     )
-                    scored += len(rows)
-                    metrics.SHADOW_REPLAYED.labels("scored").inc(len(rows))
+                except Unavailable as exc:
+                    metrics.SHADOW_REPLAYED.labels("failed").inc(len(request_ids) - start)
+                    log.warning(
+                        "shadow_replay_failed",
+                        version=shadow.version,
+                        scored=scored,
+                        given_up=len(request_ids) - start,
+                        error=exc.message,
+                    )
+                    return
+                values: list[float] = scores.tolist()
+                self._log.record(
+                    PredictionBatch(
+                        request_ids=request_ids[start:end],
+                        transactions=transactions[start:end],
+                        features=features[start:end],
+                        fraud_probabilities=values,
+                        flagged=[shadow.declines(v) for v in values],
+                        latencies_ms=[0.0] * len(values),
+                        model_name=model_name,
+                        model_version=shadow.version,
+                        route=shadow.route,
+                        degraded=False,
+                        predicted_at=time.time(),
+                        replayed=True,
+                    )
+                )
+                scored += len(values)
+                metrics.SHADOW_REPLAYED.labels("scored").inc(len(values))
         except asyncio.CancelledError:
             log.info("shadow_replay_stopped", version=shadow.version, scored=scored)
             raise
-        finally:
-            if scored or failed:
-                log.info(
-                    "shadow_replayed",
-                    version=shadow.version,
-                    scored=scored,
-                    failed=failed,
-                    window_s=self._replay_s,
-                    seconds=round(time.perf_counter() - started, 3),
-                )
+        log.info(
+            "shadow_replayed",
+            version=shadow.version,
+            scored=scored,
+            window_s=self._replay_s,
+            seconds=round(time.perf_counter() - started, 3),
+        )
 
     # ------------------------------------------------------------------ lifecycle
 

@@ -313,14 +313,16 @@ async def test_a_failing_shadow_changes_nothing_for_callers() -> None:
 
 
 async def test_a_new_shadow_scores_the_recent_answers_inputs_marked_replayed() -> None:
-    predictor, _, _, log = make()
+    predictor, _, scorer, log = make()
     txns = [txn(f"p-{i}") for i in range(6)]
-    await asyncio.gather(*(predictor.predict(t, f"r{i}") for i, t in enumerate(txns)))
+    for i, t in enumerate(txns):  # a batch each
+        await predictor.predict(t, f"r{i}")
     answered = {e.request_id: e for e in pending(log)}
     assert len(answered) == 6
     predictor.router.update(RoutingTable(production=PRODUCTION, shadow=SHADOW))
     await predictor.replay_done()  # the replay is a task of its own
     await predictor.close()
+    assert [c for c in scorer.calls if c[0] == 3] == [(3, 6)]  # one Triton call for all
     replayed = pending(log)
     assert sorted(e.request_id for e in replayed) == [f"r{i}" for i in range(6)]
     for entry in replayed:
