@@ -1,9 +1,10 @@
 """Where feature rows go: the Feast online store (push) and the offline feature log.
 
 ``FeatureSink.publish`` takes the rows a batch of events produced; a pusher task stamps each
-with its created_timestamp, pushes the latest row per entity to the online store (one push
-per view for everything queued: a push costs ~1.3 ms however few rows it carries) and
-queues every row for the offline log. The offline log is written as one Parquet file per
+with its created_timestamp, pushes the latest current row per entity (not a redelivered
+event's earlier row: ``FeatureRow.current``) to the online store (one push per view for
+everything queued: a push costs ~1.3 ms however few rows it carries) and queues every row
+for the offline log. The offline log is written as one Parquet file per
 view and event date every ``flush_interval_s`` (or ``flush_max_rows``), and only then are
 the batch's input events acknowledged: an input offset is committed only once both stores
 hold its row, so a crash loses nothing (the redelivered events re-emit their rows; see
@@ -199,8 +200,9 @@ class FeatureSink:
 
     async def _push(self, stamped: Sequence[StampedRow]) -> None:
         latest: dict[str, dict[str, StampedRow]] = {}
-        for item in stamped:  # in processing order: the last row of an entity wins
-            latest.setdefault(item.row.view, {})[item.row.entity_id] = item
+        for item in stamped:  # in processing order: the last current row of an entity wins
+            if item.row.current:  # a redelivery's earlier row goes to the offline log only
+                latest.setdefault(item.row.view, {})[item.row.entity_id] = item
         loop = asyncio.get_running_loop()
         for view, by_entity in latest.items():
             started = time.perf_counter()

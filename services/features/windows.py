@@ -80,6 +80,13 @@ class FeatureRow:
     features: dict[str, Any]
     trigger_event_us: int  # event time of the event that caused the row (freshness)
     trigger_ingested_us: int  # ingestion time of that event
+    # False for a redelivered event's row as of its own position when facts were applied
+    # after it: that row is for the offline log (the row the first delivery emitted); online,
+    # the entity's current row stands. Its clock can equal the current row's (the facts
+    # applied after it were older), so the online store's "never older" rule would not keep
+    # it from replacing the current row (seen after a restart of the local broker: online
+    # 7-day means over a subset of the user's week)
+    current: bool = field(default=True, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -244,6 +251,7 @@ class UserActivity:
             user_features(facts),
             trigger_event_us,
             trigger_ingested_us,
+            current=as_of_seq is None or as_of_seq >= history.max_seq,
         )
 
     def expire_idle(self, partitions: Iterable[int]) -> int:
@@ -474,6 +482,7 @@ class MerchantActivity:
             features,
             fact.trigger_event_us,
             fact.trigger_ingested_us,
+            current=as_of_seq is None or as_of_seq >= history.max_seq,
         )
 
     def expire_idle(self, partitions: Iterable[int]) -> int:

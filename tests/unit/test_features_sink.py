@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import os
 from collections.abc import Awaitable, Callable, Sequence
@@ -367,5 +368,26 @@ async def test_sink_flushes_early_when_many_rows_wait(tmp_path: Path) -> None:
         await sink.publish([user_row("u2", T0)], [ack])
         await asyncio.wait_for(acked.wait(), timeout=5)
         assert sink.pending_rows == 0
+    finally:
+        await sink.close()
+
+
+async def test_a_redelivered_earlier_row_goes_offline_but_not_online(tmp_path: Path) -> None:
+    online = RecordingOnlineStore()
+    writer = FeatureLogWriter(tmp_path, "user_id", USER_FEATURES, "w1")
+    sink = FeatureSink(
+        online, {"user_activity": writer}, flush_interval_s=3600, flush_max_rows=1000
+    )
+    current = user_row("u1", T0, count=2)
+    earlier = dataclasses.replace(user_row("u1", T0, count=1), current=False)
+    sink.start()
+    try:
+        await sink.publish([current, earlier], [])
+        await sink.drain()
+        assert [[s.row for s in rows] for _, rows in online.pushes] == [[current]]
+        assert online.pushes[0][1][0].row.features["user_txn_count_24h"] == 2
+        await sink.flush()
+        table = pq.ParquetFile(next(tmp_path.rglob("*.parquet"))).read()
+        assert sorted(table.column("user_txn_count_24h").to_pylist()) == [1, 2]
     finally:
         await sink.close()

@@ -368,3 +368,22 @@ def test_window_policy_rejects_nonsense() -> None:
         WindowPolicy(allowed_lateness_us=WEEK_US + 1)
     with pytest.raises(ValueError, match="caps"):
         WindowPolicy(max_user_facts=0)
+
+
+def test_a_redelivered_row_from_before_later_facts_is_not_current() -> None:
+    # the later-dated payment is applied first, an earlier-dated one after it (another
+    # partition's): a redelivery of the first re-emits its row as of its own position, whose
+    # clock equals the current one but which leaves the second payment out
+    activity, _ = users()
+    newest = activity.apply(txn("new", T0, 100.0), 0, 0)
+    older = activity.apply(txn("old", T0 - 10 * MINUTE_US, 50.0), 1, 1)
+    assert newest.row is not None and older.row is not None and older.row.current
+    assert older.row.features["user_amount_mean_7d"] == 75.0
+
+    again = activity.apply(txn("new", T0, 100.0), 0, 0)
+    assert again.outcome is Outcome.DUPLICATE and again.row == newest.row
+    assert again.row is not None and not again.row.current  # for the offline log only
+    assert again.row.event_time_us == older.row.event_time_us
+    assert again.row.features["user_amount_mean_7d"] == 100.0
+    last = activity.apply(txn("old", T0 - 10 * MINUTE_US, 50.0), 1, 1)
+    assert last.row is not None and last.row.current and last.row == older.row
