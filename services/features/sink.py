@@ -4,8 +4,8 @@
 with its created_timestamp, pushes the latest current row per entity (not a redelivered
 event's earlier row: ``FeatureRow.current``) to the online store (one push per view for
 everything queued: a push costs ~1.3 ms however few rows it carries) and queues every row
-for the offline log. The offline log is written as one Parquet file per
-view and event date every ``flush_interval_s`` (or ``flush_max_rows``), and only then are
+for the offline log. The offline log is written as one Parquet file per view and event date
+every ``flush_interval_s`` (or ``flush_max_rows``), and only then are
 the batch's input events acknowledged: an input offset is committed only once both stores
 hold its row, so a crash loses nothing (the redelivered events re-emit their rows; see
 windows.py).

@@ -84,8 +84,7 @@ class FeatureRow:
     # after it: that row is for the offline log (the row the first delivery emitted); online,
     # the entity's current row stands. Its clock can equal the current row's (the facts
     # applied after it were older), so the online store's "never older" rule would not keep
-    # it from replacing the current row (seen after a restart of the local broker: online
-    # 7-day means over a subset of the user's week)
+    # it from replacing the current row
     current: bool = field(default=True, compare=False)
 
 
