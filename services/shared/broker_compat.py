@@ -43,7 +43,14 @@ fixtures set it). Everything the platform does differently for Tansu is in this 
   topic re-created 4 s later: 1,178 acknowledged records lost and 620 sends failed. Nothing a
   client can do about the records sent before it learns of the restart; what shortens the
   window is re-creating the topics sooner (``kafka.keep_topics`` checks as soon as its
-  connection drops, and every 0.25 s until the broker answers).
+  connection drops, and every 0.25 s until the broker answers). The failed writes are a
+  different matter: aiokafka treats UnknownError as final and fails the send, and a service
+  whose send fails must stop before acknowledging its input (the features service crashed on
+  it right after rewriting its tables' state into the re-created changelogs, and came back
+  with part of that state: seen in CI, 2026-12-07). So a produce answered with UnknownError
+  is retried like a retriable error (``SendProduceReqHandler._can_retry`` patched), within
+  the producer's delivery timeout as any retry; each retried batch is counted
+  (``mlops_kafka_tansu_produce_retries_total``) and logged.
 - Tansu 0.6 keeps a committed offset but drops the metadata committed with it (Kafka keeps
   both; monitoring writes where its counting stopped there). Commits that carry metadata are
   therefore also written to a file per broker address and group under
@@ -66,8 +73,11 @@ from typing import Any
 from aiokafka.conn import collect_hosts
 from aiokafka.consumer.fetcher import Fetcher, OffsetResetStrategy
 from aiokafka.consumer.group_coordinator import GroupCoordinator
+from aiokafka.errors import UnknownError
+from aiokafka.producer.sender import SendProduceReqHandler
 from aiokafka.protocol.fetch import FetchRequest
 from aiokafka.structs import TopicPartition
+from prometheus_client import Counter
 
 from services.shared.logging import get_logger
 from services.shared.settings import KafkaSettings
@@ -77,11 +87,16 @@ _original_end_offsets = Fetcher.end_offsets
 _original_fetcher_init = Fetcher.__init__
 _original_proc_fetch_request = Fetcher._proc_fetch_request
 _original_commit_offsets = GroupCoordinator.commit_offsets
+_original_can_retry = SendProduceReqHandler._can_retry
 _metadata_dirs: list[Path] = []  # the one set by ``activate``
 _reset_listeners: list[Callable[[TopicPartition], None]] = []
 TANSU_FETCH_MIN_WAIT_MS = 20
 TANSU_FETCH_IDLE_WAIT_MS = 1000
 TANSU_FETCH_BATCHING_WAIT_MS = 1000
+PRODUCE_RETRIES = Counter(
+    "mlops_kafka_tansu_produce_retries_total",
+    "Record batches the local Tansu broker refused with UnknownError, retried (broker_compat)",
+)
 
 
 async def _end_offsets_from_high_watermark(
@@ -229,10 +244,26 @@ def activate(settings: KafkaSettings) -> None:
     Fetcher.end_offsets = _end_offsets_from_high_watermark  # type: ignore[method-assign,unused-ignore]
     Fetcher.__init__ = _fetcher_init_with_adaptive_wait  # type: ignore[method-assign,unused-ignore]
     Fetcher._proc_fetch_request = _proc_fetch_request_adapting_wait  # type: ignore[method-assign,unused-ignore]
+    SendProduceReqHandler._can_retry = _can_retry_unknown_error  # type: ignore[method-assign,unused-ignore]
     log.info(
         "tansu_workarounds_active",
         patched="aiokafka.Fetcher.end_offsets,aiokafka.Fetcher.__init__/_proc_fetch_request"
         "(adaptive fetch_max_wait_ms),aiokafka.GroupCoordinator.commit_offsets (metadata kept "
-        "in a file)",
+        "in a file),aiokafka.SendProduceReqHandler._can_retry (UnknownError retried)",
         fetch_wait_ms=f"{TANSU_FETCH_MIN_WAIT_MS}-{TANSU_FETCH_IDLE_WAIT_MS}",
     )
+
+
+def _can_retry_unknown_error(self: SendProduceReqHandler, error: Any, batch: Any) -> bool:
+    """A produce refused with UnknownError (Tansu's answer to a write at offsets it holds lost
+    records at: module docstring) is retried, until the batch expires like any retry."""
+    if isinstance(error, UnknownError) and not batch.expired():
+        PRODUCE_RETRIES.inc()
+        log.warning(
+            "tansu_produce_retried",
+            topic=batch.tp.topic,
+            partition=batch.tp.partition,
+            note="UnknownError after a restart of the local broker: the batch is sent again",
+        )
+        return True
+    return bool(_original_can_retry(self, error, batch))

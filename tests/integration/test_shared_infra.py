@@ -5,14 +5,18 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import grpc
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.errors import KafkaError
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from prometheus_client import REGISTRY
 
+from services.cli import localinfra
 from services.shared import broker_compat
 from services.shared.errors import InvalidArgument, NotFound
 from services.shared.grpc_server import BearerTokenAuth, GrpcServer
@@ -224,3 +228,60 @@ async def test_consumer_group_lag_counts_uncommitted_records(kafka: KafkaSetting
     lag = await consumer_group_lag(kafka, group, [topic])
     assert lag[TopicPartition(topic, 0)] == 2
     assert sum(lag.values()) == 2
+
+
+async def test_sends_across_a_restart_of_the_local_broker_do_not_fail(tmp_path: Path) -> None:
+    """Tansu refuses the first writes to a topic re-created after its restart with
+    UnknownError (broker_compat); aiokafka would fail those sends, and a service failing a
+    send must stop. With the workaround they are retried: a producer sending steadily across
+    the restart sees every send complete. (What was sent while the broker was away is lost
+    on the in-memory broker whatever the client does; this checks the failures only.)"""
+    port = localinfra.free_port()
+    broker = localinfra.RunningProcess(localinfra.tansu(port), tmp_path / "tansu-1.log")
+    kafka = KafkaSettings(bootstrap=f"127.0.0.1:{port}", broker_flavor="tansu", partitions=2)
+    topic = "restart.sends"
+    await ensure_topics(kafka, [topic])
+    producer = create_producer(kafka, client_id="test")
+    await producer.start()
+    retried_before = _produce_retries()
+    failures: list[BaseException] = []
+
+    async def send(i: int) -> None:
+        try:
+            await producer.send_and_wait(topic, b"%d" % i, partition=i % 2)
+        except KafkaError as exc:
+            failures.append(exc)
+
+    sends: list[asyncio.Task[None]] = []
+    stop = asyncio.Event()
+
+    async def keep_sending() -> None:  # 250 sends/s throughout
+        while not stop.is_set():
+            sends.append(asyncio.create_task(send(len(sends))))
+            await asyncio.sleep(0.004)
+
+    def restart() -> localinfra.RunningProcess:
+        broker.stop()
+        return localinfra.RunningProcess(localinfra.tansu(port), tmp_path / "tansu-2.log")
+
+    sender = asyncio.create_task(keep_sending())
+    try:
+        await asyncio.sleep(2.0)
+        broker = await asyncio.to_thread(restart)  # sends go on meanwhile
+        await asyncio.sleep(1.0)
+        await ensure_topics(kafka, [topic])  # what kafka.keep_topics does in the services
+        await asyncio.sleep(2.0)
+        stop.set()
+        await sender
+        await asyncio.gather(*sends)
+    finally:
+        stop.set()
+        await producer.stop()
+        broker.stop()
+    assert failures == [], f"{len(failures)} of {len(sends)} sends failed: {failures[:3]}"
+    retried = _produce_retries() - retried_before
+    print(f"{len(sends)} sends, {retried} batches retried after UnknownError")
+
+
+def _produce_retries() -> float:
+    return REGISTRY.get_sample_value("mlops_kafka_tansu_produce_retries_total") or 0.0
