@@ -11,6 +11,22 @@
   at most ``alpha``. Looks are spaced by evidence, not by the clock: one counts only with
   ``look_new_positives`` more labelled frauds than the last (the rare class is what the
   PR-AUC's interval rests on), so the budget of looks is not spent on the same data.
+  A better ranking is not enough: what callers get is each version's decision at its own
+  threshold (the ``flagged`` bit serving logged), and a candidate can rank better and still
+  decline no more frauds (a threshold chosen on a validation period with few frauds of a new
+  pattern: seen in CI, the promoted version caught 2 % of the new pattern's frauds). So the
+  decisions on the same labelled transactions are compared too, each by an exact McNemar
+  test (one-sided binomial test on the discordant pairs) at the same per-look alpha: recall
+  (frauds declined by one version only) and false-positive rate (legitimate payments
+  declined by one version only; "higher" only when also higher by more than
+  ``fpr_tolerance``). *Better* needs the metric's interval to clear the margin **and** the
+  decisions to be better: significantly more frauds declined without a significantly higher
+  false-positive rate, or significantly fewer false declines without a significantly lower
+  recall (an intersection of tests, each at the per-look alpha: the chance of a false
+  "better" stays at most ``alpha``). *Worse*: the metric's interval below zero, or a
+  significantly lower recall, or a significantly (and by more than the tolerance) higher
+  false-positive rate (a union: a good candidate is wrongly withdrawn with a chance up to
+  three times the per-look alpha per look; withdrawing is the safe error).
 - ``judge_operational``: canary (and the watch after a promotion). What shadow cannot see:
   errors, latency, degraded answers and Triton failures of the version answering real callers,
   each compared with production's over the same period by a one-sided Fisher exact test. A
@@ -28,6 +44,7 @@ from statistics import NormalDist
 from typing import Any, Literal
 
 import numpy as np
+from scipy.stats import binomtest
 
 from services.shared.paired_comparison import RESAMPLING_UNIT, PairedMetric, paired_bootstrap
 
@@ -50,6 +67,7 @@ class PairedPolicy:
     margin: float = 0.0
     resamples: int = 1000
     look_new_positives: int = 5  # labelled frauds a look needs beyond the last counted one
+    fpr_tolerance: float = 0.02  # a higher false-positive rate within this is not "worse"
 
 
 @dataclass(frozen=True)
@@ -66,26 +84,138 @@ class PairedVerdict:
     baseline_value: float
     candidate_value: float
     summary: str
+    decisions: DecisionComparison | None = None
 
     def evidence(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class DecisionComparison:
+    """Both versions' decisions (each at its own threshold) on the same labelled
+    transactions; p-values of exact one-sided McNemar tests on the discordant pairs."""
+
+    frauds: int
+    baseline_caught: int
+    candidate_caught: int
+    candidate_only_caught: int  # frauds only the candidate declined
+    baseline_only_caught: int
+    legitimate: int
+    baseline_false_positives: int
+    candidate_false_positives: int
+    candidate_only_flagged: int  # legitimate payments only the candidate declined
+    baseline_only_flagged: int
+    p_recall_higher: float
+    p_recall_lower: float
+    p_fpr_higher: float
+    p_fpr_lower: float
+    verdict: Literal["better", "worse", "no_better"]
+
+    @property
+    def baseline_recall(self) -> float:
+        return self.baseline_caught / max(self.frauds, 1)
+
+    @property
+    def candidate_recall(self) -> float:
+        return self.candidate_caught / max(self.frauds, 1)
+
+    @property
+    def baseline_fpr(self) -> float:
+        return self.baseline_false_positives / max(self.legitimate, 1)
+
+    @property
+    def candidate_fpr(self) -> float:
+        return self.candidate_false_positives / max(self.legitimate, 1)
+
+    def describe(self) -> str:
+        return (
+            f"decisions {self.verdict.replace('_', ' ')}: recall production "
+            f"{self.baseline_recall:.3f} vs candidate {self.candidate_recall:.3f} "
+            f"({self.baseline_only_caught}/{self.candidate_only_caught} frauds declined by one "
+            f"only, p higher {self.p_recall_higher:.4f}, p lower {self.p_recall_lower:.4f}), "
+            f"false-positive rate {self.baseline_fpr:.4f} vs {self.candidate_fpr:.4f} "
+            f"(p higher {self.p_fpr_higher:.4f}, p lower {self.p_fpr_lower:.4f})"
+        )
+
+
+def _greater(successes: int, trials: int) -> float:
+    """Exact one-sided binomial p-value of ``successes`` of ``trials`` under p = 1/2."""
+    if trials == 0:
+        return 1.0
+    return float(binomtest(successes, trials, 0.5, alternative="greater").pvalue)
+
+
+def compare_decisions(
+    labels: np.ndarray,
+    baseline_flagged: np.ndarray,
+    candidate_flagged: np.ndarray,
+    *,
+    alpha: float,
+    fpr_tolerance: float,
+) -> DecisionComparison:
+    """Both versions' decisions on the same labelled transactions, judged at ``alpha``
+    (module docstring)."""
+    fraud = labels == 1
+    b, c = baseline_flagged.astype(bool), candidate_flagged.astype(bool)
+    cand_only_fraud = int((c & ~b & fraud).sum())
+    base_only_fraud = int((b & ~c & fraud).sum())
+    cand_only_legit = int((c & ~b & ~fraud).sum())
+    base_only_legit = int((b & ~c & ~fraud).sum())
+    frauds, legitimate = int(fraud.sum()), int((~fraud).sum())
+    p_recall_higher = _greater(cand_only_fraud, cand_only_fraud + base_only_fraud)
+    p_recall_lower = _greater(base_only_fraud, cand_only_fraud + base_only_fraud)
+    p_fpr_higher = _greater(cand_only_legit, cand_only_legit + base_only_legit)
+    p_fpr_lower = _greater(base_only_legit, cand_only_legit + base_only_legit)
+    fpr_increase = (cand_only_legit - base_only_legit) / max(legitimate, 1)
+    recall_higher, recall_lower = p_recall_higher < alpha, p_recall_lower < alpha
+    fpr_higher = p_fpr_higher < alpha and fpr_increase > fpr_tolerance
+    fpr_lower = p_fpr_lower < alpha
+    verdict: Literal["better", "worse", "no_better"]
+    if recall_lower or fpr_higher:
+        verdict = "worse"
+    elif recall_higher or fpr_lower:
+        verdict = "better"
+    else:
+        verdict = "no_better"
+    return DecisionComparison(
+        frauds,
+        int((b & fraud).sum()),
+        int((c & fraud).sum()),
+        cand_only_fraud,
+        base_only_fraud,
+        legitimate,
+        int((b & ~fraud).sum()),
+        int((c & ~fraud).sum()),
+        cand_only_legit,
+        base_only_legit,
+        p_recall_higher,
+        p_recall_lower,
+        p_fpr_higher,
+        p_fpr_lower,
+        verdict,
+    )
 
 
 def judge_paired(
     labels: Sequence[float],
     baseline_scores: Sequence[float],
     candidate_scores: Sequence[float],
+    baseline_flagged: Sequence[bool],
+    candidate_flagged: Sequence[bool],
     *,
     policy: PairedPolicy,
     look: int,
     seed: int = 0,
 ) -> PairedVerdict:
-    """The shadow verdict on ``look`` (1-based) from the labelled transactions both scored."""
+    """The shadow verdict on ``look`` (1-based) from the labelled transactions both scored
+    (scores, and each version's decision at its own threshold)."""
     y = np.asarray(labels, dtype=np.float64)
     b = np.asarray(baseline_scores, dtype=np.float64)
     c = np.asarray(candidate_scores, dtype=np.float64)
-    if not (y.shape == b.shape == c.shape):
-        raise ValueError("labels and both score lists must have the same length")
+    b_flagged = np.asarray(baseline_flagged, dtype=bool)
+    c_flagged = np.asarray(candidate_flagged, dtype=bool)
+    if not (y.shape == b.shape == c.shape == b_flagged.shape == c_flagged.shape):
+        raise ValueError("labels and both versions' scores and decisions must have one length")
     n, positives = int(y.size), int(y.sum())
     per_look_alpha = policy.alpha / policy.max_looks
     confidence = 1 - 2 * per_look_alpha
@@ -93,7 +223,9 @@ def judge_paired(
         f"paired bootstrap ({policy.resamples} resamples, {RESAMPLING_UNIT}) of the "
         f"{policy.metric} difference, "
         f"{confidence:.2%} two-sided interval (alpha {policy.alpha} over {policy.max_looks} "
-        "looks, Bonferroni)"
+        "looks, Bonferroni); decisions at each version's threshold: exact one-sided McNemar "
+        f"tests of recall and false-positive rate (tolerance {policy.fpr_tolerance}) at the "
+        "same per-look alpha"
     )
     if n < policy.min_pairs or positives < policy.min_positives or positives == n:
         return PairedVerdict(
@@ -116,13 +248,22 @@ def judge_paired(
     )
     statistic, low, high = comparison.statistic, comparison.low, comparison.high
     base_value, cand_value = comparison.baseline_value, comparison.candidate_value
+    decisions = compare_decisions(
+        y, b_flagged, c_flagged, alpha=per_look_alpha, fpr_tolerance=policy.fpr_tolerance
+    )
     outcome: PairedOutcome
-    if low > policy.margin:
+    if low > policy.margin and decisions.verdict == "better":
         outcome = "better"
         said = f"better: the interval's lower bound {low:.5f} clears the margin {policy.margin}"
     elif high < 0:
         outcome = "worse"
         said = f"worse: the interval's upper bound {high:.5f} is below 0"
+    elif decisions.verdict == "worse":
+        outcome = "worse"
+        said = "worse: its decisions at its own threshold are worse than production's"
+    elif low > policy.margin:
+        outcome = "undecided"
+        said = "undecided: the interval clears the margin, the decisions are not yet better"
     else:
         outcome = "undecided"
         said = "undecided: the interval contains the margin or 0"
@@ -140,7 +281,8 @@ def judge_paired(
         cand_value,
         f"{said}; {policy.metric} production {base_value:.5f} vs candidate {cand_value:.5f}, "
         f"improvement {statistic:.5f} [{low:.5f}, {high:.5f}] on {n} pairs ({positives} frauds), "
-        f"look {look}/{policy.max_looks}",
+        f"look {look}/{policy.max_looks}; {decisions.describe()}",
+        decisions,
     )
 
 

@@ -91,6 +91,8 @@ class PairedData:
     labels: list[float]
     baseline_scores: list[float]
     candidate_scores: list[float]
+    baseline_flagged: list[bool]  # each version's decision at its own threshold
+    candidate_flagged: list[bool]
 
 
 class Registry(Protocol):
@@ -886,6 +888,8 @@ class Autopilot:
             data.labels,
             data.baseline_scores,
             data.candidate_scores,
+            data.baseline_flagged,
+            data.candidate_flagged,
             policy=self.policy.paired,
             look=look,
             seed=look,

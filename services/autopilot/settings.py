@@ -123,6 +123,14 @@ class AutopilotSettings(ServiceSettings):
         description="Labelled frauds a shadow look needs beyond the last counted look's (looks "
         "are spaced by evidence, so the max_looks budget is not spent on the same data).",
     )
+    paired_fpr_tolerance: float = Field(
+        0.02,
+        ge=0,
+        le=1,
+        description="A candidate declining a larger share of legitimate payments than "
+        "production counts as worse only when the share is significantly higher and higher by "
+        "more than this (absolute).",
+    )
     paired_limit: int = Field(
         20_000, ge=100, description="Most recent paired transactions asked of monitoring."
     )
@@ -229,6 +237,7 @@ class AutopilotSettings(ServiceSettings):
                 margin=self.paired_margin,
                 resamples=self.paired_resamples,
                 look_new_positives=self.paired_look_new_positives,
+                fpr_tolerance=self.paired_fpr_tolerance,
             ),
             operational=OperationalPolicy(
                 min_requests=self.canary_min_requests,

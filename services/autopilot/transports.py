@@ -202,11 +202,13 @@ class LiveEvidence:
             labels = [float(v) for v in body["labels"]]
             base = [float(v) for v in body["baseline_scores"]]
             cand = [float(v) for v in body["candidate_scores"]]
+            base_flagged = [bool(v) for v in body["baseline_flagged"]]
+            cand_flagged = [bool(v) for v in body["candidate_flagged"]]
         except (KeyError, TypeError, ValueError) as exc:
             raise Unavailable(f"monitoring's paired answer is malformed: {exc}") from exc
-        if not len(labels) == len(base) == len(cand):
+        if not len(labels) == len(base) == len(cand) == len(base_flagged) == len(cand_flagged):
             raise Unavailable("monitoring's paired answer has lists of different lengths")
-        return PairedData(labels, base, cand)
+        return PairedData(labels, base, cand, base_flagged, cand_flagged)
 
     async def live_quality(self, version: int) -> dict[str, float] | None:
         body = await self._get(self._monitoring, "/api/v1/quality", {})

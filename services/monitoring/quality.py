@@ -154,8 +154,8 @@ class PairedScores:
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
-        # model -> transaction_id -> (label, {version: score})
-        self._by_model: dict[str, OrderedDict[str, tuple[bool, dict[int, float]]]] = {}
+        # model -> transaction_id -> (label, {version: (score, flagged)})
+        self._by_model: dict[str, OrderedDict[str, tuple[bool, dict[int, tuple[float, bool]]]]] = {}
 
     def add(self, outcome: Outcome) -> None:
         p = outcome.prediction
@@ -166,34 +166,27 @@ class PairedScores:
             recent[p.transaction_id] = entry
             if len(recent) > self.capacity:
                 recent.popitem(last=False)
-        entry[1][p.model_version] = p.score
+        entry[1][p.model_version] = (p.score, p.flagged)
 
     def paired(self, model_name: str, baseline: int, candidate: int, limit: int) -> dict[str, Any]:
         """The most recent (up to ``limit``) labelled transactions both versions scored,
-        oldest first."""
-        ids: list[str] = []
-        base: list[float] = []
-        cand: list[float] = []
-        labels: list[int] = []
+        oldest first: each version's score and decision (flagged: at its own threshold)."""
+        chosen: list[tuple[str, int, tuple[float, bool], tuple[float, bool]]] = []
         for transaction_id, (label, scores) in reversed(self._by_model.get(model_name, {}).items()):
             if baseline in scores and candidate in scores:
-                ids.append(transaction_id)
-                base.append(scores[baseline])
-                cand.append(scores[candidate])
-                labels.append(int(label))
-                if len(ids) >= limit:
+                chosen.append((transaction_id, int(label), scores[baseline], scores[candidate]))
+                if len(chosen) >= limit:
                     break
-        ids.reverse()
-        base.reverse()
-        cand.reverse()
-        labels.reverse()
+        chosen.reverse()
         return {
             "model_name": model_name,
             "baseline": baseline,
             "candidate": candidate,
-            "n": len(ids),
-            "transaction_ids": ids,
-            "baseline_scores": base,
-            "candidate_scores": cand,
-            "labels": labels,
+            "n": len(chosen),
+            "transaction_ids": [c[0] for c in chosen],
+            "baseline_scores": [c[2][0] for c in chosen],
+            "candidate_scores": [c[3][0] for c in chosen],
+            "baseline_flagged": [c[2][1] for c in chosen],
+            "candidate_flagged": [c[3][1] for c in chosen],
+            "labels": [c[1] for c in chosen],
         }

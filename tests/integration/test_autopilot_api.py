@@ -51,7 +51,7 @@ class _Training:
 
 class _Evidence:
     async def paired(self, baseline: int, candidate: int, limit: int) -> PairedData:
-        return PairedData([], [], [])
+        return PairedData([], [], [], [], [])
 
     async def live_quality(self, version: int) -> dict[str, float] | None:
         return None

@@ -11,6 +11,7 @@ from services.autopilot.judges import (
     OperationalPolicy,
     PairedPolicy,
     VersionHealth,
+    compare_decisions,
     fisher_greater,
     judge_operational,
     judge_paired,
@@ -18,6 +19,12 @@ from services.autopilot.judges import (
 )
 
 POLICY = PairedPolicy(min_pairs=200, min_positives=10, alpha=0.05, max_looks=5, resamples=400)
+THRESHOLD = 0.25  # both versions' decision threshold in these tests (logit -1.1)
+
+
+def _decided(*scores: np.ndarray) -> list[np.ndarray]:
+    """Each version's decisions at THRESHOLD."""
+    return [np.asarray(s) >= THRESHOLD for s in scores]
 
 
 def _scores(n: int, fraud_rate: float, skill: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -32,7 +39,9 @@ def test_a_clearly_better_candidate_is_better_with_its_interval() -> None:
     labels, production = _scores(2000, 0.05, 1.0, 1)
     rng = np.random.default_rng(2)
     candidate = 1 / (1 + np.exp(-(-3.0 + 4.0 * labels + rng.normal(0, 1, labels.size))))
-    verdict = judge_paired(labels, production, candidate, policy=POLICY, look=1)
+    verdict = judge_paired(
+        labels, production, candidate, *_decided(production, candidate), policy=POLICY, look=1
+    )
     assert verdict.outcome == "better"
     low, high = verdict.interval
     assert 0 < low <= verdict.statistic <= high
@@ -46,22 +55,45 @@ def test_a_clearly_better_candidate_is_better_with_its_interval() -> None:
 def test_a_constant_candidate_is_worse() -> None:
     labels, production = _scores(1500, 0.05, 4.0, 3)
     constant = np.full(labels.size, 0.3)
-    verdict = judge_paired(labels, production, constant, policy=POLICY, look=2)
+    verdict = judge_paired(
+        labels, production, constant, *_decided(production, constant), policy=POLICY, look=2
+    )
     assert verdict.outcome == "worse" and verdict.interval[1] < 0
 
 
 def test_the_same_model_is_undecided_not_better() -> None:
     labels, production = _scores(1500, 0.05, 2.0, 4)
-    verdict = judge_paired(labels, production, production.copy(), policy=POLICY, look=1)
+    verdict = judge_paired(
+        labels,
+        production,
+        production.copy(),
+        *_decided(production, production.copy()),
+        policy=POLICY,
+        look=1,
+    )
     assert verdict.outcome == "undecided"
 
 
 def test_too_few_pairs_or_frauds_is_insufficient_data_never_a_verdict() -> None:
     labels, production = _scores(150, 0.05, 4.0, 5)
-    verdict = judge_paired(labels, production, production * 0, policy=POLICY, look=1)
+    verdict = judge_paired(
+        labels,
+        production,
+        production * 0,
+        *_decided(production, production * 0),
+        policy=POLICY,
+        look=1,
+    )
     assert verdict.outcome == "insufficient_data" and "insufficient data" in verdict.summary
     no_fraud = np.zeros(500)
-    verdict = judge_paired(no_fraud, no_fraud + 0.1, no_fraud + 0.2, policy=POLICY, look=1)
+    verdict = judge_paired(
+        no_fraud,
+        no_fraud + 0.1,
+        no_fraud + 0.2,
+        *_decided(no_fraud + 0.1, no_fraud + 0.2),
+        policy=POLICY,
+        look=1,
+    )
     assert verdict.outcome == "insufficient_data"
 
 
@@ -74,7 +106,10 @@ def test_false_better_rate_of_equal_models_stays_under_alpha() -> None:
         labels, a = _scores(600, 0.1, 2.0, 100 + seed)
         rng = np.random.default_rng(1000 + seed)
         b = 1 / (1 + np.exp(-(-3.0 + 2.0 * labels + rng.normal(0, 1, labels.size))))
-        better += judge_paired(labels, a, b, policy=policy, look=1, seed=seed).outcome == "better"
+        better += (
+            judge_paired(labels, a, b, *_decided(a, b), policy=policy, look=1, seed=seed).outcome
+            == "better"
+        )
     # the one-sided error rate is alpha/2 = 2.5 %: 60 trials, more than 6 would be very unlikely
     assert better <= 6
 
@@ -84,16 +119,71 @@ def test_log_loss_metric_works_too_and_prefers_a_calibrated_constant() -> None:
     rng = np.random.default_rng(9)
     candidate = 1 / (1 + np.exp(-(-3.0 + 5.0 * labels + rng.normal(0, 1, labels.size))))
     policy = PairedPolicy(metric="log_loss", min_pairs=200, min_positives=10, resamples=200)
-    verdict = judge_paired(labels, production, candidate, policy=policy, look=1)
+    verdict = judge_paired(
+        labels, production, candidate, *_decided(production, candidate), policy=policy, look=1
+    )
     assert verdict.outcome == "better" and verdict.metric == "log_loss"
     # why PR-AUC is the default: a sharp model that is confidently wrong on a few rows loses
-    # on log-loss to a constant at the base rate, though it ranks frauds far better
+    # on log-loss to a constant at the base rate, though it ranks frauds far better (and
+    # declines them: the decision check alone keeps the constant from being "better")
     sharp = np.where(labels == 1, 0.999, 0.001)
     sharp[:40] = 1 - labels[:40]  # 40 confident mistakes
     constant = np.full(labels.size, labels.mean())
-    by_loss = judge_paired(labels, sharp, constant, policy=policy, look=1)
-    by_ranking = judge_paired(labels, sharp, constant, policy=POLICY, look=1)
-    assert by_loss.outcome == "better" and by_ranking.outcome == "worse"
+    by_loss = judge_paired(
+        labels, sharp, constant, *_decided(sharp, constant), policy=policy, look=1
+    )
+    by_ranking = judge_paired(
+        labels, sharp, constant, *_decided(sharp, constant), policy=POLICY, look=1
+    )
+    assert by_loss.interval[0] > 0 and by_ranking.interval[1] < 0
+    assert by_loss.decisions is not None and by_loss.decisions.verdict == "worse"
+    assert by_loss.outcome == "worse" and by_ranking.outcome == "worse"
+
+
+def test_a_better_ranking_without_better_decisions_is_not_better() -> None:
+    """The candidate ranks frauds far better, but at its threshold it declines the same
+    transactions as production (a threshold chosen on too few frauds of a new pattern):
+    callers would gain nothing, so no promotion, though the PR-AUC interval clears 0."""
+    labels, production = _scores(2000, 0.05, 1.0, 1)
+    rng = np.random.default_rng(2)
+    candidate = 1 / (1 + np.exp(-(-3.0 + 4.0 * labels + rng.normal(0, 1, labels.size))))
+    same = production >= THRESHOLD
+    verdict = judge_paired(labels, production, candidate, same, same.copy(), policy=POLICY, look=1)
+    assert verdict.interval[0] > 0  # the ranking is better
+    assert verdict.outcome == "undecided" and "not yet better" in verdict.summary
+    assert verdict.decisions is not None and verdict.decisions.verdict == "no_better"
+    assert verdict.decisions.candidate_only_caught == verdict.decisions.baseline_only_caught == 0
+
+
+def test_a_candidate_declining_many_more_legitimate_payments_is_worse() -> None:
+    labels, production = _scores(3000, 0.05, 1.0, 7)
+    rng = np.random.default_rng(8)
+    candidate = 1 / (1 + np.exp(-(-3.0 + 4.0 * labels + rng.normal(0, 1, labels.size))))
+    # a threshold that also declines ~10 % of the legitimate payments
+    verdict = judge_paired(
+        labels, production, candidate, production >= THRESHOLD, candidate >= 0.1,
+        policy=POLICY, look=1,
+    )  # fmt: skip
+    assert verdict.interval[0] > 0  # ranks better, decides worse
+    decisions = verdict.decisions
+    assert decisions is not None and decisions.verdict == "worse"
+    assert decisions.candidate_fpr - decisions.baseline_fpr > POLICY.fpr_tolerance
+    assert verdict.outcome == "worse" and "decisions" in verdict.summary
+
+
+def test_decisions_are_compared_by_exact_mcnemar_tests() -> None:
+    labels = np.array([1.0] * 12 + [0.0] * 100)
+    base = np.zeros(112, dtype=bool)
+    cand = np.zeros(112, dtype=bool)
+    cand[:10] = True  # 10 frauds only the candidate declines
+    base[10] = True  # 1 only production declines
+    cand[12:14] = True  # 2 legitimate payments only the candidate declines
+    compared = compare_decisions(labels, base, cand, alpha=0.01, fpr_tolerance=0.02)
+    assert (compared.candidate_only_caught, compared.baseline_only_caught) == (10, 1)
+    # P(X >= 10) for X ~ Binomial(11, 1/2) = 12 / 2048
+    assert math.isclose(compared.p_recall_higher, 12 / 2048)
+    assert compared.p_fpr_lower == 1.0 and compared.verdict == "better"
+    assert math.isclose(compared.candidate_recall, 10 / 12) and compared.candidate_fpr == 0.02
 
 
 def test_fisher_exact_one_sided_p_values() -> None:

@@ -71,7 +71,7 @@ class FakeTraining:
 class FakeEvidence:
     def __init__(self) -> None:
         self.labels: float | None = 10_000
-        self.pairs = PairedData([], [], [])
+        self.pairs = PairedData([], [], [], [], [])
         self.candidate = VersionHealth()
         self.production = VersionHealth()
         self.quality: dict[str, float] | None = None
@@ -174,7 +174,13 @@ def _pairs(n: int, candidate_skill: float, seed: int = 0) -> PairedData:
     candidate = 1 / (1 + np.exp(-(-3 + candidate_skill * labels + rng.normal(0, 1, n))))
     if candidate_skill == 0:
         candidate = np.full(n, 0.4)
-    return PairedData(labels.tolist(), production.tolist(), candidate.tolist())
+    return PairedData(
+        labels.tolist(),
+        production.tolist(),
+        candidate.tolist(),
+        (production >= 0.25).tolist(),  # each version's decision at its threshold
+        (candidate >= 0.25).tolist(),
+    )
 
 
 def _health(requests: float, errors: float = 0.0) -> VersionHealth:

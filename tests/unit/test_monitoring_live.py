@@ -4,6 +4,8 @@ cooldown, and the JSON API over them."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
@@ -226,12 +228,14 @@ def test_paired_scores_return_transactions_both_versions_scored() -> None:
     for i in range(5):
         pairs.add(Outcome(_prediction(f"t{i}", i, version=1), i % 2 == 0, i + 1.0))
         if i != 3:
-            pairs.add(
-                Outcome(_prediction(f"t{i}", i, version=2, route="shadow"), i % 2 == 0, i + 1.0)
-            )
+            shadow = replace(_prediction(f"t{i}", i, version=2, route="shadow"), flagged=i == 4)
+            pairs.add(Outcome(shadow, i % 2 == 0, i + 1.0))
     paired = pairs.paired("fraud", 1, 2, limit=10)
     assert paired["transaction_ids"] == ["t2", "t4"]  # t3 has no shadow score; t0, t1 rolled off
     assert paired["labels"] == [1, 1] and paired["n"] == 2
+    # each version's decision at its own threshold, for the shadow judge's decision check
+    assert paired["baseline_flagged"] == [False, False]
+    assert paired["candidate_flagged"] == [False, True]
 
 
 def test_a_concept_drifts_onset_is_when_the_transactions_changed_not_when_labels_came() -> None:
