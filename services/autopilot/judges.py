@@ -26,7 +26,11 @@
   "better" stays at most ``alpha``). *Worse*: the metric's interval below zero, or a
   significantly lower recall, or a significantly (and by more than the tolerance) higher
   false-positive rate (a union: a good candidate is wrongly withdrawn with a chance up to
-  three times the per-look alpha per look; withdrawing is the safe error).
+  three times the per-look alpha per look; withdrawing is the safe error). A cycle that answers
+  a concept shift or a drop of live quality (``require_recall``) asks more: its candidate is
+  *better* only with significantly more frauds declined. Fewer false declines alone do not
+  answer a new fraud pattern (seen in the closed-loop benchmark: a candidate promoted on that
+  path declined 7 % of the new pattern's frauds).
 - ``judge_operational``: canary (and the watch after a promotion). What shadow cannot see:
   errors, latency, degraded answers and Triton failures of the version answering real callers,
   each compared with production's over the same period by a one-sided Fisher exact test. A
@@ -152,9 +156,11 @@ def compare_decisions(
     *,
     alpha: float,
     fpr_tolerance: float,
+    require_recall: bool = False,
 ) -> DecisionComparison:
     """Both versions' decisions on the same labelled transactions, judged at ``alpha``
-    (module docstring)."""
+    (module docstring); with ``require_recall`` only a significantly higher recall is
+    better."""
     fraud = labels == 1
     b, c = baseline_flagged.astype(bool), candidate_flagged.astype(bool)
     cand_only_fraud = int((c & ~b & fraud).sum())
@@ -173,7 +179,7 @@ def compare_decisions(
     verdict: Literal["better", "worse", "no_better"]
     if recall_lower or fpr_higher:
         verdict = "worse"
-    elif recall_higher or fpr_lower:
+    elif recall_higher or (fpr_lower and not require_recall):
         verdict = "better"
     else:
         verdict = "no_better"
@@ -206,9 +212,11 @@ def judge_paired(
     policy: PairedPolicy,
     look: int,
     seed: int = 0,
+    require_recall: bool = False,
 ) -> PairedVerdict:
     """The shadow verdict on ``look`` (1-based) from the labelled transactions both scored
-    (scores, and each version's decision at its own threshold)."""
+    (scores, and each version's decision at its own threshold); ``require_recall``: better
+    needs significantly more frauds declined (a cycle answering a concept shift)."""
     y = np.asarray(labels, dtype=np.float64)
     b = np.asarray(baseline_scores, dtype=np.float64)
     c = np.asarray(candidate_scores, dtype=np.float64)
@@ -226,6 +234,11 @@ def judge_paired(
         "looks, Bonferroni); decisions at each version's threshold: exact one-sided McNemar "
         f"tests of recall and false-positive rate (tolerance {policy.fpr_tolerance}) at the "
         "same per-look alpha"
+        + (
+            "; better needs a higher recall (the cycle answers a concept shift)"
+            if require_recall
+            else ""
+        )
     )
     if n < policy.min_pairs or positives < policy.min_positives or positives == n:
         return PairedVerdict(
@@ -249,7 +262,12 @@ def judge_paired(
     statistic, low, high = comparison.statistic, comparison.low, comparison.high
     base_value, cand_value = comparison.baseline_value, comparison.candidate_value
     decisions = compare_decisions(
-        y, b_flagged, c_flagged, alpha=per_look_alpha, fpr_tolerance=policy.fpr_tolerance
+        y,
+        b_flagged,
+        c_flagged,
+        alpha=per_look_alpha,
+        fpr_tolerance=policy.fpr_tolerance,
+        require_recall=require_recall,
     )
     outcome: PairedOutcome
     if low > policy.margin and decisions.verdict == "better":

@@ -162,6 +162,14 @@ def _parse(text: str) -> datetime | None:
     return datetime.fromisoformat(text) if text else None
 
 
+def _answers_a_shift(cycle: Cycle) -> bool:
+    """The cycle answers a concept shift or a drop of live quality: its candidate must
+    decline more frauds than production, not only fewer legitimate payments."""
+    if cycle.trigger == "quality":
+        return True
+    return cycle.trigger == "drift" and cycle.trigger_evidence.get("kind", "concept") == "concept"
+
+
 # ----------------------------------------------------------------------------- the loop
 
 
@@ -535,8 +543,13 @@ class Autopilot:
             RETRAINING,
             f"retraining requested again (training {cycle.attempts} of at most "
             f"{self.policy.max_training_attempts}): {labels:.0f} outcomes labelled since the "
-            f"cycle began, {cycle.retry_labels:.0f} when the last one gave no candidate; request "
-            f"{cycle.request_id}",
+            "cycle began"
+            + (
+                f", {cycle.retry_labels:.0f} when the last one gave no candidate"
+                if cycle.retry_labels
+                else ""
+            )
+            + f"; request {cycle.request_id}",
             {"labels_since_start": labels, "labels_at_gate": cycle.retry_labels},
         )
         self._save()
@@ -857,6 +870,41 @@ class Autopilot:
             return
         self._end(cycle, outcome, summary, evidence)
 
+    async def _withdraw_shadow(
+        self, cycle: Cycle, outcome: str, summary: str, evidence: dict[str, Any]
+    ) -> None:
+        """The shadow judge withdraws the candidate. In a cycle the loop trained for, with
+        trainings left, that is not the cycle's end: a drift-triggered training on the shift's
+        first labels may rank better and still decline no more of the new frauds, and one on
+        more of them may (seen in the closed-loop benchmark). The loop trains again at once:
+        the shadow phase brought the labels the next training learns from. Each
+        candidate still has to pass the gate, whose alpha is split over the cycle's
+        trainings, and its own shadow: a candidate that is no better is promoted with a
+        chance of at most ``alpha`` (the shadow's) and the cycle's chance stays within the
+        gate's ``alpha`` over all its trainings."""
+        if not (cycle.request_id and cycle.attempts < self.policy.max_training_attempts):
+            await self._withdraw(cycle, "shadow", outcome, summary, evidence)
+            return
+        try:
+            await self.registry.set_alias("shadow", 0, reason=self._reason(cycle, summary))
+        except PlatformError as exc:
+            metrics.ACTION_FAILURES.labels("remove_shadow").inc()
+            log.warning("remove_shadow_failed", error=exc.message, note="retried next tick")
+            return
+        cycle.retry_after = _iso(self.clock())
+        cycle.retry_labels = 0.0  # the next tick asks (after min_new_labels, long since there)
+        withdrawn, cycle.candidate_version, cycle.gate_passed = cycle.candidate_version, 0, False
+        cycle.look_positives = 0
+        self._step(
+            cycle,
+            RETRAINING,
+            f"{summary}; v{withdrawn} withdrawn, training again on the outcomes labelled "
+            f"since (training {cycle.attempts + 1} of at most "
+            f"{self.policy.max_training_attempts})",
+            evidence,
+        )
+        self._save()
+
     async def _judge_shadow(self, cycle: Cycle, now: datetime, elapsed: float) -> None:
         try:
             data = await self.evidence.paired(
@@ -893,6 +941,7 @@ class Autopilot:
             policy=self.policy.paired,
             look=look,
             seed=look,
+            require_recall=_answers_a_shift(cycle),
         )
         metrics.VERDICTS.labels("shadow", verdict.outcome).inc()
         evidence = verdict.evidence()
@@ -925,9 +974,8 @@ class Autopilot:
                 return
             self._step(cycle, CANARY, summary, {"shadow": evidence})
         elif verdict.outcome == "worse":
-            await self._withdraw(
+            await self._withdraw_shadow(
                 cycle,
-                "shadow",
                 OUTCOME_ROLLED_BACK,
                 f"shadow: v{cycle.candidate_version} worse than production "
                 f"v{cycle.production_version} ({verdict.summary}); shadow removed",
@@ -935,9 +983,8 @@ class Autopilot:
             )
             return
         elif verdict.outcome == "undecided" and look >= self.policy.paired.max_looks:
-            await self._withdraw(
+            await self._withdraw_shadow(
                 cycle,
-                "shadow",
                 OUTCOME_INCONCLUSIVE,
                 f"shadow: no significant improvement after {look} looks ({verdict.summary}); "
                 "shadow removed, production unchanged",
@@ -945,9 +992,8 @@ class Autopilot:
             )
             return
         elif elapsed > self.policy.shadow_timeout_s:
-            await self._withdraw(
+            await self._withdraw_shadow(
                 cycle,
-                "shadow",
                 OUTCOME_INCONCLUSIVE,
                 f"shadow: no verdict within {self.policy.shadow_timeout_s:.0f}s "
                 f"({verdict.summary}); shadow removed, production unchanged",

@@ -186,6 +186,27 @@ def test_decisions_are_compared_by_exact_mcnemar_tests() -> None:
     assert math.isclose(compared.candidate_recall, 10 / 12) and compared.candidate_fpr == 0.02
 
 
+def test_a_cycle_answering_a_shift_needs_more_frauds_declined_not_only_fewer_false_ones() -> None:
+    """Fewer false declines at the same recall is better in general, but not for a cycle
+    answering a concept shift: the new fraud pattern is what production misses."""
+    labels = np.array([1.0] * 20 + [0.0] * 400)
+    base = np.zeros(420, dtype=bool)
+    cand = np.zeros(420, dtype=bool)
+    base[:2] = cand[:2] = True  # both decline the same 2 of 20 frauds
+    base[20:50] = True  # production declines 30 legitimate payments the candidate passes
+    plain = compare_decisions(labels, base, cand, alpha=0.01, fpr_tolerance=0.05)
+    assert plain.p_fpr_lower < 0.01 and plain.verdict == "better"
+    shift = compare_decisions(
+        labels, base, cand, alpha=0.01, fpr_tolerance=0.05, require_recall=True
+    )
+    assert shift.verdict == "no_better"
+    cand[2:14] = True  # now it also declines 12 frauds production misses
+    caught = compare_decisions(
+        labels, base, cand, alpha=0.01, fpr_tolerance=0.05, require_recall=True
+    )
+    assert caught.p_recall_higher < 0.01 and caught.verdict == "better"
+
+
 def test_fisher_exact_one_sided_p_values() -> None:
     # 5 of 10 vs 0 of 10: P(X >= 5) = C(15,5) / C(20,10)
     assert fisher_greater(5, 10, 0, 10) == pytest.approx(3003 / 184756)

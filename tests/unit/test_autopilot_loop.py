@@ -219,11 +219,12 @@ async def test_drift_about_another_version_is_not_a_trigger(h: Harness) -> None:
     assert h.training.sent == []
 
 
-async def test_guardrails_cooldown_and_new_labels(h: Harness) -> None:
+async def test_guardrails_cooldown_and_new_labels(tmp_path: Path) -> None:
+    h = Harness(tmp_path / "state.json", replace(POLICY, max_training_attempts=1))
     await _to_shadow(h)
     h.evidence.pairs = _pairs(2000, 0.0)
     h.clock.advance(11)
-    await h.loop.tick()  # the constant candidate is worse: the cycle ends
+    await h.loop.tick()  # the constant candidate is worse, no training left: the cycle ends
     assert h.loop.phase == "watching"
     await h.loop.on_drift(_drift())
     assert len(h.training.sent) == 1
@@ -476,6 +477,61 @@ async def test_a_worse_candidate_is_withdrawn_and_repeated_rollbacks_halt(
     assert not h.loop.state.halted and h.loop.state.consecutive_rollbacks == 0
     await h.loop.on_drift(_drift())
     assert len(h.training.sent) == 1
+
+
+async def test_a_drift_candidate_withdrawn_in_shadow_gets_another_training(h: Harness) -> None:
+    """A drift cycle's first candidate is worse on live traffic: the shadow is removed and
+    the loop trains again on what was labelled since, within the cycle's trainings."""
+    first = await _to_shadow(h)
+    h.evidence.pairs = _pairs(2000, 0.0)
+    h.clock.advance(11)
+    await h.loop.tick()
+    assert h.registry.calls[-1][:3] == ("set_alias", "shadow", 0)
+    cycle = h.loop.state.cycle
+    assert cycle is not None and h.loop.phase == "retraining" and cycle.candidate_version == 0
+    assert f"v{first} withdrawn, training again" in cycle.steps[-1].summary
+    assert cycle.steps[-1].evidence["shadow"]["outcome"] == "worse"
+    assert h.loop.state.consecutive_rollbacks == 0  # the cycle goes on
+    h.clock.advance(11)
+    await h.loop.tick()
+    assert len(h.training.sent) == 2 and cycle.attempts == 2
+    second = h.training.sent[-1]
+    assert second.request_id != h.training.sent[0].request_id
+    h.registry.lineage[3] = second.request_id
+    await h.loop.on_lifecycle(_event(EventType.MODEL_EVENT_TYPE_GATE_PASSED, 3))
+    assert h.loop.phase == "shadow" and h.registry.calls[-1][:3] == ("set_alias", "shadow", 3)
+    h.evidence.pairs = _pairs(3000, 4.0)
+    h.clock.advance(11)
+    await h.loop.tick()
+    assert h.loop.phase == "canary" and h.registry.calls[-1][:3] == ("set_alias", "canary", 3)
+
+
+async def test_a_drift_cycle_out_of_trainings_ends_when_shadow_withdraws(tmp_path: Path) -> None:
+    h = Harness(tmp_path / "state.json", replace(POLICY, max_training_attempts=1))
+    await _to_shadow(h)
+    h.evidence.pairs = _pairs(2000, 0.0)
+    h.clock.advance(11)
+    await h.loop.tick()
+    assert h.loop.phase == "watching" and h.loop.history(1)[0]["outcome"] == "rolled_back"
+    assert len(h.training.sent) == 1
+
+
+async def test_a_concept_drift_candidate_must_decline_more_frauds(h: Harness) -> None:
+    """Ranked better and fewer false declines, but the same frauds declined: for a cycle
+    answering a concept shift that is not better (the judge keeps looking)."""
+    await _to_shadow(h)
+    pairs = _pairs(3000, 4.0)
+    labels = np.asarray(pairs.labels)
+    production_flags = np.asarray(pairs.baseline_flagged)
+    candidate_flags = production_flags & (labels == 1)  # its frauds: production's, no more
+    h.evidence.pairs = replace(pairs, candidate_flagged=candidate_flags.tolist())
+    h.clock.advance(11)
+    await h.loop.tick()
+    assert h.loop.phase == "shadow"
+    verdict = h.loop.state.cycle.steps[-1].evidence["shadow"]  # type: ignore[union-attr]
+    assert verdict["outcome"] == "undecided" and verdict["interval"][0] > 0
+    assert verdict["decisions"]["p_fpr_lower"] < 0.01
+    assert "higher recall" in verdict["test"]
 
 
 async def test_a_canary_with_more_errors_is_rolled_back(h: Harness) -> None:
