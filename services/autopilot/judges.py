@@ -48,7 +48,7 @@ from statistics import NormalDist
 from typing import Any, Literal
 
 import numpy as np
-from scipy.stats import binomtest
+from scipy.stats import binomtest, hypergeom
 
 from services.shared.paired_comparison import RESAMPLING_UNIT, PairedMetric, paired_bootstrap
 
@@ -368,24 +368,13 @@ class OperationalVerdict:
         return asdict(self)
 
 
-def _log_comb(n: float, k: float) -> float:
-    return math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1)
-
-
 def fisher_greater(x1: int, n1: int, x0: int, n0: int) -> float:
     """One-sided Fisher exact p-value that group 1's rate exceeds group 0's:
-    P(X >= x1) for X hypergeometric with the margins of the 2x2 table."""
-    total, events = n1 + n0, x1 + x0
-    if events == 0 or n1 == 0 or n0 == 0:
+    P(X >= x1) for X hypergeometric with the margins of the 2x2 table (scipy's
+    ``fisher_exact(alternative="greater")``, by its hypergeometric tail directly)."""
+    if x1 + x0 == 0 or n1 == 0 or n0 == 0:
         return 1.0
-    high = min(events, n1)
-    log_denominator = _log_comb(total, n1)
-    p = 0.0
-    for x in range(x1, high + 1):
-        if events - x > n0:
-            continue
-        p += math.exp(_log_comb(events, x) + _log_comb(total - events, n1 - x) - log_denominator)
-    return min(1.0, p)
+    return min(1.0, float(hypergeom.sf(x1 - 1, n1 + n0, x1 + x0, n1)))
 
 
 def _rate_check(

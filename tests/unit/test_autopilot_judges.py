@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import pytest
+from scipy.stats import fisher_exact
 
 from services.autopilot.judges import (
     OperationalPolicy,
@@ -213,6 +214,8 @@ def test_fisher_exact_one_sided_p_values() -> None:
     assert fisher_greater(0, 10, 5, 10) == pytest.approx(1.0)
     assert fisher_greater(0, 100, 0, 100) == 1.0
     assert fisher_greater(3, 100, 3, 100) > 0.5
+    expected = fisher_exact([[12, 288], [2, 1198]], alternative="greater").pvalue
+    assert fisher_greater(12, 300, 2, 1200) == pytest.approx(expected)
 
 
 def test_operational_insufficient_data_below_minimum_sample_or_duration() -> None:
