@@ -136,6 +136,7 @@ class LoopPolicy:
     quality_min_labelled: int = 200
     quality_check_interval_s: float = 60.0
     cooldown_s: float = 900.0
+    deferred_max_age_s: float = 3600.0  # a held-back drift event older than this is dropped
     min_new_labels: int = 500
     training_timeout_s: float = 1800.0
     max_training_attempts: int = 4  # per cycle, when the gate had too little data to judge
@@ -468,6 +469,20 @@ class Autopilot:
             self.state.deferred = {}
             self._save()
             return False
+        held_since = _parse(str(deferred.get("at") or ""))
+        if held_since is not None:
+            age = (now - held_since).total_seconds()
+            if age > self.policy.deferred_max_age_s:
+                self._note_trigger(
+                    str(deferred.get("source") or "drift"),
+                    "expired",
+                    f"a drift event held back {age:.0f}s ago (more than "
+                    f"{self.policy.deferred_max_age_s:.0f}s): dropped, monitoring raises a new "
+                    "one if the shift lasts",
+                )
+                self.state.deferred = {}
+                self._save()
+                return False
         last = _parse(self.state.last_request_at)
         if last is not None and (now - last).total_seconds() < self.policy.cooldown_s:
             return True

@@ -64,6 +64,13 @@ class AutopilotSettings(ServiceSettings):
     cooldown_s: float = Field(
         900.0, ge=0, description="Least time between two retraining requests of the loop."
     )
+    deferred_max_age_s: float = Field(
+        3600.0,
+        gt=0,
+        description="A drift event held back (by the cooldown or a busy loop) is acted on "
+        "later only if it is younger than this: one from before a long stop of the stack "
+        "says nothing about today's traffic (monitoring raises a new one if the shift lasts).",
+    )
     min_new_labels: int = Field(
         500,
         ge=0,
@@ -217,6 +224,7 @@ class AutopilotSettings(ServiceSettings):
             quality_floor=self.quality_floor,
             quality_min_labelled=self.quality_min_labelled,
             cooldown_s=self.cooldown_s,
+            deferred_max_age_s=self.deferred_max_age_s,
             min_new_labels=self.min_new_labels,
             training_timeout_s=self.training_timeout_s,
             max_training_attempts=self.max_training_attempts,

@@ -319,6 +319,22 @@ async def test_a_drift_event_held_back_by_a_busy_loop_or_the_cooldown_is_not_los
     assert len(h.training.sent) == 2 and h.training.sent[1].drift.kind == "data"
 
 
+async def test_a_held_back_drift_event_from_before_a_long_stop_is_dropped(h: Harness) -> None:
+    """The stack went down during the cooldown and came back the next day: yesterday's
+    held-back event is not today's trigger."""
+    await h.loop.start()
+    h.loop.state.last_request_at = h.clock().isoformat()  # a training just asked: cooldown
+    await h.loop.on_drift(_drift(kind="data"))
+    assert h.loop.state.deferred["held_back"] == "cooldown"
+    h.clock.advance(22 * 3600)
+    restarted = h.build()  # the state file, read again after the stop
+    await restarted.start()
+    await restarted.tick()
+    assert h.training.sent == [] and not restarted.state.deferred
+    assert restarted.recent_triggers[-1]["outcome"] == "expired"
+    assert restarted.phase == "watching"
+
+
 async def test_a_held_back_drift_event_about_a_replaced_version_is_dropped(h: Harness) -> None:
     await h.loop.start()
     await h.loop.on_lifecycle(_event(EventType.MODEL_EVENT_TYPE_GATE_PASSED, 5))
