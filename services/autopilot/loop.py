@@ -586,33 +586,44 @@ class Autopilot:
             return
         await self._no_candidate(
             cycle,
-            self.clock(),
             f"training {result.request_id} failed ({result.error_code}): {result.error}",
             {"request_id": result.request_id, "error_code": result.error_code,
              "error": result.error, "seconds": round(result.seconds, 1)},
         )  # fmt: skip
 
-    async def _no_candidate(
-        self, cycle: Cycle, now: datetime, why: str, evidence: dict[str, Any]
-    ) -> None:
+    async def _no_candidate(self, cycle: Cycle, why: str, evidence: dict[str, Any]) -> None:
         """The training this cycle asked for gave no candidate (it failed, or none came in
         time): train again once the outcomes labelled since the cycle began have doubled (a
         drift-triggered training fails when too few transactions after the onset are
         labelled yet), or end the cycle after ``max_training_attempts``."""
-        if cycle.request_id and cycle.attempts < self.policy.max_training_attempts:
-            cycle.retry_after = _iso(now)
-            cycle.retry_labels = await self._labels_since_start(cycle) or 0.0
-            self._step(
+        if self._trainings_left(cycle):
+            labels = await self._labels_since_start(cycle) or 0.0
+            self._train_again(
                 cycle,
-                RETRAINING,
+                labels,
                 f"{why}; training again once the outcomes labelled since the cycle began "
-                f"({cycle.retry_labels:.0f}) have doubled (training {cycle.attempts} of at "
+                f"({labels:.0f}) have doubled (training {cycle.attempts} of at "
                 f"most {self.policy.max_training_attempts})",
                 evidence,
             )
-            self._save()
             return
         self._end(cycle, OUTCOME_TRAINING_FAILED, why, evidence)
+
+    def _trainings_left(self, cycle: Cycle) -> bool:
+        """The loop asked for this cycle's training and may ask for another."""
+        return bool(cycle.request_id) and cycle.attempts < self.policy.max_training_attempts
+
+    def _train_again(
+        self, cycle: Cycle, retry_labels: float, summary: str, evidence: dict[str, Any]
+    ) -> None:
+        """Back to retraining without a candidate: ``_retry_training`` asks for the next
+        training once the outcomes labelled since the cycle began reach
+        ``max(2 x retry_labels, retry_labels + min_new_labels)``."""
+        cycle.retry_after = _iso(self.clock())
+        cycle.retry_labels = retry_labels
+        cycle.candidate_version, cycle.gate_passed, cycle.look_positives = 0, False, 0
+        self._step(cycle, RETRAINING, summary, evidence)
+        self._save()
 
     async def on_drift(self, event: monitoring_pb2.DriftEvent) -> None:
         if event.model_name and event.model_name != self.policy.model_name:
@@ -657,25 +668,22 @@ class Autopilot:
                 # each of the cycle's trainings may be judged (the gate splits its error rate
                 # over them): one trained on the shift's first minute may lose or be undecided
                 # where one trained on more of the new pattern wins
-                if cycle.request_id and cycle.attempts < self.policy.max_training_attempts:
-                    cycle.retry_after = _iso(self.clock())
-                    cycle.retry_labels = await self._labels_since_start(cycle) or 0.0
-                    cycle.candidate_version = 0
+                if self._trainings_left(cycle):
+                    labels = await self._labels_since_start(cycle) or 0.0
                     said = (
                         event.reason
                         if event.gate.outcome == models_pb2.GATE_OUTCOME_INSUFFICIENT_DATA
                         else f"rejected v{event.version}: {event.reason}"
                     )
-                    self._step(
+                    self._train_again(
                         cycle,
-                        RETRAINING,
+                        labels,
                         f"gate: {said}; training again once the outcomes labelled "
-                        f"since the cycle began ({cycle.retry_labels:.0f}) have doubled "
+                        f"since the cycle began ({labels:.0f}) have doubled "
                         f"(training {cycle.attempts} of at most "
                         f"{self.policy.max_training_attempts})",
                         _gate_evidence(event),
                     )
-                    self._save()
                     return
                 self._end(cycle, OUTCOME_GATE_REJECTED, event.reason, _gate_evidence(event))
         elif event.type == EventType.MODEL_EVENT_TYPE_GATE_PASSED:
@@ -810,7 +818,6 @@ class Autopilot:
             if cycle.phase == RETRAINING:
                 await self._no_candidate(
                     cycle,
-                    now,
                     f"no candidate {self.policy.training_timeout_s:.0f}s after request "
                     f"{cycle.request_id} (the training is stuck or its result was lost: see "
                     "the training service's log)",
@@ -897,7 +904,7 @@ class Autopilot:
         trainings, and its own shadow: a candidate that is no better is promoted with a
         chance of at most ``alpha`` (the shadow's) and the cycle's chance stays within the
         gate's ``alpha`` over all its trainings."""
-        if not (cycle.request_id and cycle.attempts < self.policy.max_training_attempts):
+        if not self._trainings_left(cycle):
             await self._withdraw(cycle, "shadow", outcome, summary, evidence)
             return
         try:
@@ -906,19 +913,14 @@ class Autopilot:
             metrics.ACTION_FAILURES.labels("remove_shadow").inc()
             log.warning("remove_shadow_failed", error=exc.message, note="retried next tick")
             return
-        cycle.retry_after = _iso(self.clock())
-        cycle.retry_labels = 0.0  # the next tick asks (after min_new_labels, long since there)
-        withdrawn, cycle.candidate_version, cycle.gate_passed = cycle.candidate_version, 0, False
-        cycle.look_positives = 0
-        self._step(
+        self._train_again(
             cycle,
-            RETRAINING,
-            f"{summary}; v{withdrawn} withdrawn, training again on the outcomes labelled "
-            f"since (training {cycle.attempts + 1} of at most "
+            0.0,  # the next tick asks (after min_new_labels, long since there)
+            f"{summary}; v{cycle.candidate_version} withdrawn, training again on the outcomes "
+            f"labelled since (training {cycle.attempts + 1} of at most "
             f"{self.policy.max_training_attempts})",
             evidence,
         )
-        self._save()
 
     async def _judge_shadow(self, cycle: Cycle, now: datetime, elapsed: float) -> None:
         try:
