@@ -193,8 +193,25 @@ class Checks:
                 if backlog.total == 0:
                     return time.monotonic() - started
             if time.monotonic() - started > timeout_s:
+                await self._report_lag()
                 return math.inf
             await asyncio.sleep(0.5)
+
+    async def _report_lag(self) -> None:
+        """Which group lags on which partition (what a run that never caught up needs)."""
+        from services.cli.bootstrap import backlog_groups
+        from services.shared.kafka import consumer_groups_lag
+
+        try:
+            groups = backlog_groups(self.ingestion, self.features)
+            lag = await consumer_groups_lag(self.ingestion.kafka, groups)
+        except Exception as error:  # noqa: BLE001 - a report, not a check
+            progress(f"  lag unreadable: {error!r}")
+            return
+        for group, partitions in lag.items():
+            for tp, behind in sorted(partitions.items()):
+                if behind:
+                    progress(f"  lag: {group} {tp.topic}[{tp.partition}] {behind} records behind")
 
     def archived(self) -> tuple[collections.Counter[str], dict[str, list[Any]]]:
         """Every archived transaction id with its count; the rows by user."""

@@ -118,19 +118,24 @@ class Backlog:
         return self.ingestion + self.features
 
 
+def backlog_groups(
+    ingestion: IngestionSettings, features: FeaturesSettings
+) -> dict[str, list[str]]:
+    """The consumer groups whose lag is the platform's backlog, with their topics, in the
+    order records flow through them."""
+    topics = Topics.from_settings(ingestion.kafka)
+    return {
+        ingestion.group_id: [topics.transactions, topics.labels],
+        ingestion.archive_group_id: [topics.validated, topics.validated_labels],
+        features.group_id: features.input_topics(),
+    }
+
+
 async def read_backlog(ingestion: IngestionSettings, features: FeaturesSettings) -> Backlog:
     """Ingestion's groups first, then the features service's (one connection; the end offsets
     are read after every group's commits): ingestion feeds features, so with no ingestion lag
     a zero features lag covers everything ingestion produced."""
-    topics = Topics.from_settings(ingestion.kafka)
-    lag = await consumer_groups_lag(
-        ingestion.kafka,
-        {
-            ingestion.group_id: [topics.transactions, topics.labels],
-            ingestion.archive_group_id: [topics.validated, topics.validated_labels],
-            features.group_id: features.input_topics(),
-        },
-    )
+    lag = await consumer_groups_lag(ingestion.kafka, backlog_groups(ingestion, features))
     return Backlog(
         ingestion=sum(lag[ingestion.group_id].values())
         + sum(lag[ingestion.archive_group_id].values()),

@@ -141,7 +141,9 @@ async def run_pipeline(
             stop,
             pipeline.internal_topics,
             compacted=pipeline.changelog_topics,
-            on_recreated=lambda topics: pipeline.topics_lost(f"re-created {','.join(topics)}"),
+            on_recreated=lambda topics: pipeline.topics_lost(
+                f"re-created {','.join(topics)}", recreated=True
+            ),
         ),
         name="keep-internal",
     )

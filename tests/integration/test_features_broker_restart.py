@@ -5,7 +5,9 @@ re-created input topics start again at offset 0. The worker must read them from 
 would take their records for ones it had already seen: their offsets are below its read
 offsets), keep the state it had (its windows), and write that state to the new changelogs,
 so that a later restart of the worker recovers all of it, not only what came after the
-broker's restart. Checked against the independent reference at each step.
+broker's restart; a second broker restart soon after the first is a loss of its own (the
+chaos run of 2026-12-07 22:08 lost the state of a worker that took it for the first one's).
+Checked against the independent reference at each step.
 """
 
 from __future__ import annotations
@@ -69,7 +71,8 @@ async def test_a_broker_restart_loses_no_feature_state(
     apply_definitions(store, feast_settings, storage.offline_dir)
     events = busy_stream(seed=5, transactions=900)
     n = len(events)
-    before, after, later = events[: n // 2], events[n // 2 : 5 * n // 6], events[5 * n // 6 :]
+    before, after = events[: n // 2], events[n // 2 : 2 * n // 3]
+    after_second, later = events[2 * n // 3 : 5 * n // 6], events[5 * n // 6 :]
     reference = Reference()
 
     def env() -> dict[str, str]:
@@ -84,24 +87,32 @@ async def test_a_broker_restart_loses_no_feature_state(
             wait_until_online_matches(store, feast_settings, reference, "before the restart", 90)
             assert worker.metric("mlops_features_changelog_rewrites_total") == 0  # no loss yet
 
-            brokers[0].stop()  # everything the broker held is gone
-            brokers.append(
-                localinfra.RunningProcess(localinfra.tansu(port), tmp_path / "tansu-2.log")
-            )
-            await create_input_topics(kafka)  # as ingestion does when it finds them missing
-            # the worker re-creates its own topics (its topic check runs every 10 s) with the
-            # configured partitions; a record sent to one before would make the broker create
-            # it with its own default
-            wait_for(
-                lambda: worker.metric("mlops_kafka_topics_recreated_total") > 0,
-                60,
-                "the worker to re-create its internal topics",
-            )
-            await publish(kafka, after)  # at offsets below the worker's read offsets
-            reference.feed(after)
-            wait_until_online_matches(store, feast_settings, reference, "after the restart", 90)
-            await wait_no_lag(kafka, 60)  # and it commits them: the group is not stuck
-            assert worker.metric("mlops_features_changelog_rewrites_total") == 1
+            for restart, events_after in enumerate((after, after_second), start=1):
+                recreated = worker.metric("mlops_kafka_topics_recreated_total")
+                brokers[-1].stop()  # everything the broker held is gone
+                brokers.append(
+                    localinfra.RunningProcess(
+                        localinfra.tansu(port), tmp_path / f"tansu-{restart + 1}.log"
+                    )
+                )
+                await create_input_topics(kafka)  # as ingestion does when it finds them missing
+                # the worker re-creates its own topics (as soon as its topic check's connection
+                # drops) with the configured partitions; a record sent to one before would make
+                # the broker create it with its own default
+                wait_for(
+                    lambda seen=recreated: worker.metric("mlops_kafka_topics_recreated_total")
+                    > seen,
+                    60,
+                    f"the worker to re-create its internal topics (restart {restart})",
+                )
+                await publish(kafka, events_after)  # at offsets below the worker's read offsets
+                reference.feed(events_after)
+                wait_until_online_matches(
+                    store, feast_settings, reference, f"after broker restart {restart}", 90
+                )
+                await wait_no_lag(kafka, 60)  # and it commits them: the group is not stuck
+                # within a minute of the first: the second restart's loss is rewritten too
+                assert worker.metric("mlops_features_changelog_rewrites_total") == restart
             assert "partition_offsets_forgotten" in worker.process.log_path.read_text()
         finally:
             exit_code = worker.stop()  # graceful: what it sent is acknowledged
@@ -113,7 +124,9 @@ async def test_a_broker_restart_loses_no_feature_state(
         try:
             await publish(kafka, later)
             reference.feed(later)
-            wait_until_online_matches(store, feast_settings, reference, "after a restart", 90)
+            wait_until_online_matches(
+                store, feast_settings, reference, "after a worker restart", 90
+            )
         finally:
             exit_code = second.stop()
         assert exit_code == 0, second.process.tail()
