@@ -20,10 +20,14 @@
   (frauds declined by one version only) and false-positive rate (legitimate payments
   declined by one version only; "higher" only when also higher by more than
   ``fpr_tolerance``). *Better* needs the metric's interval to clear the margin **and** the
-  decisions to be better: significantly more frauds declined without a significantly higher
-  false-positive rate, or significantly fewer false declines without a significantly lower
-  recall (an intersection of tests, each at the per-look alpha: the chance of a false
-  "better" stays at most ``alpha``). *Worse*: the metric's interval below zero, or a
+  decisions to be better: significantly more frauds declined, or significantly fewer false
+  declines without a significantly lower recall, and in both cases a false-positive rate
+  shown to be at most ``fpr_tolerance`` above production's (non-inferiority: the one-sided
+  upper confidence bound of the paired difference, from Tango's score test, within the
+  tolerance; before it, "not significantly higher" let through a candidate, judged on 190
+  legitimate pairs, that then declined 6.3 % of legitimate payments on all traffic: seen in
+  CI, 2026-12-07). An intersection of tests, each at the per-look alpha: the chance of a
+  false "better" stays at most ``alpha``. *Worse*: the metric's interval below zero, or a
   significantly lower recall, or a significantly (and by more than the tolerance) higher
   false-positive rate (a union: a good candidate is wrongly withdrawn with a chance up to
   three times the per-look alpha per look; withdrawing is the safe error). A cycle that answers
@@ -48,6 +52,7 @@ from statistics import NormalDist
 from typing import Any, Literal
 
 import numpy as np
+from scipy.optimize import brentq
 from scipy.stats import binomtest, hypergeom
 
 from services.shared.paired_comparison import RESAMPLING_UNIT, PairedMetric, paired_bootstrap
@@ -113,6 +118,9 @@ class DecisionComparison:
     p_recall_lower: float
     p_fpr_higher: float
     p_fpr_lower: float
+    # one-sided upper confidence bound (at 1 - alpha) of the candidate's false-positive rate
+    # minus production's; "better" needs it within the tolerance
+    fpr_increase_upper: float
     verdict: Literal["better", "worse", "no_better"]
 
     @property
@@ -138,8 +146,54 @@ class DecisionComparison:
             f"({self.baseline_only_caught}/{self.candidate_only_caught} frauds declined by one "
             f"only, p higher {self.p_recall_higher:.4f}, p lower {self.p_recall_lower:.4f}), "
             f"false-positive rate {self.baseline_fpr:.4f} vs {self.candidate_fpr:.4f} "
-            f"(p higher {self.p_fpr_higher:.4f}, p lower {self.p_fpr_lower:.4f})"
+            f"(p higher {self.p_fpr_higher:.4f}, p lower {self.p_fpr_lower:.4f}; increase at "
+            f"most {self.fpr_increase_upper:+.4f})"
         )
+
+
+def fpr_increase_upper_bound(
+    candidate_only: int, baseline_only: int, legitimate: int, alpha: float
+) -> float:
+    """One-sided ``1 - alpha`` upper bound of the paired difference of false-positive rates
+    (candidate minus production) on ``legitimate`` payments, ``candidate_only`` and
+    ``baseline_only`` of them declined by one version only: the largest difference that
+    Tango's score test for matched pairs (Tango 1998, the usual test of non-inferiority of
+    paired proportions) does not reject at ``alpha``. In simulations with 190-920 payments
+    and rates of 0-6 % it fell below the true difference in 0-0.63 % of runs at alpha 0.005
+    and 2-5.7 % at 0.05 (tests/unit/test_autopilot_judges.py checks one case); plain Wald
+    bounds fell below it in up to 11 %, and the exact bound of the candidate-only rate alone
+    is valid but too wide when both versions decline a few percent."""
+    b, c, n = candidate_only, baseline_only, legitimate
+    if n == 0:
+        return math.inf
+    critical = NormalDist().inv_cdf(1 - alpha)
+    estimate = (b - c) / n
+    if _tango_z(b, c, n, 1 - 1e-9) + critical > 0:
+        return 1.0
+    return float(brentq(lambda delta: _tango_z(b, c, n, delta) + critical, estimate, 1 - 1e-9))
+
+
+def _tango_z(b: int, c: int, n: int, delta: float) -> float:
+    """Tango's score statistic of H0: (b - c) / n estimates ``delta``, with the discordant
+    rates at their maximum likelihood under H0 (found numerically)."""
+    rest = n - b - c
+    low, high = max(0.0, -delta) + 1e-12, (1 - delta) / 2 - 1e-12
+
+    def slope(p2: float) -> float:  # of the log-likelihood in p2, with p1 = p2 + delta
+        return (
+            (b / (p2 + delta) if b else 0.0)
+            + (c / p2 if c else 0.0)
+            - 2 * rest / (1 - 2 * p2 - delta)
+        )
+
+    if slope(low) <= 0:
+        p2 = low
+    elif slope(high) >= 0:
+        p2 = high
+    else:
+        p2 = float(brentq(slope, low, high))
+    variance = max(2 * p2 + delta - delta**2, 1e-15)
+    return (b - c - n * delta) / math.sqrt(n * variance)
 
 
 def _greater(successes: int, trials: int) -> float:
@@ -176,10 +230,12 @@ def compare_decisions(
     recall_higher, recall_lower = p_recall_higher < alpha, p_recall_lower < alpha
     fpr_higher = p_fpr_higher < alpha and fpr_increase > fpr_tolerance
     fpr_lower = p_fpr_lower < alpha
+    fpr_upper = fpr_increase_upper_bound(cand_only_legit, base_only_legit, legitimate, alpha)
+    fpr_bounded = fpr_upper <= fpr_tolerance
     verdict: Literal["better", "worse", "no_better"]
     if recall_lower or fpr_higher:
         verdict = "worse"
-    elif recall_higher or (fpr_lower and not require_recall):
+    elif fpr_bounded and (recall_higher or (fpr_lower and not require_recall)):
         verdict = "better"
     else:
         verdict = "no_better"
@@ -198,6 +254,7 @@ def compare_decisions(
         p_recall_lower,
         p_fpr_higher,
         p_fpr_lower,
+        fpr_upper,
         verdict,
     )
 

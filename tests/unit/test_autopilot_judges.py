@@ -14,6 +14,7 @@ from services.autopilot.judges import (
     VersionHealth,
     compare_decisions,
     fisher_greater,
+    fpr_increase_upper_bound,
     judge_operational,
     judge_paired,
     latency_threshold,
@@ -173,9 +174,9 @@ def test_a_candidate_declining_many_more_legitimate_payments_is_worse() -> None:
 
 
 def test_decisions_are_compared_by_exact_mcnemar_tests() -> None:
-    labels = np.array([1.0] * 12 + [0.0] * 100)
-    base = np.zeros(112, dtype=bool)
-    cand = np.zeros(112, dtype=bool)
+    labels = np.array([1.0] * 12 + [0.0] * 1000)
+    base = np.zeros(1012, dtype=bool)
+    cand = np.zeros(1012, dtype=bool)
     cand[:10] = True  # 10 frauds only the candidate declines
     base[10] = True  # 1 only production declines
     cand[12:14] = True  # 2 legitimate payments only the candidate declines
@@ -184,7 +185,7 @@ def test_decisions_are_compared_by_exact_mcnemar_tests() -> None:
     # P(X >= 10) for X ~ Binomial(11, 1/2) = 12 / 2048
     assert math.isclose(compared.p_recall_higher, 12 / 2048)
     assert compared.p_fpr_lower == 1.0 and compared.verdict == "better"
-    assert math.isclose(compared.candidate_recall, 10 / 12) and compared.candidate_fpr == 0.02
+    assert math.isclose(compared.candidate_recall, 10 / 12) and compared.candidate_fpr == 0.002
 
 
 def test_a_cycle_answering_a_shift_needs_more_frauds_declined_not_only_fewer_false_ones() -> None:
@@ -206,6 +207,47 @@ def test_a_cycle_answering_a_shift_needs_more_frauds_declined_not_only_fewer_fal
         labels, base, cand, alpha=0.01, fpr_tolerance=0.05, require_recall=True
     )
     assert caught.p_recall_higher < 0.01 and caught.verdict == "better"
+
+
+def test_better_needs_the_false_positive_increase_bounded_not_only_not_significant() -> None:
+    """More frauds declined, and 9 of 190 legitimate payments declined by the candidate only
+    (1 by production only): not significantly more than the tolerance (not "worse"), but not
+    shown to be within it either, so not "better" yet; with 2 such payments it is."""
+    labels = np.array([1.0] * 13 + [0.0] * 190)
+    base = np.zeros(203, dtype=bool)
+    cand = np.zeros(203, dtype=bool)
+    cand[:12] = True  # 12 of 13 frauds only the candidate declines
+    cand[13:22] = True  # 9 legitimate payments only the candidate declines
+    base[22] = True  # 1 only production declines
+    wide = compare_decisions(
+        labels, base, cand, alpha=0.005, fpr_tolerance=0.05, require_recall=True
+    )
+    assert wide.p_recall_higher < 0.005
+    assert wide.candidate_fpr - wide.baseline_fpr < 0.05 < wide.fpr_increase_upper
+    assert wide.verdict == "no_better"
+    cand[15:22] = False  # 2 instead of 9
+    narrow = compare_decisions(
+        labels, base, cand, alpha=0.005, fpr_tolerance=0.05, require_recall=True
+    )
+    assert narrow.fpr_increase_upper <= 0.05 and narrow.verdict == "better"
+
+
+def test_the_false_positive_bound_covers_the_true_increase() -> None:
+    """Coverage of the one-sided bound on simulated paired decisions: 400 legitimate
+    payments, each declined by the candidate only with p 0.035, by production only with
+    p 0.005 (true increase 0.03); at alpha 0.05 the bound falls below it in about 5 % of
+    runs (5.3 % in 3,000 runs of the same set-up offline; here 1,000, binomial SE 0.7 %)."""
+    rng = np.random.default_rng(7)
+    runs, alpha = 1000, 0.05
+    kinds = rng.choice(3, size=(runs, 400), p=[0.035, 0.005, 0.96])
+    below = [
+        fpr_increase_upper_bound(int((k == 0).sum()), int((k == 1).sum()), 400, alpha) < 0.03
+        for k in kinds
+    ]
+    assert np.mean(below) <= alpha + 0.025
+    assert fpr_increase_upper_bound(0, 0, 0, 0.05) == math.inf
+    # nothing declined by one version only in 1,000: the bound is small but above 0
+    assert 0 < fpr_increase_upper_bound(0, 0, 1000, 0.05) < 0.005
 
 
 def test_fisher_exact_one_sided_p_values() -> None:
