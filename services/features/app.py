@@ -488,19 +488,23 @@ class FeaturePipeline:
     def consumer(self) -> FeaturesConsumer:
         return cast(FeaturesConsumer, self.app.consumer)
 
-    async def topics_lost(self, why: str, *, recreated: bool = False) -> None:
+    async def partition_started_over(self, why: str) -> None:
+        """One partition's sign that the broker lost the topics (``why``: which partition):
+        every partition of every topic shows the same loss, so signs within
+        ``CHANGELOG_REWRITE_QUIET_S`` of a rewrite are that loss and rewrite nothing."""
+        if time.monotonic() - self._changelogs_rewritten_at < CHANGELOG_REWRITE_QUIET_S:
+            return
+        await self.topics_lost(why)
+
+    async def topics_lost(self, why: str) -> None:
         """The broker lost the service's topics (a restart of the in-memory local broker:
         ``why`` says how it showed). Write the tables' facts to the new changelogs, so a later
-        restart of the service recovers the whole state, not only what came after; once per
-        loss: signs of the same loss within ``CHANGELOG_REWRITE_QUIET_S`` of a rewrite (every
-        partition of every topic shows it) are that loss. ``recreated``: the service has just
-        re-created its own topics, which only a new loss makes, so the quiet time does not
-        apply (two broker restarts within it lost the second one's rewrite: the chaos run
-        of 2026-12-07 22:08, 633 differing online features after the restarted service
-        rebuilt empty tables)."""
+        restart of the service recovers the whole state, not only what came after. Called
+        directly when the service itself re-created its topics, which only a new loss makes:
+        two broker restarts within the quiet time of ``partition_started_over`` lost the
+        second one's rewrite when both went through it (the chaos run of 2026-12-07 22:08,
+        633 differing online features after the restarted service rebuilt empty tables)."""
         now = time.monotonic()
-        if not recreated and now - self._changelogs_rewritten_at < CHANGELOG_REWRITE_QUIET_S:
-            return
         self._changelogs_rewritten_at = now
         # the topics first: records sent to a topic the local broker does not have are lost
         # (services/shared/broker_compat.py)

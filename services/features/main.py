@@ -120,7 +120,7 @@ async def run_pipeline(
     rewrites: set[asyncio.Task[None]] = set()
 
     def rewrite(why: str) -> None:
-        task = loop.create_task(pipeline.topics_lost(why))
+        task = loop.create_task(pipeline.partition_started_over(why))
         rewrites.add(task)
         task.add_done_callback(rewrites.discard)
         task.add_done_callback(_log_failed_rewrite)
@@ -141,9 +141,7 @@ async def run_pipeline(
             stop,
             pipeline.internal_topics,
             compacted=pipeline.changelog_topics,
-            on_recreated=lambda topics: pipeline.topics_lost(
-                f"re-created {','.join(topics)}", recreated=True
-            ),
+            on_recreated=lambda topics: pipeline.topics_lost(f"re-created {','.join(topics)}"),
         ),
         name="keep-internal",
     )
