@@ -27,14 +27,22 @@ from services.shared.settings import (
 )
 
 _MARKERS = {"unit": "unit", "integration": "integration", "e2e": "e2e"}
+# Modules that run beside the rest under `pytest -n 2 --dist loadgroup` (`make test`): long,
+# mostly waiting (traffic at a fixed rate, labels minutes late) and with a stack of their own
+# on free ports. Everything else runs in one worker, one test after another, in collection
+# order: the other stacks (and their timing-sensitive checks) never overlap each other.
+OWN_LANE = {"test_drift.py"}
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
-        parts = Path(str(item.fspath)).parts
+        path = Path(str(item.fspath))
         for directory, marker in _MARKERS.items():
-            if directory in parts:
+            if directory in path.parts:
                 item.add_marker(getattr(pytest.mark, marker))
+        lane = path.stem if path.name in OWN_LANE else "serial"
+        item.add_marker(pytest.mark.xdist_group(lane))
 
 
 @pytest.fixture(scope="session")
