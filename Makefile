@@ -93,7 +93,7 @@ logs: ## Show logs: `make logs` (all), `make logs NAME=serving`, add FOLLOW=1 to
 # other test in the other, one after another (tests/conftest.py OWN_LANE)
 test: install lint alerts ## Run everything: lint, alert rules, then the unit, integration and e2e tests
 	@mkdir -p var/test-results
-	$(PY) -m pytest tests -n 2 --dist loadgroup --durations=15 --junitxml=var/test-results/junit.xml $(PYTEST_ARGS)
+	$(PY) -m pytest tests -n 2 --durations=15 --junitxml=var/test-results/junit.xml $(PYTEST_ARGS)
 	@$(PY) .ci/test_summary.py var/test-results/junit.xml
 
 lint: install ## ruff format --check, ruff check, mypy, generated protobuf code up to date

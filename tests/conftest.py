@@ -27,22 +27,32 @@ from services.shared.settings import (
 )
 
 _MARKERS = {"unit": "unit", "integration": "integration", "e2e": "e2e"}
-# Modules that run beside the rest under `pytest -n 2 --dist loadgroup` (`make test`): long,
-# mostly waiting (traffic at a fixed rate, labels minutes late) and with a stack of their own
-# on free ports. Everything else runs in one worker, one test after another, in collection
-# order: the other stacks (and their timing-sensitive checks) never overlap each other.
-OWN_LANE = {"test_drift.py"}
+# Modules that run beside the rest under `pytest -n 2` (`make test`): long, mostly waiting
+# (traffic at a fixed rate, minutes of it) and with a stack of their own on free ports.
+# Everything else runs in the other worker, one test after another in collection order, so
+# the other stacks (and their timing-sensitive checks) never overlap each other.
+OWN_LANE = {"tests/e2e/test_drift.py"}
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
-        path = Path(str(item.fspath))
+        parts = Path(str(item.fspath)).parts
         for directory, marker in _MARKERS.items():
-            if directory in path.parts:
+            if directory in parts:
                 item.add_marker(getattr(pytest.mark, marker))
-        lane = path.stem if path.name in OWN_LANE else "serial"
-        item.add_marker(pytest.mark.xdist_group(lane))
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
+    """Two lanes for pytest-xdist: the modules in ``OWN_LANE`` (one scope each) and
+    everything else (one scope), each scope run by one worker in collection order."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class Lanes(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            return module if module in OWN_LANE else "serial"
+
+    return Lanes(config, log)  # type: ignore[arg-type]
 
 
 @pytest.fixture(scope="session")
