@@ -10,11 +10,18 @@ and tests/e2e are marked accordingly and use the fixtures above.
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # an xdist worker starts with COLUMNS=80 and LINES=24 in its environment; the CLI's
+    # consoles, made at import, would keep that width whatever a test's CliRunner sets
+    for _name in ("COLUMNS", "LINES"):
+        os.environ.pop(_name, None)
 
 from services.cli import localinfra
 from services.shared.settings import (
