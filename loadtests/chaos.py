@@ -181,6 +181,8 @@ class Checks:
             feast = FeastSettings()
             self.store = open_store(feast, RedisSettings(), self.storage)
             self.feature_service = feast.feature_service
+        # where the features service reports an input partition whose commits stopped
+        self.features_log = Path(env.get("MLOPS_STACK_VAR_DIR", "var")) / "log" / "features.log"
 
     async def wait_no_lag(self, timeout_s: float = 300.0) -> float:
         """Seconds until ingestion's and the features service's groups have no lag."""
@@ -212,6 +214,14 @@ class Checks:
             for tp, behind in sorted(partitions.items()):
                 if behind:
                     progress(f"  lag: {group} {tp.topic}[{tp.partition}] {behind} records behind")
+        with contextlib.suppress(OSError):
+            stalls = [
+                line
+                for line in self.features_log.read_text().splitlines()
+                if "input_partition_stalled" in line
+            ]
+            for line in stalls[-8:]:
+                progress(f"  features: {line}")
 
     def archived(self) -> tuple[collections.Counter[str], dict[str, list[Any]]]:
         """Every archived transaction id with its count; the rows by user."""

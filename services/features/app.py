@@ -151,11 +151,17 @@ class InputPositions:
     state deduplicates.
     """
 
+    # an input partition with records past its committed offset and no commit for this long
+    # is reported once (``check_progress``), with what faust's consumer holds for it
+    STALL_S = 60.0
+
     def __init__(self, app: faust.App, input_topics: set[str]) -> None:
         self._consumer = app.consumer
         self._thread = self._consumer._thread  # type: ignore[attr-defined]  # faust's consumer thread
         self._input_topics = input_topics
         self._targets: dict[Any, int] | None = None
+        self._progress: dict[TP, tuple[int | None, float]] = {}  # committed, since when
+        self._stalled: set[TP] = set()
         self._resume_flow = self._consumer.resume_flow
         self._consumer.resume_flow = self._reposition_then_resume  # type: ignore[method-assign]
         app.on_rebalance_complete.connect(self._plan)
@@ -187,6 +193,51 @@ class InputPositions:
                 partitions=",".join(f"{tp.topic}:{tp.partition}@{o}" for tp, o in targets.items()),
             )
         self._resume_flow()
+
+    def check_progress(self, now: float) -> list[dict[str, Any]]:
+        """Report (log once, and return) every input partition whose committed offset has not
+        moved for ``STALL_S`` while its end is past it: whether faust fetches it (active,
+        paused, buffered), the last offset handed to the streams, the acknowledged offsets
+        waiting for a gap to close, the unacknowledged messages. A consumer group whose lag
+        never falls then says whether its worker stopped reading or stopped committing
+        (RELIABILITY.md: the chaos run's broker round). Reads faust's bookkeeping only."""
+        consumer = self._consumer
+        stalled = []
+        for tp in consumer.assignment():
+            if tp.topic not in self._input_topics:
+                continue
+            committed = consumer._committed_offset.get(tp)  # type: ignore[attr-defined]
+            end = consumer.highwater(tp)
+            seen = self._progress.get(tp)
+            if seen is None or seen[0] != committed or end is None or end <= (committed or 0):
+                self._progress[tp] = (committed, now)
+                self._stalled.discard(tp)
+                continue
+            if now - seen[1] < self.STALL_S or tp in self._stalled:
+                continue
+            self._stalled.add(tp)
+            unacked = [
+                message
+                for message in list(consumer._unacked_messages)  # type: ignore[attr-defined]
+                if message.tp == tp
+            ]
+            report: dict[str, Any] = {
+                "topic": tp.topic,
+                "partition": tp.partition,
+                "committed": committed,
+                "end": end,
+                "stalled_s": round(now - seen[1]),
+                "read_offset": consumer._read_offset.get(tp),  # type: ignore[attr-defined]
+                "active": tp in consumer._get_active_partitions(),  # type: ignore[attr-defined]
+                "paused": tp in consumer._paused_partitions,  # type: ignore[attr-defined]
+                "buffered": tp in consumer._buffered_partitions,  # type: ignore[attr-defined]
+                "acked_waiting": len(consumer._acked.get(tp, ())),  # type: ignore[attr-defined]
+                "unacked": len(unacked),
+                "first_unacked": min((m.offset for m in unacked), default=None),
+            }
+            log.warning("input_partition_stalled", **report)
+            stalled.append(report)
+        return stalled
 
 
 def faust_settings(settings: FeaturesSettings) -> dict[str, Any]:
@@ -283,6 +334,7 @@ class FeaturePipeline:
             },
         )
         app.timer(settings.offline_flush_interval_s / 2)(self._flush_offline)
+        app.timer(InputPositions.STALL_S / 4)(self._check_inputs)
         app.timer(settings.expiry_interval_s)(self._expire)
 
     def _raw_topic(self, *names: str, internal: int | None = None) -> TopicT:
@@ -454,6 +506,13 @@ class FeaturePipeline:
         except OSError as exc:  # rows stay queued; the next tick retries
             log.error("offline_flush_failed", error=str(exc), pending_rows=self.sink.pending_rows)
         self.update_gauges()
+
+    async def _check_inputs(self) -> None:
+        try:
+            self.input_positions.check_progress(time.monotonic())
+        except Exception as exc:  # noqa: BLE001 - a diagnostic of faust's internals (a rebalance
+            # under way, a faust release that moved them) must never stop the service
+            log.warning("input_progress_unreadable", error=f"{type(exc).__name__}: {exc}")
 
     async def _expire(self) -> None:
         users = self.users.expire_idle(self.user_facts.active_partitions)
