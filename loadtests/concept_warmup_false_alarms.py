@@ -2,7 +2,9 @@
 when their baseline is a version's first few hundred outcomes.
 
 The outcomes are drawn independently from the recorded stationary traffic's scores
-(loadtests/data/drift_concept.npz, the rows before its change): a fraud with probability
+(``--recording``: loadtests/data/drift_<name>.npz, the rows before its change; by default the
+2026-12-04 recording, 20 transactions/s over the 7-day default history, which the unit test
+and the figures of 2026-12-06 use): a fraud with probability
 ``--fraud-rate`` (drawn from the recorded frauds' scores), else a legitimate payment. Each
 trial builds fresh detectors at the service's defaults (``--warmup`` outcomes of log-loss
 baseline, the default fraud-rank warmup), feeds them ``--outcomes`` more and counts alarms.
@@ -49,8 +51,18 @@ class Trials:
     legit: int
 
 
-def run_trials(warmup: int, outcomes: int, trials: int, fraud_rate: float, seed: int) -> Trials:
-    recording = dict(np.load(ROOT / "loadtests" / "data" / "drift_concept.npz"))
+RECORDING = "concept_2026-12-04"
+
+
+def run_trials(
+    warmup: int,
+    outcomes: int,
+    trials: int,
+    fraud_rate: float,
+    seed: int,
+    recording_name: str = RECORDING,
+) -> Trials:
+    recording = dict(np.load(ROOT / "loadtests" / "data" / f"drift_{recording_name}.npz"))
     before = recording["predicted_at"] < recording["change_at"]
     scores = recording["score"][before].astype(np.float64)
     labels = recording["label"][before].astype(bool)
@@ -94,9 +106,15 @@ def main() -> None:
     parser.add_argument("--outcomes", type=int, default=20_000, help="watched outcomes per trial")
     parser.add_argument("--trials", type=int, default=100, help="baselines drawn")
     parser.add_argument("--fraud-rate", type=float, default=0.05, help="share of frauds")
+    parser.add_argument(
+        "--recording", default=RECORDING, help="loadtests/data/drift_<name>.npz (e.g. concept)"
+    )
     args = parser.parse_args()
     started = time.monotonic()
-    result = run_trials(args.warmup, args.outcomes, args.trials, args.fraud_rate, seed=11)
+    result = run_trials(
+        args.warmup, args.outcomes, args.trials, args.fraud_rate, seed=11,
+        recording_name=args.recording,
+    )  # fmt: skip
     signals = signal_count(DriftConfig(inputs=SHORT_MEMORY_DRIFT_INPUTS))
     print(
         f"{args.trials} trials, baseline {args.warmup} outcomes, {result.frauds} recorded "

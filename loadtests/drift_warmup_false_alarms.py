@@ -2,9 +2,10 @@
 sample (a version without a training reference takes its first live events).
 
 Draws a reference of ``--reference`` rows and then ``--events`` live rows, both independently
-from the recorded stationary traffic (the rows of loadtests/data/drift_concept.npz before its
-change), builds the detectors at the service's defaults and counts their alarms; repeats
-``--trials`` times. The stated rate is 1 per million events, all signals together.
+from the recorded stationary traffic (the rows of
+loadtests/data/drift_concept_2026-12-04.npz before its change), builds the detectors at the
+service's defaults and counts their alarms; repeats ``--trials`` times. The stated rate is
+1 per million events, all signals together.
 
     .venv/bin/python loadtests/drift_warmup_false_alarms.py --reference 500
 
@@ -37,7 +38,7 @@ def main() -> None:
     parser.add_argument("--events", type=int, default=20_000, help="live events per trial")
     parser.add_argument("--trials", type=int, default=100, help="references drawn")
     args = parser.parse_args()
-    recording = dict(np.load(ROOT / "loadtests" / "data" / "drift_concept.npz"))
+    recording = dict(np.load(ROOT / "loadtests" / "data" / "drift_concept_2026-12-04.npz"))
     names = [str(n) for n in recording["input_names"]]
     columns = [names.index(n) for n in SHORT_MEMORY_DRIFT_INPUTS]
     before = recording["predicted_at"] < recording["change_at"]
