@@ -89,11 +89,11 @@ logs: ## Show logs: `make logs` (all), `make logs NAME=serving`, add FOLLOW=1 to
 
 # ----------------------------------------------------------------------------- quality
 
-# two pytest workers: the drift e2e module (minutes of traffic at a fixed rate) in one, every
-# other test in the other, one after another (tests/conftest.py OWN_LANE)
+# one pytest process; `make test PYTEST_ARGS="-n 2"` runs the drift e2e module in a worker of
+# its own beside the rest (tests/conftest.py OWN_LANE; README "Tests" says what that costs)
 test: install lint alerts ## Run everything: lint, alert rules, then the unit, integration and e2e tests
 	@mkdir -p var/test-results
-	$(PY) -m pytest tests -n 2 --durations=15 --junitxml=var/test-results/junit.xml $(PYTEST_ARGS)
+	$(PY) -m pytest tests --durations=15 --junitxml=var/test-results/junit.xml $(PYTEST_ARGS)
 	@$(PY) .ci/test_summary.py var/test-results/junit.xml
 
 lint: install ## ruff format --check, ruff check, mypy, generated protobuf code up to date

@@ -34,23 +34,14 @@ from services.shared.settings import (
 )
 
 _MARKERS = {"unit": "unit", "integration": "integration", "e2e": "e2e"}
-# Modules that run beside the rest under `pytest -n 2` (`make test`): long, mostly waiting
+# Modules that run beside the rest under `pytest -n 2` (not the default): long, mostly waiting
 # (traffic at a fixed rate, minutes of it) and with a stack of their own on free ports.
 # Everything else runs in the other worker, one test after another in collection order, so
 # the other stacks (and their timing-sensitive checks) never overlap each other.
 OWN_LANE = {"tests/e2e/test_drift.py"}
 
 
-def _kind(item: pytest.Item) -> int:
-    parts = Path(str(item.fspath)).parts
-    return next((i for i, d in enumerate(_MARKERS) if d in parts), len(_MARKERS))
-
-
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    # unit, then integration, then e2e (fast answers first; and the drift module's first,
-    # busiest minutes, stack start and bootstrap, meet unit and integration tests, not the
-    # other e2e stacks); within a kind, collection order
-    items.sort(key=_kind)
     for item in items:
         parts = Path(str(item.fspath)).parts
         for directory, marker in _MARKERS.items():
